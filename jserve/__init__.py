@@ -1,0 +1,27 @@
+"""jserve: a JAX/XLA inference engine for large language models."""
+
+from jserve.errors import (
+    CapacityError,
+    CheckpointError,
+    ConfigError,
+    InvalidRequestError,
+    JserveError,
+)
+from jserve.llm import LLM
+from jserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jserve.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM",
+    "CapacityError",
+    "CheckpointError",
+    "CompletionOutput",
+    "ConfigError",
+    "InvalidRequestError",
+    "JserveError",
+    "Logprob",
+    "RequestOutput",
+    "SamplingParams",
+]

@@ -1,0 +1,250 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) as pure functions.
+
+Weights are declared once in ``param_specs``; the forward passes are plain
+functions of (params, config, inputs). Layers are unrolled in Python: each
+layer's weights are separate arrays and each layer's KV pages a separate
+buffer, so XLA updates the pages in place and never copies a stacked cache.
+
+Fused layouts, chosen so tensor parallelism can split them on one axis:
+  wqkv     [E, Hkv, G+2, D]  per KV head: its G query heads, then K, then V
+  w_gate_up [E, 2, F]        gate and up side by side per hidden unit
+Axis letters in einsums: t token, e embed, k kv head, g query-per-kv,
+h query head, d head dim, c gate/up, f MLP hidden, v vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jserve.config import ModelConfig
+from jserve.models.attention import AttentionMetadata, paged_attention
+from jserve.models.params import HFSource, ParamSpec
+from jserve.models.rope import apply_rope
+
+# ---------------------------------------------------------------------------
+# Weight declarations and their Hugging Face sources.
+
+
+def _copy(name: str) -> HFSource:
+    return HFSource((name,), lambda w: w)
+
+
+def _linear(name: str, shape: tuple[int, ...]) -> HFSource:
+    # torch Linear stores [out, in]; jserve multiplies x @ W with W [in, out].
+    return HFSource((name,), lambda w: np.ascontiguousarray(w.T).reshape(shape))
+
+
+def _fused_qkv(prefix: str, cfg: ModelConfig, suffix: str) -> HFSource:
+    k, g, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
+
+    def build(q: np.ndarray, kk: np.ndarray, v: np.ndarray) -> np.ndarray:
+        lead = q.shape[1:]  # (E,) for weights, () for biases
+
+        # [H*D, *lead] -> [*lead, Hkv, n, D]
+        def heads(w: np.ndarray, n: int) -> np.ndarray:
+            w = w.reshape(k, n, d, *lead)
+            return np.moveaxis(w, (0, 1, 2), (-3, -2, -1))
+
+        return np.ascontiguousarray(
+            np.concatenate([heads(q, g), heads(kk, 1), heads(v, 1)], axis=-2)
+        )
+
+    names = tuple(f"{prefix}.self_attn.{p}_proj.{suffix}" for p in "qkv")
+    return HFSource(names, build)
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """Declares every weight of the model (shape, logical axes, init, HF source)."""
+    e, f, d, v = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
+    hq, hk, g = cfg.num_q_heads, cfg.num_kv_heads, cfg.q_per_kv
+
+    def norm(name: str, size: int = e) -> ParamSpec:
+        return ParamSpec((size,), (None,), "ones", _copy(name))
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        layer = {
+            "attn_norm": norm(f"{p}.input_layernorm.weight"),
+            "wqkv": ParamSpec(
+                (e, hk, g + 2, d),
+                ("embed", "kv_heads", None, "head_dim"),
+                "normal",
+                _fused_qkv(p, cfg, "weight"),
+            ),
+            "wo": ParamSpec(
+                (hq, d, e),
+                ("q_heads", "head_dim", "embed"),
+                "normal",
+                _linear(f"{p}.self_attn.o_proj.weight", (hq, d, e)),
+            ),
+            "mlp_norm": norm(f"{p}.post_attention_layernorm.weight"),
+            "w_gate_up": ParamSpec(
+                (e, 2, f),
+                ("embed", None, "mlp"),
+                "normal",
+                HFSource(
+                    (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"),
+                    lambda gate, up: np.ascontiguousarray(np.stack([gate.T, up.T], axis=1)),
+                ),
+            ),
+            "w_down": ParamSpec(
+                (f, e),
+                ("mlp", "embed"),
+                "normal",
+                _linear(f"{p}.mlp.down_proj.weight", (f, e)),
+            ),
+        }
+        if cfg.qkv_bias:
+            layer["bqkv"] = ParamSpec(
+                (hk, g + 2, d), ("kv_heads", None, "head_dim"), "zeros", _fused_qkv(p, cfg, "bias")
+            )
+        if cfg.o_bias:
+            layer["bo"] = ParamSpec((e,), (None,), "zeros", _copy(f"{p}.self_attn.o_proj.bias"))
+        if cfg.mlp_bias:
+            layer["b_gate_up"] = ParamSpec(
+                (2, f),
+                (None, "mlp"),
+                "zeros",
+                HFSource(
+                    (f"{p}.mlp.gate_proj.bias", f"{p}.mlp.up_proj.bias"),
+                    lambda gate, up: np.stack([gate, up]),
+                ),
+            )
+            layer["b_down"] = ParamSpec((e,), (None,), "zeros", _copy(f"{p}.mlp.down_proj.bias"))
+        if cfg.qk_norm:
+            layer["q_norm"] = norm(f"{p}.self_attn.q_norm.weight", d)
+            layer["k_norm"] = norm(f"{p}.self_attn.k_norm.weight", d)
+        layers.append(layer)
+
+    specs: dict[str, Any] = {
+        "embed": ParamSpec(
+            (v, e), ("vocab", "embed"), "normal", _copy("model.embed_tokens.weight")
+        ),
+        "layers": layers,
+        "final_norm": norm("model.norm.weight"),
+    }
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ParamSpec(
+            (e, v), ("embed", "vocab"), "normal", _linear("lm_head.weight", (e, v))
+        )
+    return specs
+
+
+# ---------------------------------------------------------------------------
+# Forward pass.
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32 as transformers does."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def _qkv(
+    lp: dict[str, jax.Array], cfg: ModelConfig, h: jax.Array, positions: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projects [..., E] to rotated q [..., Hq, D], k and v [..., Hkv, D]."""
+    g = cfg.q_per_kv
+    qkv = jnp.einsum("...e,ekgd->...kgd", h, lp["wqkv"])  # [..., Hkv, G+2, D]
+    if "bqkv" in lp:
+        qkv = qkv + lp["bqkv"]
+    q = qkv[..., :g, :].reshape(*qkv.shape[:-3], cfg.num_q_heads, cfg.head_dim)
+    k = qkv[..., g, :]  # [..., Hkv, D]
+    v = qkv[..., g + 1, :]
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    return apply_rope(q, positions, cfg), apply_rope(k, positions, cfg), v
+
+
+def _attn_out(lp: dict[str, jax.Array], x: jax.Array, attn: jax.Array) -> jax.Array:
+    out = jnp.einsum("...hd,hde->...e", attn, lp["wo"])  # [..., E]
+    if "bo" in lp:
+        out = out + lp["bo"]
+    return x + out
+
+
+def _mlp(lp: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    gu = jnp.einsum("...e,ecf->...cf", h, lp["w_gate_up"])  # [..., 2, F]
+    if "b_gate_up" in lp:
+        gu = gu + lp["b_gate_up"]
+    act = jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]  # [..., F]
+    out = jnp.einsum("...f,fe->...e", act, lp["w_down"])
+    if "b_down" in lp:
+        out = out + lp["b_down"]
+    return x + out
+
+
+def forward(
+    params: dict[str, Any],
+    cfg: ModelConfig,
+    input_ids: jax.Array,  # i32[T]
+    kv_pages: list[jax.Array],  # per layer [P, S, 2*Hkv, D]
+    md: AttentionMetadata,
+) -> tuple[jax.Array, list[jax.Array]]:
+    """One step over a flat ragged batch; returns final hidden states [T, E] and new pages."""
+    x = params["embed"][input_ids]  # [T, E]
+    sm_scale = cfg.head_dim**-0.5
+    new_pages = []
+    for i, lp in enumerate(params["layers"]):
+        with jax.named_scope(f"layer_{i}"):
+            with jax.named_scope("attention"):
+                h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+                q, k, v = _qkv(lp, cfg, h, md.positions)
+                attn, pages = paged_attention(
+                    q,
+                    k,
+                    v,
+                    kv_pages[i],
+                    md,
+                    sm_scale=sm_scale,
+                    sliding_window=cfg.sliding_windows[i],
+                )
+                new_pages.append(pages)
+                x = _attn_out(lp, x, attn)
+            with jax.named_scope("mlp"):
+                x = _mlp(lp, cfg, x)
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_pages
+
+
+def compute_logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """[N, E] final hidden states -> [N, V] float32 logits."""
+    if cfg.tie_word_embeddings:
+        logits = jnp.einsum("ne,ve->nv", hidden, params["embed"])
+    else:
+        logits = jnp.einsum("ne,ev->nv", hidden, params["lm_head"])
+    return logits.astype(jnp.float32)
+
+
+def forward_dense(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Causal forward over a padded batch [B, L] -> logits [B, L, V], no cache.
+
+    Used for training and for scoring; shares every block with ``forward``.
+    """
+    b, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+    x = params["embed"][tokens]  # [B, L, E]
+    q_pos = jnp.arange(length)[:, None]
+    k_pos = jnp.arange(length)[None, :]
+    for i, lp in enumerate(params["layers"]):
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, cfg, h, positions)
+        mask = k_pos <= q_pos
+        if cfg.sliding_windows[i] is not None:
+            mask &= k_pos > q_pos - cfg.sliding_windows[i]
+        q = q.reshape(b, length, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
+        s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        s = jnp.where(mask, s * cfg.head_dim**-0.5, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        attn = jnp.einsum("bkgqs,bskd->bqkgd", p, v).reshape(b, length, cfg.num_q_heads, -1)
+        x = _attn_out(lp, x, attn)
+        x = _mlp(lp, cfg, x)
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return compute_logits(params, cfg, x.reshape(b * length, -1)).reshape(b, length, -1)

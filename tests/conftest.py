@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random-weight Hugging Face models written by transformers itself."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from tests.hf_models import TINY_ARCHS, make_tiny_hf_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One saved model directory per architecture: {"llama": path, ...}."""
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: make_tiny_hf_model(arch, str(root / arch)) for arch in TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_model_dirs: dict[str, str]) -> str:
+    return tiny_model_dirs["llama"]
