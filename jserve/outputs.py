@@ -38,3 +38,27 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+
+
+def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Folds an incremental output into the running total for its request."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [])
+    by_index = {c.index: c for c in acc.outputs}
+    for d in delta.outputs:
+        c = by_index.get(d.index)
+        if c is None:
+            c = CompletionOutput(d.index, "", [], logprobs=[] if d.logprobs is not None else None)
+            by_index[d.index] = c
+            acc.outputs.append(c)
+        c.text += d.text
+        c.token_ids.extend(d.token_ids)
+        if d.logprobs is not None:
+            c.logprobs = (c.logprobs or []) + d.logprobs
+        c.cumulative_logprob = d.cumulative_logprob
+        c.finish_reason = d.finish_reason
+        c.stop_reason = d.stop_reason
+    acc.outputs.sort(key=lambda c: c.index)
+    acc.finished = delta.finished
+    acc.num_cached_tokens = delta.num_cached_tokens
+    return acc

@@ -21,3 +21,11 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def llama_dir(tiny_model_dirs: dict[str, str]) -> str:
     return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def tok_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama with a real tokenizer (eos id 0), for engine tests."""
+    from tests.hf_models import make_tiny_model_with_tokenizer
+
+    return make_tiny_model_with_tokenizer(str(tmp_path_factory.mktemp("tokmodel") / "m"))

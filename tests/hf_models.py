@@ -54,7 +54,9 @@ def hf_classes(arch: str) -> tuple[type, type]:
     return getattr(transformers, names[0]), getattr(transformers, names[1])
 
 
-def make_tiny_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides: Any) -> str:
+def make_tiny_hf_model(
+    arch: str, out_dir: str, seed: int = 0, scale: float = 0.15, **overrides: Any
+) -> str:
     """Saves a random float32 model; weights are perturbed so biases and norms matter."""
     import torch
 
@@ -72,7 +74,7 @@ def make_tiny_hf_model(arch: str, out_dir: str, seed: int = 0, **overrides: Any)
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
             else:
-                p.copy_(0.08 * noise)
+                p.copy_(scale * noise)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
@@ -105,3 +107,35 @@ def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int) -> list[in
             do_sample=False,
         )
     return out[0, len(prompt) :].tolist()
+
+
+CORPUS = (
+    "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
+    "First Citizen: You are all resolved rather to die than to famish? All: Resolved. "
+    "Ünïcödé — 日本語 ✓ 🙂 numbers 0123456789 and punctuation !?;:()[]{}\n"
+)
+
+
+def make_tiny_model_with_tokenizer(out_dir: str, vocab_size: int = 320, **overrides: Any) -> str:
+    """A tiny random Llama plus a byte-level BPE tokenizer whose eos is <|endoftext|> (id 0)."""
+    import json
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS] * 10, trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    make_tiny_hf_model("llama", out_dir, vocab_size=vocab_size, eos_token_id=0, **overrides)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    return out_dir

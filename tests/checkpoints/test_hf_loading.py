@@ -114,7 +114,7 @@ def test_missing_directory(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def llm(llama_dir: str) -> LLM:
-    return LLM(model=llama_dir, dtype="float32")
+    return LLM(model=llama_dir, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32)
 
 
 def test_empty_prompt_rejected(llm: LLM) -> None:

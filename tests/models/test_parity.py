@@ -66,7 +66,9 @@ def test_prefill_logits_match_transformers(arch: str, tiny_model_dirs: dict[str,
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
 def test_greedy_tokens_match_transformers(arch: str, tiny_model_dirs: dict[str, str]) -> None:
     model_dir = tiny_model_dirs[arch]
-    llm = LLM(model=model_dir, dtype="float32", page_size=4)
+    llm = LLM(
+        model=model_dir, dtype="float32", page_size=4, max_num_seqs=4, max_num_batched_tokens=32
+    )
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs, strict=True):
         assert out.prompt_token_ids == prompt

@@ -1,0 +1,72 @@
+"""Engine settings, validated before anything is allocated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jserve.errors import ConfigError
+
+
+def power_of_two_buckets(low: int, high: int) -> tuple[int, ...]:
+    """Powers of two from ``low`` up to ``high``, with ``high`` itself last.
+
+    E.g. (8, 48) -> (8, 16, 32, 48).
+    """
+    out = []
+    b = low
+    while b < high:
+        out.append(b)
+        b *= 2
+    out.append(high)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int | None = None  # None: size the pool from free device memory
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    max_logprobs: int = 20
+    max_waiting: int = 4096  # requests queued beyond this are refused (backpressure)
+    memory_utilization: float = 0.9  # fraction of free device memory the KV pool may take
+    attention_backend: str = "auto"
+    async_scheduling: bool = True  # prepare step N+1 while the device runs step N
+    seed: int = 0
+    min_token_bucket: int = 16
+    min_seq_bucket: int = 4
+
+    def validate(self) -> EngineConfig:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            positive(name)
+        if self.num_pages is not None:
+            positive("num_pages")
+        if self.max_model_len is not None:
+            positive("max_model_len")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode"
+            )
+        if not 0.0 < self.memory_utilization <= 1.0:
+            raise ConfigError(
+                f"memory_utilization must be in (0, 1], got {self.memory_utilization}"
+            )
+        if self.max_logprobs < 0:
+            raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        return self
+
+    def token_buckets(self) -> tuple[int, ...]:
+        low = min(self.min_token_bucket, self.max_num_batched_tokens)
+        return power_of_two_buckets(low, self.max_num_batched_tokens)
+
+    def seq_buckets(self) -> tuple[int, ...]:
+        low = min(self.min_seq_bucket, self.max_num_seqs)
+        return power_of_two_buckets(low, self.max_num_seqs)

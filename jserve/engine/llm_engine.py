@@ -1,0 +1,327 @@
+"""The engine core: requests in, one scheduled step at a time, incremental outputs out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from typing import Any
+
+import jax
+
+from jserve.engine.config import EngineConfig
+from jserve.engine.detokenizer import SequenceDetokenizer
+from jserve.engine.inputs import BAN_WIDTHS
+from jserve.engine.kv_pool import PagePool
+from jserve.engine.request import Request, Sequence
+from jserve.engine.runner import ModelRunner, StepHandle, kv_bytes_per_page
+from jserve.engine.scheduler import Scheduler, SchedulerOutput
+from jserve.engine.stats import EngineStats
+from jserve.errors import CapacityError, ConfigError, InvalidRequestError
+from jserve.model_loader import LoadedModel
+from jserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jserve.prompts import PromptType, tokenize_prompt
+from jserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30  # pool size on hosts that report no device memory
+
+
+def pages_that_fit(
+    model: LoadedModel, ecfg: EngineConfig, max_model_len: int, device: Any = None
+) -> int:
+    """Sizes the KV pool from free device memory (or ``num_pages`` if set)."""
+    if ecfg.num_pages is not None:
+        return ecfg.num_pages
+    per_page = kv_bytes_per_page(model.cfg, ecfg.page_size, model.dtype)
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        budget = stats["bytes_limit"] * ecfg.memory_utilization - stats.get("bytes_in_use", 0)
+    else:
+        budget = CPU_DEFAULT_KV_BYTES
+    want = ecfg.max_num_seqs * math.ceil(max_model_len / ecfg.page_size)
+    pages = min(want, int(budget // per_page))
+    if pages < math.ceil(max_model_len / ecfg.page_size):
+        raise ConfigError(
+            f"only {pages} KV pages of {ecfg.page_size} tokens fit in device memory, fewer than "
+            f"one sequence of max_model_len={max_model_len} needs; lower max_model_len or "
+            "max_num_seqs, or raise memory_utilization"
+        )
+    return pages
+
+
+class LLMEngine:
+    """Owns the scheduler, the page pool and the runner; drives one step per call."""
+
+    def __init__(self, model: LoadedModel, ecfg: EngineConfig, warmup: bool = True) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        self.ecfg = ecfg.validate()
+        self.tokenizer = model.tokenizer
+        limit = self.cfg.max_position_embeddings
+        self.max_model_len = min(ecfg.max_model_len or limit, limit)
+        self.num_pages = pages_that_fit(model, ecfg, self.max_model_len)
+        self.pool = PagePool(self.num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
+        self.scheduler = Scheduler(ecfg, self.pool, self._make_sibling)
+        self.runner = ModelRunner(
+            model.params, self.cfg, ecfg, model.dtype, self.max_model_len, self.num_pages
+        )
+        self.requests: dict[str, Request] = {}
+        self._rng = random.Random(ecfg.seed)
+        self._next_seq_id = 0
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        self._touched: dict[str, Request] = {}
+        self._idle_steps = 0
+        self.stats = EngineStats(num_pages=self.num_pages)
+        if warmup:
+            self.runner.warmup()
+
+    # -- requests -----------------------------------------------------------
+
+    def validate_request(
+        self, request_id: str, prompt: PromptType, params: SamplingParams
+    ) -> tuple[str | None, list[int]]:
+        """Checks everything about a request without changing any state."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        params.validate(self.ecfg.max_logprobs)
+        text, ids = tokenize_prompt(prompt, self.tokenizer, self.cfg.vocab_size)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens but the model's maximum length is "
+                f"{self.max_model_len}; shorten the prompt"
+            )
+        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        if len(ids) + max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                f"maximum length of {self.max_model_len} tokens; shorten the prompt or lower "
+                "max_tokens"
+            )
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+        if params.n > self.ecfg.max_num_seqs:
+            raise InvalidRequestError(
+                f"n ({params.n}) exceeds max_num_seqs ({self.ecfg.max_num_seqs})"
+            )
+        if len(params.stop_token_ids) + len(self.cfg.eos_token_ids) > BAN_WIDTHS[-1]:
+            raise InvalidRequestError(f"at most {BAN_WIDTHS[-1]} stop_token_ids are supported")
+        bad = [t for t in params.stop_token_ids if t >= self.cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"stop token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})"
+            )
+        s = self.ecfg.page_size
+        total = len(ids) + max_tokens
+        private = math.ceil(total / s) - len(ids) // s
+        need = len(ids) // s + params.n * private
+        if need > self.num_pages:
+            raise CapacityError(
+                f"request needs up to {need} KV pages but the pool has {self.num_pages}; it "
+                "could never run: lower max_tokens, n or the prompt length"
+            )
+        if len(self.scheduler.waiting) >= self.ecfg.max_waiting:
+            raise CapacityError(
+                f"the queue is full ({self.ecfg.max_waiting} waiting requests); retry later"
+            )
+        return text, ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> Request:
+        text, ids = self.validate_request(request_id, prompt, params)
+        return self.enqueue(request_id, text, ids, params, priority, arrival_time)
+
+    def enqueue(
+        self,
+        request_id: str,
+        text: str | None,
+        ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Adds a request that ``validate_request`` already accepted."""
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        req = Request(request_id, text, ids, params, seed, priority, arrival_time)
+        self.requests[request_id] = req
+        self.scheduler.add(self._new_sequence(req, 0, list(ids)))
+        self.stats.num_requests += 1
+        return req
+
+    def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        detok = None
+        if self.tokenizer is not None:
+            p = req.params
+            detok = SequenceDetokenizer(
+                self.tokenizer,
+                req.prompt_token_ids,
+                p.stop,
+                p.include_stop_str_in_output,
+                p.skip_special_tokens,
+            )
+        seq = Sequence(self._next_seq_id, req, index, token_ids, detok)
+        seq.max_output_tokens = self.max_model_len - len(req.prompt_token_ids)
+        if req.params.max_tokens is not None:
+            seq.max_output_tokens = min(seq.max_output_tokens, req.params.max_tokens)
+        self._next_seq_id += 1
+        req.seqs.append(seq)
+        return seq
+
+    def _make_sibling(self, parent: Sequence, index: int) -> Sequence:
+        return self._new_sequence(parent.request, index, list(parent.token_ids))
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stops a request now and frees its pages; its final output says 'abort'."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "abort")
+        self._touched[request_id] = req
+        self.stats.num_aborted += 1
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or self._inflight is not None
+
+    # -- the step -----------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedules and dispatches one step, then collects the previous step's tokens."""
+        t0 = time.perf_counter()
+        so = self.scheduler.schedule() if self.scheduler.has_work else None
+        handle = None
+        if so is not None and not so.empty:
+            handle = self.runner.execute(so)
+            self.stats.record_step(so.num_tokens)
+        progressed = handle is not None or self._inflight is not None
+        if self._inflight is not None:
+            self._process(*self._inflight)
+            self._inflight = None
+        if handle is not None:
+            if self.ecfg.async_scheduling:
+                self._inflight = (so, handle)
+            else:
+                self._process(so, handle)
+        # A step may legitimately plan nothing (e.g. right after a preemption),
+        # but never several in a row: that would be a hang, so fail loudly.
+        self._idle_steps = 0 if progressed or not self.scheduler.has_work else self._idle_steps + 1
+        if self._idle_steps > 3:
+            raise RuntimeError(
+                f"scheduler made no progress with {len(self.scheduler.waiting)} waiting and "
+                f"{len(self.scheduler.running)} running requests"
+            )
+        self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.step_time = time.perf_counter() - t0
+        return self._collect_outputs()
+
+    def _process(self, so: SchedulerOutput, handle: StepHandle) -> None:
+        res = self.runner.fetch(handle)
+        now = time.monotonic()
+        for entry in so.scheduled:
+            for row, seq in entry.samples:
+                if seq.finished:
+                    continue  # stopped or aborted while this step was in flight
+                token = int(res.tokens[row])
+                seq.num_pending -= 1
+                seq.token_ids.append(token)
+                req = seq.request
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                if req.params.logprobs is not None:
+                    self._record_logprobs(seq, row, token, res)
+                self.stats.generation_tokens += 1
+                self._check_stop(seq, token)
+                self._touched[req.request_id] = req
+            self.scheduler.cache_full_pages(entry.seq)
+        for seq in so.preempted:
+            self._touched[seq.request.request_id] = seq.request
+
+    def _record_logprobs(self, seq: Sequence, row: int, token: int, res: Any) -> None:
+        k = seq.request.params.logprobs or 0
+        lp = float(res.logprobs[row])
+        entry = {token: Logprob(lp, int(res.ranks[row]), self._decode_one(token))}
+        for j in range(k):
+            tid = int(res.top_ids[row, j])
+            if tid not in entry:
+                entry[tid] = Logprob(float(res.top_logprobs[row, j]), j + 1, self._decode_one(tid))
+        seq.logprobs.append(entry)
+        seq.cumulative_logprob += lp
+
+    def _decode_one(self, token: int) -> str | None:
+        return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else None
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.request.params
+        n_out = len(seq.token_ids) - seq.num_prompt_tokens
+        stop_str = seq.detok.append(token) if seq.detok is not None else None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.cfg.eos_token_ids:
+                return self.scheduler.finish(seq, "stop")
+            if token in p.stop_token_ids:
+                return self.scheduler.finish(seq, "stop", token)
+            if stop_str is not None:
+                return self.scheduler.finish(seq, "stop", stop_str)
+        if n_out >= seq.max_output_tokens:
+            self.scheduler.finish(seq, "length")
+
+    # -- outputs --------------------------------------------------------------
+
+    def _collect_outputs(self) -> list[RequestOutput]:
+        outputs = []
+        for rid, req in self._touched.items():
+            comps = []
+            for seq in req.seqs:
+                new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens :]
+                first = seq.num_emitted_tokens
+                seq.num_emitted_tokens += len(new_ids)
+                text = seq.detok.take_delta(seq.finished) if seq.detok is not None else ""
+                comps.append(
+                    CompletionOutput(
+                        index=seq.index,
+                        text=text,
+                        token_ids=new_ids,
+                        cumulative_logprob=(
+                            seq.cumulative_logprob if req.params.logprobs is not None else None
+                        ),
+                        logprobs=(
+                            seq.logprobs[first:] if req.params.logprobs is not None else None
+                        ),
+                        finish_reason=seq.finish_reason,
+                        stop_reason=seq.stop_reason,
+                    )
+                )
+            finished = req.finished or all(s.finish_reason == "abort" for s in req.seqs)
+            outputs.append(
+                RequestOutput(
+                    request_id=rid,
+                    prompt=req.prompt,
+                    prompt_token_ids=req.prompt_token_ids,
+                    outputs=comps,
+                    finished=finished,
+                    num_cached_tokens=req.num_cached_tokens,
+                )
+            )
+            if finished:
+                del self.requests[rid]
+                self.stats.num_finished += 1
+        self._touched.clear()
+        self.stats.update_gauges(self.scheduler, self.pool)
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        return dataclasses.replace(self.stats)
+
+    def is_idle(self) -> bool:
+        """No requests, nothing in flight, and every page free."""
+        return not self.requests and self._inflight is None and self.pool.num_used == 0

@@ -1,0 +1,114 @@
+"""Host-side request and sequence state. No JAX here."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from jserve.engine.detokenizer import SequenceDetokenizer
+from jserve.outputs import Logprob
+from jserve.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    """One user request; with ``n > 1`` it owns n sequences after its prefill."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.seed = seed
+        self.priority = priority
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.seqs: list[Sequence] = []
+        self.num_cached_tokens = 0
+        self.first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
+
+
+class Sequence:
+    """One stream of tokens with its own pages.
+
+    ``token_ids`` holds every known token (prompt, then outputs). A token that
+    was sampled on the device but not yet copied back is *pending*: it counts
+    in ``num_tokens`` and is fed to the next step straight from the device.
+    """
+
+    def __init__(
+        self,
+        seq_id: int,
+        request: Request,
+        index: int,
+        token_ids: list[int],
+        detok: SequenceDetokenizer | None,
+    ) -> None:
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index  # which of the request's n samples
+        self.token_ids = token_ids
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        # Output length at which the sequence ends ("length"); set by the engine.
+        self.max_output_tokens = 1 << 62
+        # Sampled on the device, value not yet on the host: up to 2, between
+        # scheduling step N and collecting step N-1.
+        self.num_pending = 0
+        self.num_computed = 0  # tokens whose K/V are in this sequence's pages
+        self.pages: list[int] = []
+        self.page_hashes: list[int] = []  # hash-chain keys of this sequence's full pages
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[dict[int, Logprob]] = []
+        self.cumulative_logprob = 0.0
+        self.detok = detok
+        self.num_preemptions = 0
+        # Where the newest pending token is on the device: (step id, row).
+        self.pending_row: tuple[int, int] | None = None
+        # Outputs already handed to the caller (for deltas).
+        self.num_emitted_tokens = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def sort_key(self) -> tuple[int, float, int]:
+        """Scheduling order: lower priority value first, then arrival, then sample index."""
+        return (self.request.priority, self.request.arrival_time, self.seq_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request.request_id}#{self.index}, {self.status.value}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed}, pages={self.pages})"
+        )

@@ -1,0 +1,43 @@
+"""Engine counters and gauges, read by the server's metrics exporter."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class EngineStats:
+    num_pages: int = 0
+    # Gauges (current values).
+    num_running: int = 0
+    num_waiting: int = 0
+    pages_used: int = 0
+    pages_free: int = 0
+    pages_cached: int = 0
+    step_time: float = 0.0  # seconds the last step() call took on the host
+    tokens_last_step: int = 0
+    # Counters (only grow).
+    num_requests: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    num_steps: int = 0
+    preemptions: int = 0
+    scheduled_tokens: int = 0  # tokens computed (prompt chunks + decodes)
+    generation_tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # of which found in the cache
+
+    def record_step(self, num_tokens: int) -> None:
+        self.num_steps += 1
+        self.tokens_last_step = num_tokens
+        self.scheduled_tokens += num_tokens
+
+    def update_gauges(self, scheduler: Any, pool: Any) -> None:
+        self.num_running = len(scheduler.running)
+        self.num_waiting = len(scheduler.waiting)
+        self.pages_used = pool.num_used
+        self.pages_free = pool.num_free
+        self.pages_cached = pool.num_cached
+        self.prefix_cache_queries = pool.query_tokens
+        self.prefix_cache_hits = pool.hit_tokens

@@ -1,0 +1,119 @@
+"""Device sampling: reproducibility, greedy equivalences and the filters' distributions."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jserve.engine.inputs import empty_inputs
+from jserve.engine.sampler import SamplingMetadata, sample
+from jserve.sampling_params import SamplingParams
+from tests.engine.helpers import make_engine, run
+
+LOGITS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], np.float32))
+
+
+def _draw(rows: int, sort: bool = False, penalties: bool = False, **fields: object) -> np.ndarray:
+    sm = empty_inputs(rows, rows, 1).sampling
+    sm["temperature"][:] = 1.0
+    sm["seeds"][:] = 1234
+    sm["position"][:] = np.arange(rows)  # independent draws
+    for k, v in fields.items():
+        v = np.asarray(v, sm[k].dtype)
+        sm[k] = v if v.ndim == 2 else np.broadcast_to(v, sm[k].shape).copy()
+    logits = jnp.asarray(np.tile(LOGITS, (rows, 1)))
+    out = sample(
+        logits,
+        SamplingMetadata(**sm),
+        jnp.zeros(rows, jnp.int32),
+        num_out=rows,
+        sort=sort,
+        penalties=penalties,
+        num_logprobs=0,
+    )
+    return np.asarray(out.tokens)
+
+
+def _freqs(tokens: np.ndarray) -> np.ndarray:
+    return np.bincount(tokens, minlength=len(LOGITS)) / len(tokens)
+
+
+N = 20000
+TOL = 4 * np.sqrt(0.25 / N)  # about four standard errors
+
+
+def test_temperature_one_follows_the_softmax() -> None:
+    np.testing.assert_allclose(_freqs(_draw(N)), np.exp(LOGITS), atol=TOL)
+
+
+def test_temperature_sharpens_and_flattens() -> None:
+    for t in (0.5, 2.0):
+        want = np.exp(LOGITS / t) / np.exp(LOGITS / t).sum()
+        np.testing.assert_allclose(_freqs(_draw(N, temperature=t)), want, atol=TOL)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    # 0.4 + 0.25 = 0.65 < 0.7, so the third token (0.15) is kept too.
+    got = _freqs(_draw(N, sort=True, top_p=0.7))
+    want = np.array([0.4, 0.25, 0.15, 0, 0, 0]) / 0.8
+    np.testing.assert_allclose(got, want, atol=TOL)
+
+
+def test_top_k_and_min_p() -> None:
+    got = _freqs(_draw(N, sort=True, top_k=2))
+    np.testing.assert_allclose(got, np.array([0.4, 0.25, 0, 0, 0, 0]) / 0.65, atol=TOL)
+    # min_p 0.3: keep tokens with p >= 0.3 * 0.4 = 0.12.
+    got = _freqs(_draw(N, min_p=0.3))
+    np.testing.assert_allclose(got, np.array([0.4, 0.25, 0.15, 0, 0, 0]) / 0.8, atol=TOL)
+
+
+def test_greedy_and_top_k_one_pick_the_argmax() -> None:
+    assert set(_draw(64, temperature=0.0)) == {0}
+    assert set(_draw(64, sort=True, top_k=1)) == {0}
+
+
+def test_penalties_move_probability_away_from_seen_tokens() -> None:
+    rows = 4000
+    seen = np.full((rows, 4), -1, np.int32)
+    seen[:, 0] = 0
+    got = _freqs(_draw(rows, penalties=True, output_ids=seen, frequency_penalty=2.0))
+    assert got[0] < 0.15  # was 0.4
+    got = _freqs(_draw(rows, penalties=True, prompt_ids=seen, repetition_penalty=5.0))
+    assert got[0] < 0.4
+
+
+def test_banned_tokens_are_never_drawn() -> None:
+    banned = np.full((N // 4, 8), -1, np.int32)
+    banned[:, :2] = [0, 2]
+    got = _freqs(_draw(N // 4, banned=banned))
+    assert got[0] == 0 and got[2] == 0
+
+
+def test_seeded_requests_reproduce_whatever_the_batch(llama_dir: str) -> None:
+    engine = make_engine(llama_dir)
+    sp = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=42, ignore_eos=True)
+    alone = run(engine, [("a", [3, 4, 5], sp, 0)])["a"].outputs[0].token_ids
+    crowd = [(f"x{i}", [i + 1] * (i + 2), SamplingParams(max_tokens=8), 0) for i in range(5)]
+    together = run(engine, [*crowd, ("a", [3, 4, 5], sp, 1)])["a"].outputs[0].token_ids
+    assert together == alone
+    other = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=43, ignore_eos=True)
+    assert run(engine, [("b", [3, 4, 5], other, 0)])["b"].outputs[0].token_ids != alone
+
+
+def test_top_k_one_equals_greedy_in_the_engine(llama_dir: str) -> None:
+    engine = make_engine(llama_dir)
+    g = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    k1 = SamplingParams(max_tokens=10, temperature=1.3, top_k=1, ignore_eos=True)
+    res = run(engine, [("g", [9, 8, 7, 6], g, 0), ("k", [9, 8, 7, 6], k1, 0)])
+    assert res["g"].outputs[0].token_ids == res["k"].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_penalties_in_the_engine_reduce_repeats(llama_dir: str, async_scheduling: bool) -> None:
+    engine = make_engine(llama_dir, async_scheduling=async_scheduling)
+    plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    pen = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, presence_penalty=2.0)
+    res = run(engine, [("p", [1, 2, 3], plain, 0), ("q", [1, 2, 3], pen, 0)])
+    a, b = res["p"].outputs[0].token_ids, res["q"].outputs[0].token_ids
+    assert len(set(b)) > len(set(a))
