@@ -1,4 +1,10 @@
-"""Turns a SchedulerOutput into the padded numpy arrays of one step. No JAX here."""
+"""Turns a SchedulerOutput into the padded numpy arrays of one step. No JAX here.
+
+This runs on the host while the device computes the previous step, once per
+step for every running sequence, so it works on plain lists and converts to
+numpy once per array. Page tables persist across steps (one row per running
+sequence); a step only writes the pages that changed.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ from jserve.engine.request import Sequence
 from jserve.engine.scheduler import SchedulerOutput
 
 PENALTY_MIN_BUCKET = 16
+BAN_WIDTHS = (8, 64, 512)  # buckets for the ids banned while below min_tokens
 
 
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= n. E.g. bucket_for(5, (4, 8, 16)) == 8."""
     i = bisect.bisect_left(buckets, n)
     if i == len(buckets):
         raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
@@ -25,6 +33,10 @@ def _pow2_at_least(n: int, low: int = PENALTY_MIN_BUCKET) -> int:
     while b < n:
         b *= 2
     return b
+
+
+def _padded(values: list, size: int, fill: int | float, dtype: type) -> np.ndarray:
+    return np.array(values + [fill] * (size - len(values)), dtype)
 
 
 @dataclasses.dataclass
@@ -47,60 +59,104 @@ class StepInputs:
     num_logprobs: int
 
 
-def build_inputs(
-    so: SchedulerOutput,
-    token_buckets: tuple[int, ...],
-    seq_buckets: tuple[int, ...],
-    pages_per_seq: int,
-    page_size: int,
-    max_logprobs: int,
-    eos_ids: tuple[int, ...],
-) -> StepInputs:
-    num_tokens = bucket_for(so.num_tokens, token_buckets)
-    num_seqs = bucket_for(max(len(so.scheduled), so.num_rows), seq_buckets)
-    inp = empty_inputs(num_tokens, num_seqs, pages_per_seq)
-    ids, src, positions, slots = inp.ids, inp.src_rows, inp.positions, inp.slot_mapping
-    kv_lens, page_indices, cu = inp.kv_lens, inp.page_indices, inp.cu_q_lens
-    logits_indices = inp.logits_indices
-    targets: list[tuple[int, Sequence, bool]] = []  # (row, seq, input token read on device)
+class InputBuilder:
+    def __init__(
+        self,
+        token_buckets: tuple[int, ...],
+        seq_buckets: tuple[int, ...],
+        max_num_seqs: int,
+        pages_per_seq: int,
+        page_size: int,
+        max_logprobs: int,
+        eos_ids: tuple[int, ...],
+    ) -> None:
+        self.token_buckets = token_buckets
+        self.seq_buckets = seq_buckets
+        self.pages_per_seq = pages_per_seq
+        self.page_size = page_size
+        self.max_logprobs = max_logprobs
+        self.eos_ids = eos_ids
+        # One row per running sequence, plus a last all-zero row for padding.
+        self.table = np.zeros((max_num_seqs + 1, pages_per_seq), np.int32)
+        self.pad_row = max_num_seqs
+        self.rows: dict[int, int] = {}  # seq_id -> row
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
 
-    t = 0
-    for i, entry in enumerate(so.scheduled):
-        seq, start, n = entry.seq, entry.start, entry.num_new
-        end = start + n
-        known = len(seq.token_ids)
-        from_device = end > known
-        if n == 1:
-            p = start
-            positions[t] = p
-            slots[t] = seq.pages[p // page_size] * page_size + p % page_size
-            if from_device:
-                src[t] = entry.src_row
+    def _row_of(self, seq: Sequence) -> int:
+        row = self.rows.get(seq.seq_id)
+        if row is None:
+            row = self.free_rows.pop()
+            self.rows[seq.seq_id] = row
+        return row
+
+    def build(self, so: SchedulerOutput) -> StepInputs:
+        for seq_id in so.released:
+            row = self.rows.pop(seq_id, None)
+            if row is not None:
+                self.free_rows.append(row)
+        num_tokens = bucket_for(so.num_tokens, self.token_buckets)
+        num_seqs = bucket_for(max(len(so.scheduled), so.num_rows), self.seq_buckets)
+        s = self.page_size
+        ids: list[int] = []
+        src: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        kv_lens: list[int] = []
+        rows: list[int] = []
+        cu = [0]
+        logits_indices = [0] * num_seqs
+        targets: list[tuple[int, Sequence, bool]] = []  # (row, seq, input read on device)
+        for entry in so.scheduled:
+            seq, start, n = entry.seq, entry.start, entry.num_new
+            row = self._row_of(seq)
+            if entry.new_pages:
+                off = entry.page_offset
+                self.table[row, off : off + len(entry.new_pages)] = entry.new_pages
+            rows.append(row)
+            pages = seq.pages
+            end = start + n
+            from_device = entry.src_row >= 0
+            if n == 1:
+                positions.append(start)
+                slots.append(pages[start // s] * s + start % s)
+                ids.append(0 if from_device else seq.token_ids[start])
+                src.append(entry.src_row)
             else:
-                ids[t] = seq.token_ids[p]
-        else:
-            pos = np.arange(start, end, dtype=np.int32)
-            positions[t : t + n] = pos
-            pages = np.asarray(seq.pages, np.int32)
-            slots[t : t + n] = pages[pos // page_size] * page_size + pos % page_size
-            stop = min(end, known)
-            ids[t : t + stop - start] = seq.token_ids[start:stop]
-            if from_device:
-                src[t + n - 1] = entry.src_row
-        kv_lens[i] = end
-        page_indices[i, : len(seq.pages)] = seq.pages
-        t += n
-        cu[i + 1] = t
-        for row, target in entry.samples:
-            logits_indices[row] = t - 1
-            targets.append((row, target, from_device))
-    cu[len(so.scheduled) + 1 :] = t
-    inp.num_seqs[0] = len(so.scheduled)
-    inp.num_rows = so.num_rows
-    inp.sampling, inp.sort, inp.penalties, inp.num_logprobs = _sampling_arrays(
-        targets, num_seqs, max_logprobs, eos_ids
-    )
-    return inp
+                span = range(start, end)
+                positions.extend(span)
+                slots.extend([pages[p // s] * s + p % s for p in span])
+                known = seq.token_ids[start : end - 1 if from_device else end]
+                ids.extend(known)
+                src.extend([-1] * len(known))
+                if from_device:
+                    ids.append(0)
+                    src.append(entry.src_row)
+            kv_lens.append(end)
+            cu.append(cu[-1] + n)
+            for sample_row, target in entry.samples:
+                logits_indices[sample_row] = cu[-1] - 1
+                targets.append((sample_row, target, from_device))
+        cu += [cu[-1]] * (num_seqs + 1 - len(cu))
+        rows += [self.pad_row] * (num_seqs - len(rows))
+        sampling, sort, penalties, num_logprobs = _sampling_arrays(
+            targets, num_seqs, self.max_logprobs, self.eos_ids
+        )
+        return StepInputs(
+            ids=_padded(ids, num_tokens, 0, np.int32),
+            src_rows=_padded(src, num_tokens, -1, np.int32),
+            positions=_padded(positions, num_tokens, 0, np.int32),
+            slot_mapping=_padded(slots, num_tokens, -1, np.int32),
+            kv_lens=_padded(kv_lens, num_seqs, 0, np.int32),
+            page_indices=self.table[rows],
+            cu_q_lens=np.array(cu, np.int32),
+            num_seqs=np.array([len(so.scheduled)], np.int32),
+            logits_indices=np.array(logits_indices, np.int32),
+            num_rows=so.num_rows,
+            sampling=sampling,
+            sort=sort,
+            penalties=penalties,
+            num_logprobs=num_logprobs,
+        )
 
 
 def empty_inputs(num_tokens: int, num_seqs: int, pages_per_seq: int) -> StepInputs:
@@ -124,7 +180,9 @@ def empty_inputs(num_tokens: int, num_seqs: int, pages_per_seq: int) -> StepInpu
     )
 
 
-BAN_WIDTHS = (8, 64, 512)
+def _uses_penalties(seq: Sequence) -> bool:
+    sp = seq.request.params
+    return sp.repetition_penalty != 1.0 or sp.presence_penalty != 0 or sp.frequency_penalty != 0
 
 
 def _sampling_arrays(
@@ -133,71 +191,65 @@ def _sampling_arrays(
     max_logprobs: int,
     eos_ids: tuple[int, ...],
 ) -> tuple[dict[str, np.ndarray], bool, bool, int]:
-    temperature = np.zeros(rows, np.float32)
-    top_k = np.zeros(rows, np.int32)
-    top_p = np.ones(rows, np.float32)
-    min_p = np.zeros(rows, np.float32)
-    seeds = np.zeros(rows, np.uint32)
-    sample_index = np.zeros(rows, np.int32)
-    position = np.zeros(rows, np.int32)
-    rep = np.ones(rows, np.float32)
-    presence = np.zeros(rows, np.float32)
-    frequency = np.zeros(rows, np.float32)
-    input_is_output = np.zeros(rows, bool)
+    """Per-row sampling parameters; rows without a target keep neutral values."""
+    targets = sorted(targets, key=lambda t: t[0])  # rows are 0..k-1 in order
+    temperature, top_k, top_p, min_p, seeds, index, position = [], [], [], [], [], [], []
     bans: list[tuple[int, list[int]]] = []
-    sort = penalties = False
-    want_logprobs = False
-    for row, seq, from_device in targets:
+    sort = penalties = want_logprobs = False
+    for row, seq, _ in targets:
         sp = seq.request.params
-        temperature[row] = sp.temperature
-        top_k[row] = max(sp.top_k, 0)
-        top_p[row] = sp.top_p
-        min_p[row] = sp.min_p
-        seeds[row] = seq.request.seed
-        sample_index[row] = seq.index
+        temperature.append(sp.temperature)
+        top_k.append(max(sp.top_k, 0))
+        top_p.append(sp.top_p)
+        min_p.append(sp.min_p)
+        seeds.append(seq.request.seed)
+        index.append(seq.index)
         out_pos = seq.num_output_tokens - 1  # the pending token being drawn
-        position[row] = out_pos
+        position.append(out_pos)
         sort |= sp.top_k > 0 or sp.top_p < 1.0
-        if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
-            penalties = True
-            rep[row] = sp.repetition_penalty
-            presence[row] = sp.presence_penalty
-            frequency[row] = sp.frequency_penalty
-            input_is_output[row] = from_device
+        penalties |= _uses_penalties(seq)
+        want_logprobs |= sp.logprobs is not None
         if out_pos < sp.min_tokens:
             banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(eos_ids))
             if banned:
                 bans.append((row, banned))
-        want_logprobs |= sp.logprobs is not None
 
     width = bucket_for(max((len(b) for _, b in bans), default=1), BAN_WIDTHS)
     banned = np.full((rows, width), -1, np.int32)
     for row, ids in bans:
         banned[row, : len(ids)] = ids
 
+    rep = np.ones(rows, np.float32)
+    presence = np.zeros(rows, np.float32)
+    frequency = np.zeros(rows, np.float32)
+    input_is_output = np.zeros(rows, bool)
+    prompt_ids = np.full((rows, 1), -1, np.int32)
+    output_ids = np.full((rows, 1), -1, np.int32)
     if penalties:
-        lp = _pow2_at_least(max(s.num_prompt_tokens for _, s, _ in targets))
-        lo = _pow2_at_least(max(len(s.token_ids) - s.num_prompt_tokens for _, s, _ in targets))
+        users = [(row, seq, dev) for row, seq, dev in targets if _uses_penalties(seq)]
+        lp = _pow2_at_least(max(seq.num_prompt_tokens for _, seq, _ in users))
+        lo = _pow2_at_least(max(len(seq.output_ids) for _, seq, _ in users))
         prompt_ids = np.full((rows, lp), -1, np.int32)
         output_ids = np.full((rows, lo), -1, np.int32)
-        for row, seq, _ in targets:
+        for row, seq, from_device in users:
             sp = seq.request.params
-            if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
-                prompt_ids[row, : seq.num_prompt_tokens] = seq.token_ids[: seq.num_prompt_tokens]
-                outs = seq.token_ids[seq.num_prompt_tokens :]
-                output_ids[row, : len(outs)] = outs
-    else:
-        prompt_ids = np.full((rows, 1), -1, np.int32)
-        output_ids = np.full((rows, 1), -1, np.int32)
+            rep[row] = sp.repetition_penalty
+            presence[row] = sp.presence_penalty
+            frequency[row] = sp.frequency_penalty
+            # The row's input token is the newest output when it comes from the device.
+            input_is_output[row] = from_device
+            prompt_ids[row, : seq.num_prompt_tokens] = seq.token_ids[: seq.num_prompt_tokens]
+            outs = seq.output_ids
+            output_ids[row, : len(outs)] = outs
 
     sampling = dict(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        seeds=seeds,
-        sample_index=sample_index,
-        position=position,
+        temperature=_padded(temperature, rows, 0.0, np.float32),
+        top_k=_padded(top_k, rows, 0, np.int32),
+        top_p=_padded(top_p, rows, 1.0, np.float32),
+        min_p=_padded(min_p, rows, 0.0, np.float32),
+        seeds=_padded(seeds, rows, 0, np.uint32),
+        sample_index=_padded(index, rows, 0, np.int32),
+        position=_padded(position, rows, 0, np.int32),
         banned=banned,
         repetition_penalty=rep,
         presence_penalty=presence,

@@ -73,6 +73,8 @@ class Sequence:
         self.num_pending = 0
         self.num_computed = 0  # tokens whose K/V are in this sequence's pages
         self.pages: list[int] = []
+        # How many leading entries of `pages` the runner's page table already holds.
+        self.synced_pages = 0
         self.page_hashes: list[int] = []  # hash-chain keys of this sequence's full pages
         self.status = Status.WAITING
         self.finish_reason: str | None = None

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import pallas_kernels
 from jserve.config import ModelConfig
 from jserve.engine.config import EngineConfig
-from jserve.engine.inputs import StepInputs, build_inputs, empty_inputs
+from jserve.engine.inputs import InputBuilder, StepInputs, empty_inputs
 from jserve.engine.sampler import SamplerOutput, SamplingMetadata, sample
 from jserve.engine.scheduler import SchedulerOutput
 from jserve.models import llama
@@ -120,24 +120,22 @@ class ModelRunner:
         shape = (num_pages, ecfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
         self.kv_pages = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
         self._prev_tokens = jnp.zeros(ecfg.max_num_seqs, jnp.int32)
-
-    # -- one step ----------------------------------------------------------
-
-    def prepare(self, so: SchedulerOutput) -> StepInputs:
-        return build_inputs(
-            so,
+        self.inputs = InputBuilder(
             self.token_buckets,
             self.seq_buckets,
+            ecfg.max_num_seqs,
             self.pages_per_seq,
-            self.ecfg.page_size,
-            self.ecfg.max_logprobs,
-            self.cfg.eos_token_ids,
+            ecfg.page_size,
+            ecfg.max_logprobs,
+            cfg.eos_token_ids,
         )
+
+    # -- one step ----------------------------------------------------------
 
     def execute(self, so: SchedulerOutput) -> StepHandle:
         if so.copies:
             self._apply_copies(so.copies)
-        return self.dispatch(self.prepare(so))
+        return self.dispatch(self.inputs.build(so))
 
     def dispatch(self, inp: StepInputs) -> StepHandle:
         md = AttentionMetadata(

@@ -26,7 +26,7 @@ from jserve.engine.kv_pool import PagePool, page_hash
 from jserve.engine.request import Sequence, Status
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     start: int  # position of the first token computed this step
@@ -34,6 +34,9 @@ class ScheduledSeq:
     # Row of the previous step's samples holding this entry's last input
     # token, when that token is still on the device; -1 otherwise.
     src_row: int = -1
+    # Page-table update for the runner: pages[page_offset:] are new or changed.
+    page_offset: int = 0
+    new_pages: list[int] = dataclasses.field(default_factory=list)
     # Sequences that receive a sampled token from this entry's last position,
     # with their output rows: none mid-prompt, the sequence itself usually,
     # the sequence and its new siblings when an n > 1 prompt completes.
@@ -51,6 +54,8 @@ class SchedulerOutput:
     # Pages to copy on the device before the step (copy-on-write): (src, dst).
     copies: list[tuple[int, int]]
     preempted: list[Sequence]
+    # Sequences (by seq_id) that left the running set: their page-table rows are free.
+    released: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -71,6 +76,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.step_id = 0
         self.num_preemptions = 0
+        self._released: list[int] = []
 
     # -- queue management ---------------------------------------------------
 
@@ -84,6 +90,7 @@ class Scheduler:
             return
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+            self._released.append(seq.seq_id)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.pool.free(seq.pages)
@@ -119,12 +126,15 @@ class Scheduler:
             copies.append((seq, old, new))
             self.pool.free([old])
             seq.pages[start // s] = new
+            seq.synced_pages = min(seq.synced_pages, start // s)
         if grow > 0:
             seq.pages += self.pool.allocate(grow)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._released.append(seq.seq_id)
+        seq.synced_pages = 0
         self.pool.free(seq.pages)
         seq.pages = []
         seq.page_hashes = []
@@ -150,6 +160,8 @@ class Scheduler:
     def _forks_needed(self, seq: Sequence, num_new: int) -> int:
         """Siblings to create if this chunk completes an n > 1 prompt."""
         req = seq.request
+        if req.params.n == 1:
+            return 0
         completes = seq.num_computed + num_new == seq.num_tokens
         return req.params.n - len(req.seqs) if completes else 0
 
@@ -173,16 +185,18 @@ class Scheduler:
             slots += 1
             preempted.append(victim)
 
-        decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
-        prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
+        decoding, prefilling = [], []
+        for s in self.running:
+            (decoding if s.num_tokens - s.num_computed == 1 else prefilling).append(s)
         for seq in decoding + prefilling:
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted as a victim this step
                 continue
-            if seq.num_output_tokens >= seq.max_output_tokens:
+            num_tokens = len(seq.token_ids) + seq.num_pending
+            if num_tokens - seq.num_prompt_tokens >= seq.max_output_tokens:
                 continue  # its last token is in flight; it ends when that arrives
-            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            num_new = min(num_tokens - seq.num_computed, budget)
             forks = self._forks_needed(seq, num_new)
             if forks > slots:
                 # Not enough sequence slots for the siblings yet: hold the last token back.
@@ -247,13 +261,16 @@ class Scheduler:
         num_tokens = 0
         for seq, num_new in chosen:
             entry = ScheduledSeq(seq, seq.num_computed, num_new)
+            entry.page_offset = seq.synced_pages
+            entry.new_pages = seq.pages[seq.synced_pages :]
+            seq.synced_pages = len(seq.pages)
             if seq.num_computed + num_new > len(seq.token_ids):
                 step, entry.src_row = seq.pending_row
                 assert step == self.step_id - 1, (seq, step, self.step_id)
             forks = self._forks_needed(seq, num_new)
             seq.num_computed += num_new
             num_tokens += num_new
-            if seq.num_computed == seq.num_tokens:
+            if seq.num_computed == len(seq.token_ids) + seq.num_pending:
                 targets = [seq]
                 for _ in range(forks):
                     child = self._fork(seq, len(seq.request.seqs))
@@ -278,4 +295,9 @@ class Scheduler:
             num_rows=rows,
             copies=[(src, dst) for seq, src, dst in copies if id(seq) in live],
             preempted=preempted,
+            released=self._take_released(),
         )
+
+    def _take_released(self) -> list[int]:
+        released, self._released = self._released, []
+        return released

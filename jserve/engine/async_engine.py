@@ -1,0 +1,179 @@
+"""An asyncio front for the engine: the step loop runs on its own thread.
+
+The engine itself stays single-threaded: callers never touch it. They send
+commands (add, abort) through a queue that the loop drains before each
+step, and receive incremental outputs on per-request asyncio queues. An
+add is validated on the loop thread and its error (bad input, queue full)
+is raised to the caller before the stream starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jserve.engine.llm_engine import LLMEngine
+from jserve.engine.stats import EngineStats
+from jserve.errors import EngineDeadError, JserveError
+from jserve.outputs import RequestOutput
+from jserve.prompts import PromptType
+from jserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop may be closed
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self.dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="jserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side (any thread, any event loop) ----------------------------
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields incremental outputs (new tokens, text delta, logprobs) until finished.
+
+        Leaving the iteration early (client gone, cancelled, deadline) aborts
+        the request and frees its pages.
+        """
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self.dead}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop())
+        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._send(("add", rid, prompt, params, priority, stream, admitted))
+        await asyncio.wrap_future(admitted)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def get_stats(self) -> EngineStats:
+        return self.engine.get_stats()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the loop; requests still running are aborted."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _send(self, command: tuple[Any, ...]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # -- engine thread -------------------------------------------------------
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, prompt, params, priority, stream, admitted = cmd
+                if self.dead is not None:
+                    admitted.set_exception(EngineDeadError(f"the engine stopped: {self.dead}"))
+                    continue
+                try:
+                    self.engine.add_request(rid, prompt, params, priority)
+                except JserveError as e:
+                    admitted.set_exception(e)
+                    continue
+                self._streams[rid] = stream
+                admitted.set_result(None)
+            elif cmd[0] == "abort":
+                self.engine.abort_request(cmd[1])
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # the engine is in an unknown state: fail everything
+                logger.exception("engine step failed")
+                self._fail_all(e)
+                return
+            self._deliver(outputs)
+        for rid in list(self._streams):
+            self.engine.abort_request(rid)
+        with contextlib.suppress(Exception):
+            self._deliver(self.engine.step())
+
+    def _fail_all(self, error: BaseException) -> None:
+        self.dead = error
+        for stream in self._streams.values():
+            stream.put(EngineDeadError(f"the engine failed while serving this request: {error}"))
+        self._streams.clear()
+        # Answer adds that arrive after the failure instead of leaving them hanging.
+        while not self._stop.is_set():
+            self._drain_commands()
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Blocks until no request is active (for tests and graceful shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._streams and self._commands.empty() and self.engine.is_idle():
+                return True
+            time.sleep(0.01)
+        return False
