@@ -10,16 +10,11 @@ from tqdm.auto import tqdm
 from jserve.engine.config import EngineConfig
 from jserve.engine.llm_engine import LLMEngine
 from jserve.errors import InvalidRequestError
-from jserve.model_loader import LoadedModel, load_model
+from jserve.model_loader import LoadedModel, default_model_path, load_model
 from jserve.outputs import RequestOutput, merge_delta
 from jserve.prompts import PromptType, normalize_prompts
 from jserve.sampling_params import SamplingParams
 from jserve.tokenizer import Tokenizer
-
-
-def default_model_path() -> str:
-    """The small Shakespeare model shipped inside the package."""
-    return os.path.join(os.path.dirname(__file__), "assets", "shakespeare-llama")
 
 
 class LLM:
@@ -32,7 +27,7 @@ class LLM:
     def __init__(
         self,
         model: str | os.PathLike[str] | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         *,
         page_size: int = 16,
         num_pages: int | None = None,

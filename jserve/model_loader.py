@@ -6,6 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from jserve.config import ModelConfig, load_config
@@ -25,6 +26,9 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str | Any) -> Any:
+    """ "auto" is float32 on CPU (bfloat16 matmuls are slow there) and bfloat16 elsewhere."""
+    if dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
@@ -32,7 +36,7 @@ def resolve_dtype(dtype: str | Any) -> Any:
     return jnp.dtype(dtype)
 
 
-def load_model(model: str | os.PathLike[str], dtype: str | Any = "bfloat16") -> LoadedModel:
+def load_model(model: str | os.PathLike[str], dtype: str | Any = "auto") -> LoadedModel:
     """Loads a Hugging Face model directory (config, safetensors weights, tokenizer)."""
     from checkpoints import load_hf_params
 
@@ -51,3 +55,40 @@ def load_model(model: str | os.PathLike[str], dtype: str | Any = "bfloat16") -> 
         if tokenizer.eos_token_ids and not cfg.eos_token_ids:
             cfg = cfg.replace(eos_token_ids=tokenizer.eos_token_ids)
     return LoadedModel(path, cfg, params, tokenizer, dt)
+
+
+def default_model_path() -> str:
+    """The small Shakespeare model shipped inside the package."""
+    return os.path.join(os.path.dirname(__file__), "assets", "shakespeare-llama")
+
+
+def random_model(shape: str, dtype: str | Any = "auto", seed: int = 0) -> LoadedModel:
+    """A model with random weights created directly on the device.
+
+    ``shape`` is a preset name (see ``jserve.models.presets``) or a directory
+    holding a ``config.json``. Text prompts use the embedded model's
+    tokenizer when its ids fit the vocabulary (the weights are random, so
+    only the token counts matter).
+    """
+    from jserve.models import llama
+    from jserve.models.params import init_params
+    from jserve.models.presets import PRESETS, preset_config
+
+    if shape in PRESETS:
+        cfg = preset_config(shape)
+    elif os.path.isdir(shape):
+        cfg = load_config(shape)
+    else:
+        raise ConfigError(
+            f"--config {shape!r} is neither a known shape ({sorted(PRESETS)}) nor a directory "
+            "with a config.json"
+        )
+    dt = resolve_dtype(dtype)
+    params = init_params(llama.param_specs(cfg), jax.random.key(seed), dt)
+    tokenizer = None
+    embedded = default_model_path()
+    if os.path.isfile(os.path.join(embedded, "tokenizer.json")):
+        tok = Tokenizer.from_dir(embedded)
+        if tok.vocab_size <= cfg.vocab_size:
+            tokenizer = tok
+    return LoadedModel(f"random:{shape}", cfg, params, tokenizer, dt)

@@ -57,7 +57,9 @@ def pages_that_fit(
 class LLMEngine:
     """Owns the scheduler, the page pool and the runner; drives one step per call."""
 
-    def __init__(self, model: LoadedModel, ecfg: EngineConfig, warmup: bool = True) -> None:
+    def __init__(
+        self, model: LoadedModel, ecfg: EngineConfig, warmup: bool = True, progress: bool = True
+    ) -> None:
         self.model = model
         self.cfg = model.cfg
         self.ecfg = ecfg.validate()
@@ -78,7 +80,7 @@ class LLMEngine:
         self._idle_steps = 0
         self.stats = EngineStats(num_pages=self.num_pages)
         if warmup:
-            self.runner.warmup()
+            self.runner.warmup(progress)
 
     # -- requests -----------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""``jserve bench``: serving, throughput and latency benchmarks."""

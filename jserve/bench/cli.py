@@ -1,0 +1,41 @@
+"""Argument parsing for ``jserve bench {serve,throughput,latency}``."""
+
+from __future__ import annotations
+
+import argparse
+
+from jserve.bench.datasets import add_dataset_arguments
+from jserve.bench.results import add_result_arguments
+from jserve.cli.engine_args import add_engine_arguments, add_model_arguments
+
+
+def _add_offline_common(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_engine_arguments(p)
+    add_result_arguments(p)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--no-warmup", action="store_true", help="skip precompiling (compiles on first use)"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jserve.bench import offline
+
+    sub = parser.add_subparsers(dest="bench_mode", required=True)
+    p = sub.add_parser(
+        "throughput", help="offline engine, all requests at once: requests/s and tokens/s"
+    )
+    _add_offline_common(p)
+    add_dataset_arguments(p)
+    p.set_defaults(func=offline.run_throughput)
+
+    p = sub.add_parser("latency", help="a fixed batch end to end: per-iteration latency")
+    _add_offline_common(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-iters-warmup", type=int, default=2)
+    p.add_argument("--num-iters", type=int, default=10)
+    p.set_defaults(func=offline.run_latency)

@@ -1,0 +1,156 @@
+"""``jserve bench throughput`` and ``jserve bench latency``: the engine without a server."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jserve.bench.datasets import BenchRequest, random_requests, requests_from_args
+from jserve.bench.results import (
+    environment,
+    percentiles_from_args,
+    plot_cdfs,
+    plot_throughput,
+    save_result,
+)
+from jserve.cli.engine_args import engine_config_from_args, load_model_from_args
+from jserve.engine.llm_engine import LLMEngine
+from jserve.sampling_params import SamplingParams
+
+
+def _start_engine(args: argparse.Namespace) -> tuple[LLMEngine, dict[str, float]]:
+    t0 = time.perf_counter()
+    model = load_model_from_args(args)
+    t1 = time.perf_counter()
+    engine = LLMEngine(
+        model,
+        engine_config_from_args(args),
+        warmup=not args.no_warmup,
+        progress=not args.disable_tqdm,
+    )
+    t2 = time.perf_counter()
+    return engine, {"load_s": t1 - t0, "engine_init_and_compile_s": t2 - t1}
+
+
+def _params(req: BenchRequest, args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=req.output_len,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        ignore_eos=True,
+    )
+
+
+def _run_to_completion(
+    engine: LLMEngine, reqs: list[BenchRequest], args: argparse.Namespace, tag: str
+) -> tuple[float, list[float], dict[str, int]]:
+    """Adds every request at once and steps until done; returns (seconds, token times, lens)."""
+    for i, r in enumerate(reqs):
+        engine.add_request(f"{tag}{i}", r.prompt, _params(r, args))
+    out_lens: dict[str, int] = {}
+    token_times: list[float] = []
+    bar = tqdm(total=len(reqs), desc=tag or "requests", disable=args.disable_tqdm)
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            n = sum(len(c.token_ids) for c in out.outputs)
+            out_lens[out.request_id] = out_lens.get(out.request_id, 0) + n
+            token_times.extend([time.perf_counter()] * n)
+            if out.finished:
+                bar.update(1)
+    elapsed = time.perf_counter() - start
+    bar.close()
+    return elapsed, [t - start for t in token_times], out_lens
+
+
+def _header(args: argparse.Namespace, engine: LLMEngine, mode: str) -> dict[str, Any]:
+    return {
+        "mode": mode,
+        **environment(),
+        "model": engine.model.path,
+        "model_shape": engine.cfg.name,
+        "dtype": str(np.dtype(engine.model.dtype)),
+        "num_params": engine.cfg.num_params(),
+        "engine": dataclasses.asdict(engine.ecfg) | {"num_pages": engine.num_pages},
+        "seed": args.seed,
+    }
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    engine, startup = _start_engine(args)
+    reqs = requests_from_args(args, engine.cfg.vocab_size, engine.tokenizer)
+    elapsed, token_times, out_lens = _run_to_completion(engine, reqs, args, "")
+    prompt_tokens = sum(r.prompt_len for r in reqs)
+    output_tokens = sum(out_lens.values())
+    result = {
+        **_header(args, engine, "throughput"),
+        **startup,
+        "dataset": args.dataset_name,
+        "num_requests": len(reqs),
+        "elapsed_time": elapsed,
+        "total_input_tokens": prompt_tokens,
+        "total_output_tokens": output_tokens,
+        "requests_per_second": len(reqs) / elapsed,
+        "tokens_per_second": (prompt_tokens + output_tokens) / elapsed,
+        "output_tokens_per_second": output_tokens / elapsed,
+        "num_steps": engine.stats.num_steps,
+        "preemptions": engine.stats.preemptions,
+    }
+    print(
+        f"Throughput: {result['requests_per_second']:.2f} requests/s, "
+        f"{result['tokens_per_second']:.2f} total tokens/s, "
+        f"{result['output_tokens_per_second']:.2f} output tokens/s"
+    )
+    print(
+        f"{len(reqs)} requests, {prompt_tokens} prompt + {output_tokens} output tokens in "
+        f"{elapsed:.2f} s; start-up: load {startup['load_s']:.2f} s, "
+        f"engine + compile {startup['engine_init_and_compile_s']:.2f} s"
+    )
+    if args.plot_dir:
+        plot_throughput(args.plot_dir, token_times, 0.0, "jserve bench throughput")
+    save_result(args, "throughput", result)
+    return 0
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    engine, startup = _start_engine(args)
+    rng = np.random.default_rng(args.seed)
+    percentiles = percentiles_from_args(args)
+
+    def batch() -> list[BenchRequest]:
+        return random_requests(
+            rng, args.batch_size, engine.cfg.vocab_size, args.input_len, args.output_len
+        )
+
+    for i in range(args.num_iters_warmup):
+        _run_to_completion(engine, batch(), args, f"warmup{i}-")
+    latencies = []
+    for i in tqdm(range(args.num_iters), desc="iterations", disable=args.disable_tqdm):
+        elapsed, _, out_lens = _run_to_completion(engine, batch(), args, f"it{i}-")
+        assert sum(out_lens.values()) == args.batch_size * args.output_len
+        latencies.append(elapsed)
+    lat = np.asarray(latencies)
+    result = {
+        **_header(args, engine, "latency"),
+        **startup,
+        "batch_size": args.batch_size,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "avg_latency": float(lat.mean()),
+        "latencies": latencies,
+        "percentiles": {f"{p:g}": float(np.percentile(lat, p)) for p in percentiles},
+        "output_tokens_per_second": args.batch_size * args.output_len / float(lat.mean()),
+    }
+    print(f"Avg latency: {result['avg_latency']:.4f} s")
+    for p, v in result["percentiles"].items():
+        print(f"{p}% percentile latency: {v:.4f} s")
+    print(f"Output tokens/s: {result['output_tokens_per_second']:.2f}")
+    if args.plot_dir:
+        plot_cdfs(args.plot_dir, {"iteration latency": latencies}, "jserve bench latency")
+    save_result(args, "latency", result)
+    return 0

@@ -1,0 +1,1 @@
+"""The ``jserve`` command line."""

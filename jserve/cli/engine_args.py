@@ -1,0 +1,94 @@
+"""Model and engine flags shared by every subcommand (names follow vLLM's)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from jserve.engine.config import EngineConfig
+from jserve.model_loader import LoadedModel, default_model_path, load_model, random_model
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model directory (default: the embedded Shakespeare model)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight and activation dtype; auto = float32 on CPU, bfloat16 on accelerators",
+    )
+    g.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights created on the device, for benchmarking real shapes offline",
+    )
+    g.add_argument(
+        "--config",
+        default=None,
+        help="with --random-weights: a shape name (llama3-8b, llama3-3b, llama3-1b, "
+        "mistral-7b, qwen2-7b, qwen3-8b, qwen3-0.6b) or a directory with config.json",
+    )
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page")
+    g.add_argument(
+        "--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)"
+    )
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=d.enable_prefix_caching,
+    )
+    g.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
+    g.add_argument(
+        "--memory-utilization",
+        type=float,
+        default=d.memory_utilization,
+        help="fraction of free device memory the KV pool may use",
+    )
+    g.add_argument(
+        "--attention-backend", default=d.attention_backend, help="auto, xla, or a Pallas backend"
+    )
+    g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=d.async_scheduling,
+        help="prepare step N+1 while the device runs step N",
+    )
+    g.add_argument("--max-waiting", type=int, default=d.max_waiting)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    cfg = EngineConfig(
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching,
+        max_logprobs=args.max_logprobs,
+        max_waiting=args.max_waiting,
+        memory_utilization=args.memory_utilization,
+        attention_backend=args.attention_backend,
+        async_scheduling=args.async_scheduling,
+        seed=args.seed,
+    )
+    return dataclasses.replace(cfg, **overrides).validate()
+
+
+def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
+    if args.random_weights:
+        return random_model(args.config or "llama3-1b", args.dtype, args.seed)
+    return load_model(args.model or default_model_path(), args.dtype)

@@ -1,0 +1,76 @@
+"""`jserve bench throughput` and `jserve bench latency` end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jserve.bench.datasets import random_requests
+from jserve.bench.metrics import RequestRecord, parse_goodput, summarize
+from jserve.cli.main import main
+
+ENGINE = ["--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--disable-tqdm"]
+
+
+def test_throughput_json_is_consistent(tok_model_dir: str, tmp_path) -> None:
+    out = tmp_path / "t.json"
+    args = ["bench", "throughput", "--model", tok_model_dir, "--num-prompts", "12"]
+    args += ["--random-input-len", "24", "--random-output-len", "10", "--random-range-ratio", "0.5"]
+    assert main([*args, *ENGINE, "--result-filename", str(out), "--seed", "3"]) == 0
+    r = json.loads(out.read_text())
+    assert r["mode"] == "throughput" and r["num_requests"] == 12
+    assert r["total_output_tokens"] > 0
+    assert r["tokens_per_second"] == pytest.approx(
+        (r["total_input_tokens"] + r["total_output_tokens"]) / r["elapsed_time"]
+    )
+    assert r["requests_per_second"] == pytest.approx(12 / r["elapsed_time"])
+    # The same seed draws the same requests.
+    again = tmp_path / "t2.json"
+    assert main([*args, *ENGINE, "--result-filename", str(again), "--seed", "3"]) == 0
+    r2 = json.loads(again.read_text())
+    assert (r2["total_input_tokens"], r2["total_output_tokens"]) == (
+        r["total_input_tokens"],
+        r["total_output_tokens"],
+    )
+
+
+def test_latency_json_is_consistent(tok_model_dir: str, tmp_path) -> None:
+    out = tmp_path / "l.json"
+    args = ["bench", "latency", "--model", tok_model_dir, "--batch-size", "3"]
+    args += ["--input-len", "8", "--output-len", "6", "--num-iters", "4", "--num-iters-warmup", "1"]
+    assert main([*args, *ENGINE, "--result-filename", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert len(r["latencies"]) == 4
+    ps = [r["percentiles"][k] for k in ("50", "90", "99")]
+    assert ps == sorted(ps)
+    assert r["avg_latency"] == pytest.approx(np.mean(r["latencies"]))
+
+
+def test_random_dataset_lengths_and_prefix() -> None:
+    rng = np.random.default_rng(0)
+    reqs = random_requests(rng, 50, 1000, 100, 20, range_ratio=0.2, prefix_len=7)
+    assert all(87 <= r.prompt_len <= 127 for r in reqs)
+    assert all(16 <= r.output_len <= 24 for r in reqs)
+    assert len({tuple(r.prompt[:7]) for r in reqs}) == 1
+    assert all(len(r.prompt) == r.prompt_len for r in reqs)
+
+
+def test_metric_definitions() -> None:
+    a = RequestRecord(prompt_len=5, start=0.0, success=True)
+    a.chunk_times, a.chunk_tokens = [0.5, 0.6, 0.8], [1, 1, 2]
+    b = RequestRecord(prompt_len=3, start=1.0, success=True)
+    b.chunk_times, b.chunk_tokens = [1.2], [1]
+    c = RequestRecord(prompt_len=3, start=1.0, success=False, error="boom")
+    r = summarize([a, b, c], duration=2.0, slos=parse_goodput(["ttft:300"]))
+    assert (r["completed"], r["failed"]) == (2, 1)
+    assert r["total_output_tokens"] == 5 and r["total_input_tokens"] == 8
+    assert r["mean_ttft_ms"] == pytest.approx(350.0)
+    # TPOT excludes the first token: (0.8 - 0.5) / 3; b has one token and is left out.
+    assert r["mean_tpot_ms"] == pytest.approx(100.0)
+    assert r["mean_itl_ms"] == pytest.approx(150.0)
+    assert r["request_goodput"] == pytest.approx(0.5)  # only b meets TTFT <= 300 ms
+    assert r["p50_e2el_ms"] <= r["p90_e2el_ms"] <= r["p99_e2el_ms"]
+    with pytest.raises(ValueError, match="goodput"):
+        parse_goodput(["speed:3"])
