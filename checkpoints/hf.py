@@ -66,7 +66,12 @@ def load_hf_params(
 
         def load(path: str, spec: ParamSpec) -> jax.Array:
             value = _build(reader, path, spec, dtype)
-            out = jax.device_put(value, flat_shardings.get(path))
+            sharding = flat_shardings.get(path)
+            if sharding is None:
+                out = jax.device_put(value)
+            else:
+                # Each addressable device gets its slice (also across processes).
+                out = jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
             bar.update(1)
             return out
 

@@ -15,6 +15,7 @@ from jserve.outputs import RequestOutput, merge_delta
 from jserve.prompts import PromptType, normalize_prompts
 from jserve.sampling_params import SamplingParams
 from jserve.tokenizer import Tokenizer
+from sharding import ParallelConfig
 
 
 class LLM:
@@ -41,6 +42,7 @@ class LLM:
         memory_utilization: float = 0.9,
         seed: int = 0,
         warmup: bool = True,
+        tensor_parallel_size: int = 1,
     ) -> None:
         ecfg = EngineConfig(
             page_size=page_size,
@@ -56,7 +58,8 @@ class LLM:
             async_scheduling=async_scheduling,
             seed=seed,
         ).validate()
-        self.model: LoadedModel = load_model(model or default_model_path(), dtype)
+        parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
+        self.model: LoadedModel = load_model(model or default_model_path(), dtype, parallel)
         self.engine = LLMEngine(self.model, ecfg, warmup=warmup)
         self._counter = 0
 

@@ -23,6 +23,19 @@ class LoadedModel:
     params: Any
     tokenizer: Tokenizer | None
     dtype: Any
+    mesh: Any = None  # jax.sharding.Mesh when the model spans several devices
+
+
+def placement(cfg: ModelConfig, parallel: Any) -> tuple[Any, Any]:
+    """(mesh, per-weight shardings) for a parallel config, or (None, None) for one device."""
+    if parallel is None or parallel.world_size == 1:
+        return None, None
+    from jserve.models import llama
+    from sharding import make_mesh, param_shardings
+
+    parallel.validate(cfg, jax.device_count())
+    mesh = make_mesh(parallel)
+    return mesh, param_shardings(llama.param_specs(cfg), mesh)
 
 
 def resolve_dtype(dtype: str | Any) -> Any:
@@ -36,8 +49,14 @@ def resolve_dtype(dtype: str | Any) -> Any:
     return jnp.dtype(dtype)
 
 
-def load_model(model: str | os.PathLike[str], dtype: str | Any = "auto") -> LoadedModel:
-    """Loads a Hugging Face model directory (config, safetensors weights, tokenizer)."""
+def load_model(
+    model: str | os.PathLike[str], dtype: str | Any = "auto", parallel: Any = None
+) -> LoadedModel:
+    """Loads a Hugging Face model directory (config, safetensors weights, tokenizer).
+
+    With a ``sharding.ParallelConfig`` the weights are placed on a device
+    mesh as they load, each device receiving only its slice.
+    """
     from checkpoints import load_hf_params
 
     path = os.fspath(model)
@@ -48,13 +67,14 @@ def load_model(model: str | os.PathLike[str], dtype: str | Any = "auto") -> Load
         )
     cfg = load_config(path)
     dt = resolve_dtype(dtype)
-    params = load_hf_params(path, cfg, dt)
+    mesh, shardings = placement(cfg, parallel)
+    params = load_hf_params(path, cfg, dt, shardings)
     tokenizer = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         tokenizer = Tokenizer.from_dir(path, cfg.eos_token_ids)
         if tokenizer.eos_token_ids and not cfg.eos_token_ids:
             cfg = cfg.replace(eos_token_ids=tokenizer.eos_token_ids)
-    return LoadedModel(path, cfg, params, tokenizer, dt)
+    return LoadedModel(path, cfg, params, tokenizer, dt, mesh)
 
 
 def default_model_path() -> str:
@@ -62,7 +82,9 @@ def default_model_path() -> str:
     return os.path.join(os.path.dirname(__file__), "assets", "shakespeare-llama")
 
 
-def random_model(shape: str, dtype: str | Any = "auto", seed: int = 0) -> LoadedModel:
+def random_model(
+    shape: str, dtype: str | Any = "auto", seed: int = 0, parallel: Any = None
+) -> LoadedModel:
     """A model with random weights created directly on the device.
 
     ``shape`` is a preset name (see ``jserve.models.presets``) or a directory
@@ -84,11 +106,12 @@ def random_model(shape: str, dtype: str | Any = "auto", seed: int = 0) -> Loaded
             "with a config.json"
         )
     dt = resolve_dtype(dtype)
-    params = init_params(llama.param_specs(cfg), jax.random.key(seed), dt)
+    mesh, shardings = placement(cfg, parallel)
+    params = init_params(llama.param_specs(cfg), jax.random.key(seed), dt, shardings=shardings)
     tokenizer = None
     embedded = default_model_path()
     if os.path.isfile(os.path.join(embedded, "tokenizer.json")):
         tok = Tokenizer.from_dir(embedded)
         if tok.vocab_size <= cfg.vocab_size:
             tokenizer = tok
-    return LoadedModel(f"random:{shape}", cfg, params, tokenizer, dt)
+    return LoadedModel(f"random:{shape}", cfg, params, tokenizer, dt, mesh)

@@ -7,6 +7,7 @@ import dataclasses
 
 from jserve.engine.config import EngineConfig
 from jserve.model_loader import LoadedModel, default_model_path, load_model, random_model
+from sharding import ParallelConfig
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--random-weights",
         action="store_true",
         help="random weights created on the device, for benchmarking real shapes offline",
+    )
+    g.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="devices to split each layer over (attention heads, MLP, vocabulary)",
     )
     g.add_argument(
         "--config",
@@ -89,6 +97,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
 
 
 def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
+    parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
     if args.random_weights:
-        return random_model(args.config or "llama3-1b", args.dtype, args.seed)
-    return load_model(args.model or default_model_path(), args.dtype)
+        return random_model(args.config or "llama3-1b", args.dtype, args.seed, parallel)
+    return load_model(args.model or default_model_path(), args.dtype, parallel)

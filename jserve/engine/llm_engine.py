@@ -24,25 +24,27 @@ from jserve.model_loader import LoadedModel
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.prompts import PromptType, tokenize_prompt
 from jserve.sampling_params import SamplingParams
+from sharding import describe_mesh
 
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # pool size on hosts that report no device memory
 
 
-def pages_that_fit(
-    model: LoadedModel, ecfg: EngineConfig, max_model_len: int, device: Any = None
-) -> int:
+def pages_that_fit(model: LoadedModel, ecfg: EngineConfig, max_model_len: int) -> int:
     """Sizes the KV pool from free device memory (or ``num_pages`` if set)."""
     if ecfg.num_pages is not None:
         return ecfg.num_pages
     per_page = kv_bytes_per_page(model.cfg, ecfg.page_size, model.dtype)
-    device = device or jax.devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        budget = stats["bytes_limit"] * ecfg.memory_utilization - stats.get("bytes_in_use", 0)
-    else:
-        budget = CPU_DEFAULT_KV_BYTES
+    devices = list(model.mesh.devices.flat) if model.mesh is not None else [jax.devices()[0]]
+    per_page /= _kv_shards(model)
+    budgets = []
+    for device in devices:
+        stats = device.memory_stats() if device.process_index == jax.process_index() else None
+        if stats and "bytes_limit" in stats:
+            limit = stats["bytes_limit"] * ecfg.memory_utilization
+            budgets.append(limit - stats.get("bytes_in_use", 0))
+    budget = min(budgets) if budgets else CPU_DEFAULT_KV_BYTES
     want = ecfg.max_num_seqs * math.ceil(max_model_len / ecfg.page_size)
     pages = min(want, int(budget // per_page))
     if pages < math.ceil(max_model_len / ecfg.page_size):
@@ -52,6 +54,11 @@ def pages_that_fit(
             "max_num_seqs, or raise memory_utilization"
         )
     return pages
+
+
+def _kv_shards(model: LoadedModel) -> int:
+    """How many ways each KV page is split (by KV head, over the tensor-parallel axis)."""
+    return 1 if model.mesh is None else min(model.mesh.shape["model"], model.cfg.num_kv_heads)
 
 
 class LLMEngine:
@@ -70,7 +77,13 @@ class LLMEngine:
         self.pool = PagePool(self.num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(ecfg, self.pool, self._make_sibling)
         self.runner = ModelRunner(
-            model.params, self.cfg, ecfg, model.dtype, self.max_model_len, self.num_pages
+            model.params,
+            self.cfg,
+            ecfg,
+            model.dtype,
+            self.max_model_len,
+            self.num_pages,
+            model.mesh,
         )
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(ecfg.seed)
@@ -320,6 +333,26 @@ class LLMEngine:
         self._touched.clear()
         self.stats.update_gauges(self.scheduler, self.pool)
         return outputs
+
+    def describe(self) -> str:
+        """Start-up summary: placement, memory per device, and the KV pool."""
+        first = jax.devices()[0] if self.model.mesh is None else self.model.mesh.devices.flat[0]
+        param_dev = sum(
+            shard.data.nbytes
+            for x in jax.tree_util.tree_leaves(self.model.params)
+            for shard in x.addressable_shards
+            if shard.device == first
+        )
+        where = "1 device" if self.model.mesh is None else describe_mesh(self.model.mesh)
+        tp = 1 if self.model.mesh is None else self.model.mesh.shape["model"]
+        per_page = kv_bytes_per_page(self.cfg, self.ecfg.page_size, self.model.dtype)
+        kv_dev = self.num_pages * per_page / _kv_shards(self.model)
+        return (
+            f"{self.cfg.name or self.model.path}: {self.cfg.num_params() / 1e6:.1f}M params on "
+            f"{where}; parameters {param_dev / 2**30:.2f} GiB "
+            f"per device (tp={tp}), KV pool {self.num_pages} pages x {self.ecfg.page_size} tokens"
+            f" = {kv_dev / 2**30:.2f} GiB per device, {self.max_model_len} max tokens/sequence"
+        )
 
     def get_stats(self) -> EngineStats:
         return dataclasses.replace(self.stats)

@@ -28,6 +28,7 @@ from jserve.engine.sampler import SamplerOutput, SamplingMetadata, sample
 from jserve.engine.scheduler import SchedulerOutput
 from jserve.models import llama
 from jserve.models.attention import AttentionMetadata
+from sharding import kv_pages_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class ModelRunner:
         dtype: Any,
         max_model_len: int,
         num_pages: int,
+        mesh: Any = None,
     ) -> None:
         self.params = params
         self.cfg = cfg
@@ -118,7 +120,13 @@ class ModelRunner:
         self.seq_buckets = ecfg.seq_buckets()
         self.backend = resolve_backend(ecfg.attention_backend)
         shape = (num_pages, ecfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-        self.kv_pages = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        self.mesh = mesh
+        if mesh is None:
+            self.kv_pages = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        else:
+            # Pages split by KV head like the K/V projections, created in place.
+            zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv_pages_sharding(mesh))
+            self.kv_pages = [zeros() for _ in range(cfg.num_layers)]
         self._prev_tokens = jnp.zeros(ecfg.max_num_seqs, jnp.int32)
         self.inputs = InputBuilder(
             self.token_buckets,
