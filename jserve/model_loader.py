@@ -57,7 +57,7 @@ def load_model(
     With a ``sharding.ParallelConfig`` the weights are placed on a device
     mesh as they load, each device receiving only its slice.
     """
-    from checkpoints import load_hf_params
+    from checkpoints import is_orbax_checkpoint, load_hf_params, load_orbax_params
 
     path = os.fspath(model)
     if not os.path.isdir(path):
@@ -68,7 +68,10 @@ def load_model(
     cfg = load_config(path)
     dt = resolve_dtype(dtype)
     mesh, shardings = placement(cfg, parallel)
-    params = load_hf_params(path, cfg, dt, shardings)
+    if is_orbax_checkpoint(path):
+        params = load_orbax_params(path, cfg, dt, shardings)
+    else:
+        params = load_hf_params(path, cfg, dt, shardings)
     tokenizer = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         tokenizer = Tokenizer.from_dir(path, cfg.eos_token_ids)

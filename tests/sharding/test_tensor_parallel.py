@@ -91,3 +91,62 @@ def test_tensor_parallel_matches_one_device(tp_model_dir: str) -> None:
         assert res[tp]["all_gather"] == 0, res[tp]
         assert f"model={tp}" in res[tp]["describe"]
     assert res[1]["all_reduce"] == 0
+
+
+ORBAX_PROBE = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from jserve import LLM, SamplingParams
+    from jserve.errors import ConfigError
+
+    path, tp = sys.argv[1], int(sys.argv[2])
+    try:
+        llm = LLM(model=path, dtype="float32", page_size=4, max_num_seqs=4,
+                  max_num_batched_tokens=32, tensor_parallel_size=tp, warmup=False)
+    except ConfigError as e:
+        print("ERROR" + str(e))
+        sys.exit(0)
+    res = llm.generate([[5, 17, 200, 3], [42, 43]], SamplingParams(max_tokens=10,
+                       temperature=0, ignore_eos=True), use_tqdm=False)
+    print("RESULT" + json.dumps([r.outputs[0].token_ids for r in res]))
+    """
+)
+
+
+def _orbax_probe(path: str, tp: int) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", ORBAX_PROBE, path, str(tp)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return next(x for x in proc.stdout.splitlines() if x.startswith(("RESULT", "ERROR")))
+
+
+def test_orbax_round_trip_under_another_mesh(tp_model_dir: str, tmp_path) -> None:
+    from jserve.cli.main import main
+
+    out = str(tmp_path / "orbax")
+    assert main(["convert", tp_model_dir, out, "--dtype", "float32"]) == 0
+    hf_tokens = _orbax_probe(tp_model_dir, 1)
+    assert hf_tokens.startswith("RESULT")
+    assert _orbax_probe(out, 1) == hf_tokens
+    assert _orbax_probe(out, 4) == hf_tokens
+
+
+def test_restore_under_an_indivisible_mesh_is_a_clear_error(tmp_path) -> None:
+    from jserve.cli.main import main
+    from tests.hf_models import make_tiny_hf_model
+
+    # 6 query heads cannot be split over 4 devices.
+    src = make_tiny_hf_model(
+        "llama", str(tmp_path / "m"), num_attention_heads=6, num_key_value_heads=2, hidden_size=96
+    )
+    out = str(tmp_path / "orbax")
+    assert main(["convert", src, out, "--dtype", "float32"]) == 0
+    err = _orbax_probe(out, 4)
+    assert err.startswith("ERROR") and "not divisible by tensor_parallel_size 4" in err
