@@ -43,6 +43,8 @@ class LLM:
         seed: int = 0,
         warmup: bool = True,
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        num_microbatches: int = 0,
     ) -> None:
         ecfg = EngineConfig(
             page_size=page_size,
@@ -58,7 +60,7 @@ class LLM:
             async_scheduling=async_scheduling,
             seed=seed,
         ).validate()
-        parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
+        parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, num_microbatches)
         self.model: LoadedModel = load_model(model or default_model_path(), dtype, parallel)
         self.engine = LLMEngine(self.model, ecfg, warmup=warmup)
         self._counter = 0

@@ -24,6 +24,17 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     dtype: Any
     mesh: Any = None  # jax.sharding.Mesh when the model spans several devices
+    parallel: Any = None  # sharding.ParallelConfig
+
+
+def _stage_layers(params: Any, cfg: ModelConfig, mesh: Any) -> Any:
+    """Under pipeline parallelism, stacks each stage's layers (see sharding.pipeline)."""
+    if mesh is None or mesh.shape["stage"] == 1:
+        return params
+    from jserve.models import llama
+    from sharding.pipeline import stack_stages
+
+    return stack_stages(params, llama.param_specs(cfg), mesh)
 
 
 def placement(cfg: ModelConfig, parallel: Any) -> tuple[Any, Any]:
@@ -32,10 +43,15 @@ def placement(cfg: ModelConfig, parallel: Any) -> tuple[Any, Any]:
         return None, None
     from jserve.models import llama
     from sharding import make_mesh, param_shardings
+    from sharding.pipeline import pipeline_param_shardings, uniform_stage_windows
 
     parallel.validate(cfg, jax.device_count())
     mesh = make_mesh(parallel)
-    return mesh, param_shardings(llama.param_specs(cfg), mesh)
+    specs = llama.param_specs(cfg)
+    if parallel.pipeline_parallel_size == 1:
+        return mesh, param_shardings(specs, mesh)
+    uniform_stage_windows(cfg.sliding_windows, parallel.pipeline_parallel_size)
+    return mesh, pipeline_param_shardings(specs, mesh)
 
 
 def resolve_dtype(dtype: str | Any) -> Any:
@@ -77,7 +93,8 @@ def load_model(
         tokenizer = Tokenizer.from_dir(path, cfg.eos_token_ids)
         if tokenizer.eos_token_ids and not cfg.eos_token_ids:
             cfg = cfg.replace(eos_token_ids=tokenizer.eos_token_ids)
-    return LoadedModel(path, cfg, params, tokenizer, dt, mesh)
+    params = _stage_layers(params, cfg, mesh)
+    return LoadedModel(path, cfg, params, tokenizer, dt, mesh, parallel)
 
 
 def default_model_path() -> str:
@@ -117,4 +134,5 @@ def random_model(
         tok = Tokenizer.from_dir(embedded)
         if tok.vocab_size <= cfg.vocab_size:
             tokenizer = tok
-    return LoadedModel(f"random:{shape}", cfg, params, tokenizer, dt, mesh)
+    params = _stage_layers(params, cfg, mesh)
+    return LoadedModel(f"random:{shape}", cfg, params, tokenizer, dt, mesh, parallel)

@@ -27,6 +27,12 @@ MODEL = "model"
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Micro-batches per step under pipeline parallelism (0: one per stage).
+    num_microbatches: int = 0
+
+    @property
+    def microbatches(self) -> int:
+        return self.num_microbatches or self.pipeline_parallel_size
 
     @property
     def world_size(self) -> int:
@@ -57,6 +63,11 @@ class ParallelConfig:
             raise ConfigError(
                 f"num_key_value_heads ({hk}) and tensor_parallel_size {tp}: one must divide "
                 "the other (KV heads are split, or replicated when there are fewer than devices)"
+            )
+        if self.num_microbatches < 0 or self.microbatches & (self.microbatches - 1):
+            raise ConfigError(
+                f"num_microbatches must be a power of two (it divides the token buckets), "
+                f"got {self.num_microbatches}"
             )
         if cfg.num_layers % pp:
             raise ConfigError(

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.errors import ConfigError
 from jserve.models.params import ParamSpec, map_specs
-from sharding.mesh import MODEL
+from sharding.mesh import MODEL, STAGE
 
 LOGICAL_RULES: dict[str, str | None] = {
     "vocab": MODEL,
@@ -26,6 +26,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     # The combined K/V head axis of the KV pages ([P, S, 2*Hkv, D]): head h's
     # K and V sit at 2h and 2h+1, so contiguous shards keep them together.
     "kv_pages_heads": MODEL,
+    "stage": STAGE,
 }
 
 

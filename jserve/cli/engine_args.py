@@ -36,6 +36,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="devices to split each layer over (attention heads, MLP, vocabulary)",
     )
     g.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=int,
+        default=1,
+        help="pipeline stages, each holding a contiguous run of layers",
+    )
+    g.add_argument(
+        "--num-microbatches",
+        type=int,
+        default=0,
+        help="micro-batches per step under pipeline parallelism (default: one per stage)",
+    )
+    g.add_argument(
         "--config",
         default=None,
         help="with --random-weights: a shape name (llama3-8b, llama3-3b, llama3-1b, "
@@ -97,7 +110,9 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
 
 
 def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
-    parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
+    parallel = ParallelConfig(
+        args.tensor_parallel_size, args.pipeline_parallel_size, args.num_microbatches
+    )
     if args.random_weights:
         return random_model(args.config or "llama3-1b", args.dtype, args.seed, parallel)
     return load_model(args.model or default_model_path(), args.dtype, parallel)

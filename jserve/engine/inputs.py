@@ -259,3 +259,43 @@ def _sampling_arrays(
         input_is_output=input_is_output,
     )
     return sampling, sort, penalties, (max_logprobs if want_logprobs else 0)
+
+
+def split_microbatches(inp: StepInputs, num_mb: int) -> dict[str, np.ndarray]:
+    """Attention metadata of each of ``num_mb`` equal token chunks, stacked on a leading axis.
+
+    A sequence cut by a chunk boundary appears in both chunks; in each, its
+    queries are the tokens inside the chunk and its kv_len ends at the
+    chunk's last token. E.g. one sequence of 6 new tokens (kv_len 10) cut
+    into chunks of 4: chunk 0 has q_len 4, kv_len 8; chunk 1 q_len 2, kv_len 10.
+    """
+    num_tokens = len(inp.ids)
+    tm = num_tokens // num_mb
+    num_seqs = len(inp.kv_lens)
+    n = int(inp.num_seqs[0])
+    cu, kv = inp.cu_q_lens, inp.kv_lens
+    kv_lens = np.zeros((num_mb, num_seqs), np.int32)
+    pages = np.zeros((num_mb, num_seqs, inp.page_indices.shape[1]), np.int32)
+    cu_m = np.zeros((num_mb, num_seqs + 1), np.int32)
+    count = np.zeros((num_mb, 1), np.int32)
+    for m in range(num_mb):
+        a, b = m * tm, (m + 1) * tm
+        k = 0
+        for i in range(n):
+            lo, hi = max(int(cu[i]), a), min(int(cu[i + 1]), b)
+            if lo >= hi:
+                continue
+            kv_lens[m, k] = kv[i] - (cu[i + 1] - hi)
+            pages[m, k] = inp.page_indices[i]
+            cu_m[m, k + 1] = hi - a
+            k += 1
+        cu_m[m, k + 1 :] = cu_m[m, k]
+        count[m, 0] = k
+    return dict(
+        positions=inp.positions.reshape(num_mb, tm),
+        slot_mapping=inp.slot_mapping.reshape(num_mb, tm),
+        kv_lens=kv_lens,
+        page_indices=pages,
+        cu_q_lens=cu_m,
+        num_seqs=count,
+    )

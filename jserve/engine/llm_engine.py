@@ -56,9 +56,21 @@ def pages_that_fit(model: LoadedModel, ecfg: EngineConfig, max_model_len: int) -
     return pages
 
 
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{num_bytes:.0f} B"
+        num_bytes /= 1024
+    return ""
+
+
 def _kv_shards(model: LoadedModel) -> int:
-    """How many ways each KV page is split (by KV head, over the tensor-parallel axis)."""
-    return 1 if model.mesh is None else min(model.mesh.shape["model"], model.cfg.num_kv_heads)
+    """How many ways each KV page is split: by KV head over the tensor-parallel axis,
+    and by layer over pipeline stages."""
+    if model.mesh is None:
+        return 1
+    tp, pp = model.mesh.shape["model"], model.mesh.shape["stage"]
+    return min(tp, model.cfg.num_kv_heads) * pp
 
 
 class LLMEngine:
@@ -84,6 +96,7 @@ class LLMEngine:
             self.max_model_len,
             self.num_pages,
             model.mesh,
+            model.parallel,
         )
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(ecfg.seed)
@@ -349,9 +362,9 @@ class LLMEngine:
         kv_dev = self.num_pages * per_page / _kv_shards(self.model)
         return (
             f"{self.cfg.name or self.model.path}: {self.cfg.num_params() / 1e6:.1f}M params on "
-            f"{where}; parameters {param_dev / 2**30:.2f} GiB "
-            f"per device (tp={tp}), KV pool {self.num_pages} pages x {self.ecfg.page_size} tokens"
-            f" = {kv_dev / 2**30:.2f} GiB per device, {self.max_model_len} max tokens/sequence"
+            f"{where}; parameters {_size(param_dev)} per device (tp={tp}), KV pool "
+            f"{self.num_pages} pages x {self.ecfg.page_size} tokens = {_size(kv_dev)} per "
+            f"device, {self.max_model_len} max tokens/sequence"
         )
 
     def get_stats(self) -> EngineStats:

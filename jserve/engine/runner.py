@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 import pallas_kernels
 from jserve.config import ModelConfig
 from jserve.engine.config import EngineConfig
-from jserve.engine.inputs import InputBuilder, StepInputs, empty_inputs
+from jserve.engine.inputs import InputBuilder, StepInputs, empty_inputs, split_microbatches
 from jserve.engine.sampler import SamplerOutput, SamplingMetadata, sample
 from jserve.engine.scheduler import SchedulerOutput
 from jserve.models import llama
 from jserve.models.attention import AttentionMetadata
-from sharding import kv_pages_sharding
+from jserve.models.pipeline import pipeline_forward
+from sharding import STAGE, kv_pages_sharding
+from sharding.pipeline import pipeline_kv_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +52,45 @@ def _forward_step(
     return kv_pages, logits, ids[logits_indices]
 
 
+def _pipeline_step(
+    params: Any,
+    kv_pages: list[jax.Array],
+    prev_tokens: jax.Array,
+    ids: jax.Array,
+    src_rows: jax.Array,
+    md: AttentionMetadata,  # arrays with a leading micro-batch axis
+    logits_indices: jax.Array,
+    *,
+    cfg: ModelConfig,
+    mesh: Any,
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    ids = jnp.where(src_rows >= 0, prev_tokens[jnp.maximum(src_rows, 0)], ids)
+    hidden, kv_pages = pipeline_forward(params, cfg, ids, kv_pages, md, mesh)
+    logits = llama.compute_logits(params, cfg, hidden[logits_indices])
+    return kv_pages, logits, ids[logits_indices]
+
+
 # Jitted at module level with the (hashable) model config static, so engines
 # serving the same architecture in one process share compiled programs.
 _forward_jit = jax.jit(_forward_step, static_argnames=("cfg",), donate_argnames=("kv_pages",))
+_pipeline_jit = jax.jit(
+    _pipeline_step, static_argnames=("cfg", "mesh"), donate_argnames=("kv_pages",)
+)
 
 
 @functools.partial(jax.jit, donate_argnames=("kv_pages",))
 def _copy_pages(kv_pages: list[jax.Array], src: jax.Array, dst: jax.Array) -> list[jax.Array]:
-    """Copy-on-write: page dst <- page src in every layer (dst -1 = no-op)."""
+    """Copy-on-write: page dst <- page src in every layer (dst -1 = no-op).
+
+    The page axis is the fourth from last ([..., P, S, 2*Hkv, D]), so stage-stacked
+    pages of pipeline parallelism are copied the same way.
+    """
     out = []
     for pages in kv_pages:
-        dst_ = jnp.where(dst < 0, pages.shape[0], dst)
-        out.append(pages.at[dst_].set(pages[jnp.maximum(src, 0)], mode="drop"))
+        lead = (slice(None),) * (pages.ndim - 4)
+        dst_ = jnp.where(dst < 0, pages.shape[-4], dst)
+        value = pages[(*lead, jnp.maximum(src, 0))]
+        out.append(pages.at[(*lead, dst_)].set(value, mode="drop"))
     return out
 
 
@@ -109,6 +138,7 @@ class ModelRunner:
         max_model_len: int,
         num_pages: int,
         mesh: Any = None,
+        parallel: Any = None,
     ) -> None:
         self.params = params
         self.cfg = cfg
@@ -121,12 +151,25 @@ class ModelRunner:
         self.backend = resolve_backend(ecfg.attention_backend)
         shape = (num_pages, ecfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
         self.mesh = mesh
+        self.pp = 1 if mesh is None else mesh.shape[STAGE]
+        self.num_microbatches = parallel.microbatches if self.pp > 1 else 1
+        if any(t % self.num_microbatches for t in self.token_buckets):
+            raise ValueError(
+                f"token buckets {self.token_buckets} must be multiples of the "
+                f"{self.num_microbatches} pipeline micro-batches"
+            )
         if mesh is None:
             self.kv_pages = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
-        else:
+        elif self.pp == 1:
             # Pages split by KV head like the K/V projections, created in place.
             zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv_pages_sharding(mesh))
             self.kv_pages = [zeros() for _ in range(cfg.num_layers)]
+        else:
+            stacked = (self.pp, *shape)
+            zeros = jax.jit(
+                lambda: jnp.zeros(stacked, dtype), out_shardings=pipeline_kv_sharding(mesh)
+            )
+            self.kv_pages = [zeros() for _ in range(cfg.num_layers // self.pp)]
         self._prev_tokens = jnp.zeros(ecfg.max_num_seqs, jnp.int32)
         self.inputs = InputBuilder(
             self.token_buckets,
@@ -146,16 +189,22 @@ class ModelRunner:
         return self.dispatch(self.inputs.build(so))
 
     def dispatch(self, inp: StepInputs) -> StepHandle:
-        md = AttentionMetadata(
-            positions=inp.positions,
-            slot_mapping=inp.slot_mapping,
-            kv_lens=inp.kv_lens,
-            page_indices=inp.page_indices,
-            cu_q_lens=inp.cu_q_lens,
-            num_seqs=inp.num_seqs,
-            backend=self.backend,
-        )
-        self.kv_pages, logits, last_ids = _forward_jit(
+        if self.pp == 1:
+            md = AttentionMetadata(
+                positions=inp.positions,
+                slot_mapping=inp.slot_mapping,
+                kv_lens=inp.kv_lens,
+                page_indices=inp.page_indices,
+                cu_q_lens=inp.cu_q_lens,
+                num_seqs=inp.num_seqs,
+                backend=self.backend,
+            )
+            step = functools.partial(_forward_jit, cfg=self.cfg)
+        else:
+            chunks = split_microbatches(inp, self.num_microbatches)
+            md = AttentionMetadata(**chunks, backend=self.backend)
+            step = functools.partial(_pipeline_jit, cfg=self.cfg, mesh=self.mesh)
+        self.kv_pages, logits, last_ids = step(
             self.params,
             self.kv_pages,
             self._prev_tokens,
@@ -163,7 +212,6 @@ class ModelRunner:
             inp.src_rows,
             md,
             inp.logits_indices,
-            cfg=self.cfg,
         )
         out = sample(
             logits,

@@ -182,6 +182,27 @@ def _mlp(lp: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return x + out
 
 
+def decoder_layer(
+    lp: dict[str, jax.Array],
+    cfg: ModelConfig,
+    x: jax.Array,  # [T, E]
+    kv_pages: jax.Array,  # [P, S, 2*Hkv, D]
+    md: AttentionMetadata,
+    sliding_window: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """One transformer block over a flat ragged batch; returns (x, new pages)."""
+    with jax.named_scope("attention"):
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, cfg, h, md.positions)
+        attn, kv_pages = paged_attention(
+            q, k, v, kv_pages, md, sm_scale=cfg.head_dim**-0.5, sliding_window=sliding_window
+        )
+        x = _attn_out(lp, x, attn)
+    with jax.named_scope("mlp"):
+        x = _mlp(lp, cfg, x)
+    return x, kv_pages
+
+
 def forward(
     params: dict[str, Any],
     cfg: ModelConfig,
@@ -191,26 +212,11 @@ def forward(
 ) -> tuple[jax.Array, list[jax.Array]]:
     """One step over a flat ragged batch; returns final hidden states [T, E] and new pages."""
     x = params["embed"][input_ids]  # [T, E]
-    sm_scale = cfg.head_dim**-0.5
     new_pages = []
     for i, lp in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
-            with jax.named_scope("attention"):
-                h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-                q, k, v = _qkv(lp, cfg, h, md.positions)
-                attn, pages = paged_attention(
-                    q,
-                    k,
-                    v,
-                    kv_pages[i],
-                    md,
-                    sm_scale=sm_scale,
-                    sliding_window=cfg.sliding_windows[i],
-                )
-                new_pages.append(pages)
-                x = _attn_out(lp, x, attn)
-            with jax.named_scope("mlp"):
-                x = _mlp(lp, cfg, x)
+            x, pages = decoder_layer(lp, cfg, x, kv_pages[i], md, cfg.sliding_windows[i])
+        new_pages.append(pages)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_pages
 
 

@@ -1,4 +1,5 @@
-"""Tensor parallelism on virtual CPU devices: same tokens, the expected collectives."""
+"""Tensor and pipeline parallelism on virtual CPU devices: same tokens, the expected
+collectives, Orbax round trips."""
 
 from __future__ import annotations
 
@@ -24,22 +25,26 @@ PROBE = textwrap.dedent(
     from jserve.engine.runner import _forward_jit
     from jserve.models.attention import AttentionMetadata
 
-    model_dir, tps = sys.argv[1], [int(x) for x in sys.argv[2].split(",")]
+    model_dir = sys.argv[1]
+    layouts = [tuple(int(v) for v in x.split("x")) for x in sys.argv[2].split(",")]
     prompts = [[5, 17, 200, 3, 9, 41, 77], [42], list(range(1, 40))]
     out = {}
-    for tp in tps:
+    for tp, pp, mb in layouts:
         llm = LLM(model=model_dir, dtype="float32", page_size=4, max_num_seqs=4,
-                  max_num_batched_tokens=32, tensor_parallel_size=tp, warmup=False)
+                  max_num_batched_tokens=32, tensor_parallel_size=tp,
+                  pipeline_parallel_size=pp, num_microbatches=mb, warmup=False)
         res = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
                            ignore_eos=True), use_tqdm=False)
         eng = llm.engine
-        inp = empty_inputs(16, 4, eng.runner.pages_per_seq)
-        md = AttentionMetadata(inp.positions, inp.slot_mapping, inp.kv_lens,
-                               inp.page_indices, inp.cu_q_lens, inp.num_seqs)
-        hlo = _forward_jit.lower(eng.runner.params, eng.runner.kv_pages,
-                                 eng.runner._prev_tokens, inp.ids, inp.src_rows, md,
-                                 inp.logits_indices, cfg=eng.cfg).compile().as_text()
-        out[tp] = {
+        hlo = ""
+        if pp == 1:
+            inp = empty_inputs(16, 4, eng.runner.pages_per_seq)
+            md = AttentionMetadata(inp.positions, inp.slot_mapping, inp.kv_lens,
+                                   inp.page_indices, inp.cu_q_lens, inp.num_seqs)
+            hlo = _forward_jit.lower(eng.runner.params, eng.runner.kv_pages,
+                                     eng.runner._prev_tokens, inp.ids, inp.src_rows, md,
+                                     inp.logits_indices, cfg=eng.cfg).compile().as_text()
+        out[f"{tp}x{pp}x{mb}"] = {
             "tokens": [r.outputs[0].token_ids for r in res],
             "all_reduce": len(re.findall(r"= [^ ]+ all-reduce(?:-start)?\\(", hlo)),
             "all_gather": len(re.findall(r"all-gather", hlo)),
@@ -50,10 +55,11 @@ PROBE = textwrap.dedent(
 )
 
 
-def _probe(model_dir: str, tps: list[int]) -> dict:
+def _probe(model_dir: str, layouts: list[str]) -> dict:
+    """Runs each "TPxPPxMICROBATCHES" layout in one fresh interpreter."""
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, model_dir, ",".join(map(str, tps))],
+        [sys.executable, "-c", PROBE, model_dir, ",".join(layouts)],
         capture_output=True,
         text=True,
         env=env,
@@ -63,34 +69,45 @@ def _probe(model_dir: str, tps: list[int]) -> dict:
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     import json
 
-    return {int(k): v for k, v in json.loads(line[len("RESULT") :]).items()}
+    return json.loads(line[len("RESULT") :])
 
 
 @pytest.fixture(scope="module")
 def tp_model_dir(tmp_path_factory) -> str:
     from tests.hf_models import make_tiny_hf_model
 
-    # 8 query heads, 4 KV heads, MLP 128: divisible for tp 2 and 4; tp 8 replicates KV heads.
+    # 8 query heads, 4 KV heads, MLP 128, 4 layers: divisible for tp 2 and 4 and pp 2 and 4.
     return make_tiny_hf_model(
         "llama",
         str(tmp_path_factory.mktemp("tp") / "m"),
         num_attention_heads=8,
         num_key_value_heads=4,
         hidden_size=128,
+        num_hidden_layers=4,
         tie_word_embeddings=False,
     )
 
 
 def test_tensor_parallel_matches_one_device(tp_model_dir: str) -> None:
-    res = _probe(tp_model_dir, [1, 2, 4])
+    res = _probe(tp_model_dir, ["1x1x0", "2x1x0", "4x1x0"])
+    one = res["1x1x0"]
     for tp in (2, 4):
-        assert res[tp]["tokens"] == res[1]["tokens"], tp
-        # One all-reduce after attention and one after the MLP per layer (2 layers),
+        r = res[f"{tp}x1x0"]
+        assert r["tokens"] == one["tokens"], tp
+        # One all-reduce after attention and one after the MLP per layer (4 layers),
         # plus one for the vocabulary-split embedding lookup; weights are never gathered.
-        assert res[tp]["all_reduce"] == 2 * 2 + 1, res[tp]
-        assert res[tp]["all_gather"] == 0, res[tp]
-        assert f"model={tp}" in res[tp]["describe"]
-    assert res[1]["all_reduce"] == 0
+        assert r["all_reduce"] == 2 * 4 + 1, r
+        assert r["all_gather"] == 0, r
+        assert f"model={tp}" in r["describe"]
+    assert one["all_reduce"] == 0
+
+
+def test_pipeline_parallel_matches_one_device(tp_model_dir: str) -> None:
+    # pp 2 with one micro-batch per stage and with 4; pp 2 x tp 2; pp 4.
+    res = _probe(tp_model_dir, ["1x1x0", "1x2x0", "1x2x4", "2x2x0", "1x4x0"])
+    for layout in ("1x2x0", "1x2x4", "2x2x0", "1x4x0"):
+        assert res[layout]["tokens"] == res["1x1x0"]["tokens"], layout
+    assert "stage=2, model=2" in res["2x2x0"]["describe"]
 
 
 ORBAX_PROBE = textwrap.dedent(
