@@ -106,9 +106,10 @@ def _attention_kernel(
             t = kv_lo + i * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # [BK] key positions
             t_live = t < kv_hi  # [BK]
             # E.g. page_size 16, t 35 -> page slot 2, offset 3.
-            page_slot = jnp.minimum(t // page_size, pages_per_seq - 1)
+            # t >= 0, so truncating lax.div/rem are floor ops without sign fix-ups.
+            page_slot = jnp.minimum(lax.div(t, page_size), pages_per_seq - 1)
             page = plgpu.load(page_indices_ref.at[seq, page_slot], mask=t_live, other=0)  # [BK]
-            kv_row = page * page_size + t % page_size  # [BK] row of the token-major view
+            kv_row = page * page_size + lax.rem(t, page_size)  # [BK] row of the token-major view
             kv_mask = t_live[:, None] & d_live[None, :]  # [BK, Dp]
             dd = jnp.minimum(d, head_dim - 1)[None, :]
             k = plgpu.load(kv_ref.at[kv_row[:, None], 2 * h, dd], mask=kv_mask, other=0)
@@ -118,10 +119,10 @@ def _attention_kernel(
             s = lax.dot_general(
                 q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
             )  # [M, BK]
-            s = s * score_scale
-            if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
-            s = s * LOG2E
+            if soft_cap is None:
+                s = s * (score_scale * LOG2E)  # one multiply: scale and base change
+            else:
+                s = (soft_cap * LOG2E) * jnp.tanh(s * (score_scale / soft_cap))
             if masked:
                 live = t_live[None, :] & (t[None, :] <= q_pos[:, None])  # [M, BK]
                 if sliding_window is not None:
