@@ -276,6 +276,11 @@ def tpu_ragged_paged_attention(
         num_tokens=num_tokens, max_num_seqs=max_num_seqs, page_size=page_size
     )
     block_q = defaults.block_q if block_q is None else block_q
+    # Rows of a q tile are g-major ([G, block_q] collapsed), which is a free
+    # reshape only when block_q fills whole sublane tiles: 8 rows of 32-bit,
+    # 16 of 16-bit values.
+    sublanes = 8 * max(1, 4 // jnp.dtype(q.dtype).itemsize)
+    block_q = -(-block_q // sublanes) * sublanes
     pages_per_block = defaults.pages_per_block if pages_per_block is None else pages_per_block
     pages_per_block = max(1, min(pages_per_block, pages_per_seq))
 

@@ -88,5 +88,5 @@ class TpuBlockSizes(NamedTuple):
 def tpu_block_sizes(*, num_tokens: int, max_num_seqs: int, page_size: int) -> TpuBlockSizes:
     """Untuned defaults for the Mosaic TPU kernel: ~128 keys per step."""
     mode = "decode" if num_tokens <= 2 * max_num_seqs else "mixed"
-    block_q = 8 if mode == "decode" else 64
+    block_q = 16 if mode == "decode" else 64
     return TpuBlockSizes(block_q, max(1, 128 // page_size))
