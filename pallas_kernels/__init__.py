@@ -3,18 +3,25 @@
 ``ragged_paged_attention`` follows the interface of JAX's TPU kernel
 (``jax.experimental.pallas.ops.tpu.ragged_paged_attention``): one flat batch of
 query tokens from many sequences, K/V in fixed-size pages of one shared pool.
+The backend is chosen by name (see ``BACKENDS``); docs/kernels.md describes
+each one.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+
 import jax
 
+from pallas_kernels import backends
+from pallas_kernels.backends import BACKENDS, resolve_backend
 from pallas_kernels.kv_cache import write_kv_pages
 from pallas_kernels.reference import DEFAULT_MASK_VALUE, ref_ragged_paged_attention
-from pallas_kernels.validation import validate_static, validate_values
+from pallas_kernels.tpu_attention import tpu_ragged_paged_attention
+from pallas_kernels.triton_attention import triton_ragged_paged_attention
+from pallas_kernels.validation import validate_static, validate_tuning, validate_values
 from pallas_kernels.xla import xla_ragged_paged_attention
-
-BACKENDS = ("xla",)
 
 
 def ragged_paged_attention(
@@ -32,8 +39,22 @@ def ragged_paged_attention(
     k_scale: float | None = None,
     v_scale: float | None = None,
     backend: str = "xla",
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    tuning: Mapping[str, int] | None = None,
 ) -> jax.Array:
-    """Attention of each sequence's last q_len positions over its kv_len keys (causal)."""
+    """Attention of each sequence's last q_len positions over its kv_len keys (causal).
+
+    Returns [max_num_batched_tokens, num_q_heads, head_dim] in q's dtype; rows
+    past ``cu_q_lens[num_seqs]`` are zero.
+
+    ``block_q`` (query tokens per block) and ``block_kv`` (keys per step)
+    override the tuned table; ``tuning`` passes backend-specific knobs
+    (pallas_gpu: num_warps, num_stages, target_items, min_chunk; pallas_tpu:
+    vmem_limit_bytes). Masked keys always get exactly zero weight (as with the
+    default ``mask_value``); the Pallas backends accept ``mask_value`` only for
+    interface compatibility.
+    """
     validate_static(
         q,
         kv_pages,
@@ -44,10 +65,10 @@ def ragged_paged_attention(
         sliding_window=sliding_window,
         soft_cap=soft_cap,
     )
+    resolved = resolve_backend(backend)
+    validate_tuning(resolved, block_q=block_q, block_kv=block_kv, tuning=tuning)
     validate_values(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    return xla_ragged_paged_attention(
+    return _run(
         q,
         kv_pages,
         kv_lens,
@@ -60,6 +81,80 @@ def ragged_paged_attention(
         mask_value=mask_value,
         k_scale=k_scale,
         v_scale=v_scale,
+        backend=resolved,
+        block_q=block_q,
+        block_kv=block_kv,
+        tuning=tuple(sorted((tuning or {}).items())),
+    )
+
+
+# Jitted so that an eager call runs one compiled program instead of dispatching
+# the plan and the kernel op by op; under an outer jit it simply inlines.
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale",
+        "sliding_window",
+        "soft_cap",
+        "mask_value",
+        "k_scale",
+        "v_scale",
+        "backend",
+        "block_q",
+        "block_kv",
+        "tuning",
+    ),
+)
+def _run(
+    q: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    mask_value: float | None,
+    k_scale: float | None,
+    v_scale: float | None,
+    backend: str,
+    block_q: int | None,
+    block_kv: int | None,
+    tuning: tuple[tuple[str, int], ...],
+) -> jax.Array:
+    args = (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    common = dict(
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+    page_size = kv_pages.shape[1]
+    if backend == backends.XLA:
+        pages_per_block = None if block_kv is None else max(1, block_kv // page_size)
+        return xla_ragged_paged_attention(
+            *args, **common, mask_value=mask_value, pages_per_block=pages_per_block
+        )
+    if backend in (backends.PALLAS_GPU, backends.PALLAS_GPU_INTERPRET):
+        return triton_ragged_paged_attention(
+            *args,
+            **common,
+            block_q=block_q,
+            block_kv=block_kv,
+            interpret=backend == backends.PALLAS_GPU_INTERPRET,
+            **dict(tuning),
+        )
+    pages_per_block = None if block_kv is None else max(1, block_kv // page_size)
+    return tpu_ragged_paged_attention(
+        *args,
+        **common,
+        block_q=block_q,
+        pages_per_block=pages_per_block,
+        interpret=backend == backends.PALLAS_TPU_INTERPRET,
+        **dict(tuning),
     )
 
 
@@ -68,5 +163,6 @@ __all__ = [
     "DEFAULT_MASK_VALUE",
     "ragged_paged_attention",
     "ref_ragged_paged_attention",
+    "resolve_backend",
     "write_kv_pages",
 ]

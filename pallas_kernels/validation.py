@@ -7,6 +7,8 @@ arguments are not traced, i.e. outside ``jax.jit``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +125,33 @@ def validate_values(
                 f"sequence {i}: page_indices {used.tolist()} point outside the "
                 f"{kv_pages.shape[0]} pages of kv_pages"
             )
+
+
+# Backend-specific knobs accepted through ``tuning``.
+_TUNING_KEYS = {
+    "xla": frozenset(),
+    "pallas_gpu": frozenset({"num_warps", "num_stages", "target_items", "min_chunk"}),
+    "pallas_tpu": frozenset({"vmem_limit_bytes"}),
+}
+
+
+def validate_tuning(
+    backend: str,
+    *,
+    block_q: int | None,
+    block_kv: int | None,
+    tuning: Mapping[str, int] | None,
+) -> None:
+    """Checks block sizes and backend knobs (``backend`` already resolved)."""
+    for name, value in (("block_q", block_q), ("block_kv", block_kv)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    allowed = _TUNING_KEYS[backend.removesuffix("_interpret")]
+    for key, value in (tuning or {}).items():
+        if key not in allowed:
+            raise ValueError(
+                f"tuning knob {key!r} does not apply to backend {backend!r}; "
+                f"it accepts {sorted(allowed)}"
+            )
+        if not isinstance(value, int) or value < 0 or (value == 0 and key != "target_items"):
+            raise ValueError(f"tuning knob {key!r} must be a positive int, got {value!r}")

@@ -1,0 +1,92 @@
+"""Block sizes for the Pallas kernels, one table per kernel.
+
+NOT YET TUNED ON HARDWARE: every entry below is a starting point chosen from
+the H100's shape (132 SMs, 228 KiB shared memory per SM, 64K registers per SM)
+and has not been measured. Run ``bin/bench-attention --sweep`` on a GPU host
+and replace the entries with the winners.
+
+A GPU entry is keyed by (mode, rows per KV head group, head_dim, dtype bytes):
+  mode      "decode" when the batch holds at most 2 query tokens per sequence
+            slot (num_tokens <= 2 * max_num_seqs): q-blocks are then one or two
+            tokens long, so a small block_q keeps the MMA from computing
+            mostly empty rows; "mixed" otherwise (prefill and chunked prefill).
+  rows      q heads per KV head rounded up to a power of two (the kernel pads
+            the group to a power of two, Triton tiles must be powers of two).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class GpuBlockSizes(NamedTuple):
+    block_q: int  # query tokens per q-block; the MMA has block_q * group rows
+    block_kv: int  # keys per inner-loop step
+    num_warps: int
+    num_stages: int
+
+
+# The MMA needs at least 16 rows; "decode" aims for exactly that, "mixed" for
+# 128 rows (a flash-attention sized tile) and a 64-key step so K and V tiles of
+# two stages fit in shared memory at head_dim 128 in bf16 (2 * 2 * 64 * 128 * 2
+# bytes = 64 KiB).
+_GPU_TABLE: dict[tuple[str, int, int, int], GpuBlockSizes] = {
+    # (mode, group rows, head_dim, dtype bytes): sizes
+    ("decode", 1, 128, 2): GpuBlockSizes(16, 64, 4, 3),
+    ("decode", 2, 128, 2): GpuBlockSizes(8, 64, 4, 3),
+    ("decode", 4, 128, 2): GpuBlockSizes(4, 64, 4, 3),
+    ("decode", 8, 128, 2): GpuBlockSizes(2, 64, 4, 3),
+    ("decode", 16, 128, 2): GpuBlockSizes(1, 64, 4, 3),
+    ("mixed", 1, 128, 2): GpuBlockSizes(128, 64, 8, 3),
+    ("mixed", 2, 128, 2): GpuBlockSizes(64, 64, 8, 3),
+    ("mixed", 4, 128, 2): GpuBlockSizes(32, 64, 8, 3),
+    ("mixed", 8, 128, 2): GpuBlockSizes(16, 64, 8, 3),
+    ("mixed", 16, 128, 2): GpuBlockSizes(8, 64, 8, 3),
+}
+
+# Work items the split-KV planner aims for, per SM, counted over all KV heads:
+# enough waves that the tail of the last one is short.
+GPU_PROGRAMS_PER_SM = 4
+# A split shorter than this costs more in partial writes and the merge than it
+# gains in parallelism.
+GPU_MIN_CHUNK = 512
+# SM count assumed when no GPU is visible (interpret mode, lowering checks).
+GPU_DEFAULT_NUM_SMS = 132
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def gpu_block_sizes(
+    *,
+    num_tokens: int,
+    max_num_seqs: int,
+    group: int,
+    head_dim: int,
+    dtype_bytes: int,
+) -> GpuBlockSizes:
+    """Table entry for the shape, or a derived default with the same rules."""
+    mode = "decode" if num_tokens <= 2 * max_num_seqs else "mixed"
+    rows = _next_pow2(group)
+    hit = _GPU_TABLE.get((mode, rows, head_dim, dtype_bytes))
+    if hit is not None:
+        return hit
+    target_rows = 16 if mode == "decode" else (128 if head_dim <= 128 else 64)
+    block_q = max(1, target_rows // rows)
+    # f32 (or a wide head) doubles the tile bytes: halve the key step.
+    block_kv = 64 if dtype_bytes * _next_pow2(head_dim) <= 256 else 32
+    num_warps = 4 if mode == "decode" else 8
+    return GpuBlockSizes(block_q, block_kv, num_warps, 2 if dtype_bytes > 2 else 3)
+
+
+class TpuBlockSizes(NamedTuple):
+    block_q: int  # query tokens per q-block
+    pages_per_block: int  # KV pages fetched per DMA step (double-buffered)
+
+
+def tpu_block_sizes(*, num_tokens: int, max_num_seqs: int, page_size: int) -> TpuBlockSizes:
+    """Untuned defaults for the Mosaic TPU kernel: ~128 keys per step."""
+    mode = "decode" if num_tokens <= 2 * max_num_seqs else "mixed"
+    block_q = 16 if mode == "decode" else 64
+    return TpuBlockSizes(block_q, max(1, 128 // page_size))
