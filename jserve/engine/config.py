@@ -59,6 +59,13 @@ class EngineConfig:
             raise ConfigError(
                 f"memory_utilization must be in (0, 1], got {self.memory_utilization}"
             )
+        import pallas_kernels
+
+        if self.attention_backend not in pallas_kernels.BACKENDS:
+            raise ConfigError(
+                f"attention_backend {self.attention_backend!r} is unknown; choose one of "
+                f"{pallas_kernels.BACKENDS}"
+            )
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         return self

@@ -112,16 +112,6 @@ class StepResult:
     top_logprobs: np.ndarray | None
 
 
-def resolve_backend(name: str) -> str:
-    if name in pallas_kernels.BACKENDS:
-        return name
-    if name == "auto":
-        return "xla"
-    raise ValueError(
-        f"unknown attention backend {name!r}; choose one of {('auto', *pallas_kernels.BACKENDS)}"
-    )
-
-
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
     return (
         cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
@@ -148,7 +138,7 @@ class ModelRunner:
         self.pages_per_seq = math.ceil(max_model_len / ecfg.page_size)
         self.token_buckets = ecfg.token_buckets()
         self.seq_buckets = ecfg.seq_buckets()
-        self.backend = resolve_backend(ecfg.attention_backend)
+        self.backend = pallas_kernels.resolve_backend(ecfg.attention_backend)
         shape = (num_pages, ecfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
         self.mesh = mesh
         self.pp = 1 if mesh is None else mesh.shape[STAGE]
