@@ -21,9 +21,12 @@ def _add_offline_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jserve.bench import offline
+    from jserve.bench import offline, serve
 
     sub = parser.add_subparsers(dest="bench_mode", required=True)
+    serve.add_arguments(
+        sub.add_parser("serve", help="drive a running server at a request rate: TTFT, TPOT, ITL")
+    )
     p = sub.add_parser(
         "throughput", help="offline engine, all requests at once: requests/s and tokens/s"
     )

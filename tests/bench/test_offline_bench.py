@@ -74,3 +74,16 @@ def test_metric_definitions() -> None:
     assert r["p50_e2el_ms"] <= r["p90_e2el_ms"] <= r["p99_e2el_ms"]
     with pytest.raises(ValueError, match="goodput"):
         parse_goodput(["speed:3"])
+
+
+def test_arrival_gaps_follow_the_rate() -> None:
+    from jserve.bench.serve import arrival_gaps
+
+    rng = np.random.default_rng(0)
+    poisson = arrival_gaps(rng, 20000, rate=4.0, burstiness=1.0)
+    assert poisson.mean() == pytest.approx(0.25, rel=0.03)
+    assert poisson.std() == pytest.approx(0.25, rel=0.05)  # exponential: std = mean
+    bursty = arrival_gaps(rng, 20000, rate=4.0, burstiness=0.25)
+    assert bursty.mean() == pytest.approx(0.25, rel=0.05)
+    assert bursty.std() > 1.5 * poisson.std()
+    assert not arrival_gaps(rng, 5, rate=float("inf"), burstiness=1.0).any()
