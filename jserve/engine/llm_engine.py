@@ -272,8 +272,6 @@ class LLMEngine:
                 self._check_stop(seq, token)
                 self._touched[req.request_id] = req
             self.scheduler.cache_full_pages(entry.seq)
-        for seq in so.preempted:
-            self._touched[seq.request.request_id] = seq.request
 
     def _record_logprobs(self, seq: Sequence, row: int, token: int, res: Any) -> None:
         k = seq.request.params.logprobs or 0

@@ -298,6 +298,11 @@ class Scheduler:
             released=self._take_released(),
         )
 
+    @property
+    def pending_releases(self) -> list[int]:
+        """Sequences that left since the last step (their table rows free at the next one)."""
+        return list(self._released)
+
     def _take_released(self) -> list[int]:
         released, self._released = self._released, []
         return released

@@ -1,0 +1,58 @@
+"""Random workloads under page pressure: every request ends, nothing leaks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jserve.sampling_params import SamplingParams
+from tests.engine.helpers import make_engine
+
+
+@pytest.mark.parametrize(
+    "seed", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in range(1, 6))]
+)
+def test_random_workload_with_aborts_and_preemption(llama_dir: str, seed: int) -> None:
+    rng = random.Random(seed)
+    engine = make_engine(
+        llama_dir, num_pages=40, max_num_seqs=6, max_num_batched_tokens=24, max_logprobs=3
+    )
+    live: set[str] = set()
+    finished: dict[str, str] = {}
+    next_id = 0
+    for step in range(400):
+        if step < 250 and rng.random() < 0.3:
+            rid = f"r{next_id}"
+            next_id += 1
+            prompt = [rng.randrange(1, 256) for _ in range(rng.randint(1, 50))]
+            sp = SamplingParams(
+                n=rng.choice([1, 1, 2, 3]),
+                max_tokens=rng.randint(1, 20),
+                temperature=rng.choice([0.0, 0.7, 1.2]),
+                top_p=rng.choice([1.0, 0.8]),
+                stop_token_ids=[rng.randrange(256)] if rng.random() < 0.3 else [],
+                logprobs=rng.choice([None, 2]),
+                presence_penalty=rng.choice([0.0, 0.0, 1.0]),
+                ignore_eos=True,
+            )
+            engine.add_request(rid, prompt, sp, priority=rng.randint(0, 2))
+            live.add(rid)
+        if live and rng.random() < 0.05:
+            victim = rng.choice(sorted(live))
+            engine.abort_request(victim)
+        for out in engine.step():
+            if out.finished:
+                live.discard(out.request_id)
+                reasons = {c.finish_reason for c in out.outputs}
+                finished[out.request_id] = ",".join(sorted(r or "?" for r in reasons))
+        if step >= 250 and not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests(), "requests still running"
+    assert live == set()
+    assert len(finished) == next_id
+    assert engine.pool.num_used == 0
+    assert all(c == 0 for c in engine.pool.ref_count)
+    # Page-table rows of the last finished sequences are freed with the next step.
+    assert set(engine.runner.inputs.rows) <= set(engine.scheduler.pending_releases)
+    assert engine.stats.preemptions > 0
