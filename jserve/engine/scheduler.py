@@ -295,7 +295,8 @@ class Scheduler:
             num_rows=rows,
             copies=[(src, dst) for seq, src, dst in copies if id(seq) in live],
             preempted=preempted,
-            released=self._take_released(),
+            # An empty step never reaches the runner: keep releases for the next one.
+            released=self._take_released() if scheduled else [],
         )
 
     @property
