@@ -45,6 +45,14 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
 
     @property
+    def seed32(self) -> int | None:
+        """The seed folded to the 32 bits the device's random keys take."""
+        if self.seed is None:
+            return None
+        s = self.seed % 2**64
+        return (s ^ (s >> 32)) & 0xFFFFFFFF
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
@@ -92,8 +100,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= number(name) <= 2.0:
                 raise bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.seed is not None:
-            integer("seed")
+        if self.seed is not None and not -(2**63) <= integer("seed") < 2**64:
+            raise bad(f"seed must fit in 64 bits, got {self.seed}")
         if self.logprobs is not None:
             k = integer("logprobs")
             if not 0 <= k <= max_logprobs:

@@ -72,7 +72,12 @@ class AsyncLLMEngine:
         stream = _Stream(asyncio.get_running_loop())
         admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._send(("add", rid, prompt, params, priority, stream, admitted))
-        await asyncio.wrap_future(admitted)
+        try:
+            await asyncio.wrap_future(admitted)
+        except asyncio.CancelledError:
+            # The add may already be past the point of no return: make sure it ends.
+            self.abort(rid)
+            raise
         finished = False
         try:
             while True:
@@ -117,6 +122,8 @@ class AsyncLLMEngine:
                 return
             if cmd[0] == "add":
                 _, rid, prompt, params, priority, stream, admitted = cmd
+                if not admitted.set_running_or_notify_cancel():
+                    continue  # the caller gave up before admission
                 if self.dead is not None:
                     admitted.set_exception(EngineDeadError(f"the engine stopped: {self.dead}"))
                     continue
@@ -141,12 +148,12 @@ class AsyncLLMEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._drain_commands()
-            if not self.engine.has_unfinished_requests():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
             try:
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
                 outputs = self.engine.step()
             except Exception as e:  # the engine is in an unknown state: fail everything
                 logger.exception("engine step failed")

@@ -179,7 +179,7 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> Request:
         """Adds a request that ``validate_request`` already accepted."""
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        seed = params.seed32 if params.seed is not None else self._rng.getrandbits(32)
         req = Request(request_id, text, ids, params, seed, priority, arrival_time)
         self.requests[request_id] = req
         self.scheduler.add(self._new_sequence(req, 0, list(ids)))

@@ -135,3 +135,46 @@ def test_engine_failure_fails_requests_and_later_adds(tok_model_dir) -> None:
             asyncio.run(_collect(eng, "All:", greedy(5)))
     finally:
         eng.shutdown()
+
+
+def test_cancel_while_waiting_for_admission_keeps_the_engine_alive(tok_model_dir) -> None:
+    import time
+
+    engine = make_engine(tok_model_dir)
+    real_step = engine.step
+
+    def slow_step():  # adds are admitted only between steps
+        time.sleep(0.05)
+        return real_step()
+
+    engine.step = slow_step
+    eng = AsyncLLMEngine(engine)
+
+    async def main():
+        busy = asyncio.create_task(_collect(eng, "All:", greedy(30)))
+        await asyncio.sleep(0.02)
+        for _ in range(5):
+            task = asyncio.create_task(_collect(eng, "First Citizen:", greedy(200)))
+            await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await busy
+        ids, _, _ = await _collect(eng, "All:", greedy(3))
+        assert len(ids) == 3
+
+    try:
+        asyncio.run(main())
+        assert eng.dead is None
+        assert eng.wait_idle()
+        assert engine.pool.num_used == 0
+    finally:
+        eng.shutdown()
+
+
+def test_any_64_bit_seed_is_accepted(aengine) -> None:
+    for seed in (-1, 2**40 + 5, 2**64 - 1):
+        ids, _, _ = asyncio.run(_collect(aengine, "All:", SamplingParams(max_tokens=3, seed=seed)))
+        assert len(ids) == 3
+    with pytest.raises(InvalidRequestError, match="64 bits"):
+        asyncio.run(_collect(aengine, "All:", SamplingParams(max_tokens=3, seed=2**64)))
