@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import os
 import signal
+import uuid
 from typing import Any
 
 import grpc
@@ -40,7 +41,13 @@ from jserve.server.proto import (
     jetstream_pb2,
     jetstream_pb2_grpc,
 )
-from jserve.server.servicers import GenerationServicer, OrchestratorServicer, ServingCore
+from jserve.server.servicers import (
+    EngineStream,
+    GenerationServicer,
+    Job,
+    OrchestratorServicer,
+    ServingCore,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +110,32 @@ async def warm_up(aengine: AsyncLLMEngine) -> None:
     cfg = aengine.engine.cfg
     token = cfg.bos_token_id if cfg.bos_token_id is not None else 0
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    async for _ in aengine.generate([token], params, request_id="jserve-server-warmup"):
-        pass
+    job = Job([token], params, f"jserve-server-warmup-{uuid.uuid4().hex[:8]}", 0, lambda out: [])
+    await EngineStream.run_to_end(aengine, job)
+
+
+class _HealthServicer(health.aio.HealthServicer):
+    """The standard health service, whose Watch streams end when the server stops.
+
+    Otherwise an open Watch (load balancers keep one) would hold a graceful
+    shutdown for its whole grace period.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = asyncio.Event()
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (watch, closing):
+                t.cancel()
+            for t in (watch, closing):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
 
 
 class ServerHandle:
@@ -114,7 +145,7 @@ class ServerHandle:
         self.aengine = aengine
         self.config = config
         self.metrics = ServerMetrics(aengine)
-        self.health = health.aio.HealthServicer()
+        self.health = _HealthServicer()
         model_name = config.model_name or aengine.engine.cfg.name or "model"
         js_params = config.jetstream_params or SamplingParams(temperature=0.0)
         self.core = ServingCore(aengine, self.metrics, model_name, js_params, self._engine_died)
@@ -126,6 +157,7 @@ class ServerHandle:
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Task[None] | None = None
+        self._force = asyncio.Event()
         self._stopped = asyncio.Event()
 
     @property
@@ -226,6 +258,7 @@ class ServerHandle:
         self.core.ready = True
         await self._set_health(SERVING)
         self.ready.set()
+        logger.info("warm-up done; health is SERVING")
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self.ready.wait(), timeout)
@@ -240,8 +273,25 @@ class ServerHandle:
         grace = self.config.grace_period if grace is None else grace
         self.core.shutting_down = True
         await self.health.enter_graceful_shutdown()
+        stopping = None
         if self._server is not None:
-            await self._server.stop(grace)
+            # No new RPCs from here on; after `grace` gRPC cancels what is left.
+            stopping = asyncio.create_task(self._server.stop(grace))
+        # Let running generations finish, unless forced or out of time.
+        waits = {
+            asyncio.ensure_future(self.core.idle.wait()),
+            asyncio.ensure_future(self._force.wait()),
+        }
+        await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        self.health.closing.set()
+        for task in list(self.core.active):  # forced or out of time
+            task.cancel()
+        if stopping is not None:
+            await stopping
+        if self.core.pumps:  # engine streams of cancelled RPCs end once their abort lands
+            await asyncio.wait(set(self.core.pumps), timeout=10)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -252,9 +302,8 @@ class ServerHandle:
         self._stopped.set()
 
     async def force_stop(self) -> None:
-        """Cancels running requests now (e.g. on a second SIGTERM during a graceful stop)."""
-        if self._server is not None:
-            await self._server.stop(0)
+        """Cancels running requests now (e.g. on a second signal during a graceful stop)."""
+        self._force.set()
         await self.stop(0)
 
     async def wait_for_termination(self) -> None:
@@ -317,8 +366,9 @@ async def serve(
         count += 1
         if count == 1:
             logger.info(
-                "%s: draining (up to %.0fs) and stopping",
+                "%s: draining %d running request(s) (up to %.0fs), then stopping",
                 signal.Signals(signum).name,
+                len(handle.core.active),
                 handle.config.grace_period,
             )
             handle.spawn(handle.stop())

@@ -42,6 +42,72 @@ logger = logging.getLogger(__name__)
 MAX_CHARS_PER_TOKEN = 32
 
 
+_END = object()
+
+
+class EngineStream:
+    """Reads one engine stream on a task of its own and hands the outputs over a queue.
+
+    The RPC's task may be cancelled at any moment (client cancel, deadline).
+    Cancelling ``AsyncLLMEngine.generate`` while it waits for admission would
+    cancel the future the engine thread later completes, which kills the
+    engine thread, and would skip the request's abort. So the engine stream is
+    never cancelled: the RPC side reads from the queue, and ``stop()`` aborts
+    the request in the engine, after which the stream ends with the abort.
+    """
+
+    def __init__(self, aengine: AsyncLLMEngine, job: Job) -> None:
+        self.aengine = aengine
+        self.request_id = job.request_id
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.stopped = False
+        self._gen = aengine.generate(job.prompt, job.params, job.request_id, job.priority)
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    @classmethod
+    async def run_to_end(cls, aengine: AsyncLLMEngine, job: Job) -> None:
+        """Runs a request whose outputs nobody reads; if interrupted, aborts it and waits."""
+        stream = cls(aengine, job)
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+        finally:
+            if not finished:
+                stream.stop()
+                await asyncio.wait({stream.task}, timeout=10)
+
+    async def _run(self) -> None:
+        try:
+            async for out in self._gen:
+                if self.stopped:
+                    break  # closing the stream below aborts the request
+                self.queue.put_nowait(out)
+        except BaseException as e:  # handed to the reader, who maps it to a status
+            self.queue.put_nowait(e)
+        finally:
+            # Closing an unfinished engine stream aborts its request.
+            await self._gen.aclose()
+            self.queue.put_nowait(_END)
+
+    def stop(self) -> None:
+        """Aborts the request (idempotent). The engine's abort output ends the stream."""
+        if not self.stopped:
+            self.stopped = True
+            self.aengine.abort(self.request_id)
+
+    def __aiter__(self) -> EngineStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        item = await self.queue.get()
+        if item is _END:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
 @dataclasses.dataclass
 class Job:
     """One admitted-to-be request: what to send to the engine and how to answer."""
@@ -75,6 +141,11 @@ class ServingCore:
         self.max_prompt_chars = self.engine.max_model_len * MAX_CHARS_PER_TOKEN
         self._id_prefix = uuid.uuid4().hex[:8]
         self._next_id = 0
+        # The tasks of open generation RPCs, so shutdown can wait for or cancel them.
+        self.active: set[asyncio.Task[Any]] = set()
+        self.pumps: set[asyncio.Task[Any]] = set()  # engine streams still open
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     @property
     def tokenizer(self) -> Any:
@@ -123,6 +194,25 @@ class ServingCore:
         make_job: Callable[[], Awaitable[Job]],
     ) -> AsyncIterator[Any]:
         """Runs one generation RPC: admission, streaming, error mapping, cleanup."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.active.add(task)
+            self.idle.clear()
+        try:
+            async for msg in self._stream(api, context, make_job):
+                yield msg
+        finally:
+            if task is not None:
+                self.active.discard(task)
+                if not self.active:
+                    self.idle.set()
+
+    async def _stream(
+        self,
+        api: str,
+        context: grpc.aio.ServicerContext,
+        make_job: Callable[[], Awaitable[Job]],
+    ) -> AsyncIterator[Any]:
         rec = self.metrics.recorder(api)
         if not self.live:
             rec.finish("error" if self.aengine.dead is not None else "rejected")
@@ -151,19 +241,20 @@ class ServingCore:
             return
 
         finished = False
+        outcome: str | None = None  # stays None if the client goes away first
+        pump = EngineStream(self.aengine, job)
+        self.pumps.add(pump.task)
+        pump.task.add_done_callback(self.pumps.discard)
 
-        def abort_if_unfinished(_: Any) -> None:
+        def stop_unless_finished(_: Any = None) -> None:
             # The RPC ended (cancel, deadline, disconnect, shutdown) before the
-            # engine finished: stop the request now rather than when the
-            # stream object happens to be collected.
+            # engine finished: stop the request and free its pages now.
             if not finished:
-                self.aengine.abort(job.request_id)
+                pump.stop()
 
-        context.add_done_callback(abort_if_unfinished)
-        outcome = "error"
-        gen = self.aengine.generate(job.prompt, job.params, job.request_id, job.priority)
+        context.add_done_callback(stop_unless_finished)
         try:
-            async for out in gen:
+            async for out in pump:
                 rec.observe(out)
                 if out.finished:
                     finished = True
@@ -192,10 +283,8 @@ class ServingCore:
             context.set_code(grpc.StatusCode.INTERNAL)
             context.set_details(f"internal error while serving request {job.request_id}")
         finally:
-            if not finished and outcome not in ("invalid", "rejected", "error"):
-                outcome = "cancelled"
-            rec.finish(outcome)
-            await gen.aclose()
+            stop_unless_finished()
+            rec.finish(outcome or "cancelled")
 
     def _not_live_reason(self) -> str:
         if self.aengine.dead is not None:

@@ -1,0 +1,164 @@
+"""Soak: thousands of mixed requests with random cancels; nothing leaks.
+
+Run on purpose: pytest tests/server/test_soak.py -m slow -s
+(JSERVE_SOAK_REQUESTS / JSERVE_SOAK_SECONDS change its size.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import time
+
+import grpc
+import pytest
+
+from jserve.engine.async_engine import AsyncLLMEngine
+from jserve.server.client import decode_request, generate_request
+from tests.engine.helpers import make_engine
+from tests.server.helpers import metric, scrape, serving, wait_until_free
+
+REQUESTS = int(os.environ.get("JSERVE_SOAK_REQUESTS", "4000"))
+SECONDS = float(os.environ.get("JSERVE_SOAK_SECONDS", "240"))
+WORKERS = 48
+WORDS = [
+    "First",
+    "Citizen",
+    "All",
+    "Speak",
+    "resolved",
+    "famish",
+    "hear",
+    "me",
+    "before",
+    "we",
+    "proceed",
+    "any",
+    "further",
+]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def random_request(rng: random.Random, vocab: int) -> tuple[str, object, str]:
+    """(api, request, what the client will do: run / cancel / deadline / invalid)."""
+    action = rng.choices(["run", "cancel", "deadline", "invalid"], [70, 15, 7, 8])[0]
+    if rng.random() < 0.5:
+        prompt = " ".join(rng.choices(WORDS, k=rng.randint(1, 40)))
+    else:
+        prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 60))]
+    max_tokens = rng.randint(1, 48) if action == "run" else rng.randint(100, 400)
+    if rng.random() < 0.3:
+        req = decode_request(prompt, max_tokens=max_tokens, num_samples=rng.choice([0, 1, 2]))
+        if action == "invalid":
+            req.max_tokens = -rng.randint(1, 5)
+        return "jetstream", req, action
+    kw = dict(max_tokens=max_tokens, ignore_eos=rng.random() < 0.7, n=rng.choice([1, 1, 1, 2, 3]))
+    if rng.random() < 0.5:
+        kw.update(temperature=rng.choice([0.0, 0.7, 1.0]), top_p=rng.choice([1.0, 0.9]))
+        kw.update(top_k=rng.choice([-1, 5, 50]), seed=rng.randrange(2**32))
+    if rng.random() < 0.2:
+        kw["logprobs"] = rng.randint(0, 5)
+    if rng.random() < 0.2:
+        kw["repetition_penalty"] = 1.2
+    if rng.random() < 0.1 and isinstance(prompt, str):
+        kw["stop"] = [rng.choice(WORDS)[:3]]
+    if action == "invalid":
+        kw.update(rng.choice([dict(top_p=2.0), dict(temperature=-1.0), dict(n=0), dict(top_k=0)]))
+    return "generation", generate_request(prompt, **kw), action
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(int(SECONDS) + 300)
+def test_soak(tok_model_dir: str) -> None:
+    engine = make_engine(
+        tok_model_dir, page_size=4, num_pages=384, max_num_seqs=16, max_num_batched_tokens=128
+    )
+    aeng = AsyncLLMEngine(engine)
+    vocab = engine.cfg.vocab_size
+    counts: collections.Counter[str] = collections.Counter()
+    unexpected: list[str] = []
+    rss: list[tuple[int, float]] = []
+
+    async def one(c, rng: random.Random) -> None:
+        api, req, action = random_request(rng, vocab)
+        stub = c.generation.Generate if api == "generation" else c.jetstream.Decode
+        timeout = rng.uniform(0.05, 0.5) if action == "deadline" else 60
+        call = stub(req, timeout=timeout)
+        stop_after = rng.randint(0, 8)
+        n = 0
+        try:
+            async for msg in call:
+                n += 1
+                if action == "cancel" and n > stop_after:
+                    call.cancel()
+                    break
+                if api == "generation" and msg.HasField("usage"):
+                    assert msg.usage.completion_tokens > 0
+            code = grpc.StatusCode.CANCELLED if action == "cancel" and n > stop_after else None
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+        expected = {
+            "run": {None},
+            "cancel": {None, grpc.StatusCode.CANCELLED},
+            "deadline": {None, grpc.StatusCode.DEADLINE_EXCEEDED},
+            "invalid": {grpc.StatusCode.INVALID_ARGUMENT},
+        }[action]
+        counts[f"{api}:{action}:{code.name if code else 'OK'}"] += 1
+        if code not in expected:
+            unexpected.append(f"{api} {action}: {code}")
+
+    async def main():
+        async with serving(aeng, metrics_port=0) as (h, c):
+            t0 = time.monotonic()
+            done = 0
+
+            async def worker(seed: int) -> None:
+                nonlocal done
+                rng = random.Random(seed)
+                while done < REQUESTS and time.monotonic() - t0 < SECONDS:
+                    await one(c, rng)
+                    done += 1
+                    if done % 250 == 0:
+                        rss.append((done, rss_mib()))
+
+            await asyncio.gather(*(worker(i) for i in range(WORKERS)))
+            elapsed = time.monotonic() - t0
+            await wait_until_free(aeng, timeout=10)
+            text = scrape(h.metrics_port)
+        return done, elapsed, text
+
+    try:
+        done, elapsed, text = asyncio.run(main())
+    finally:
+        aeng.shutdown()
+    stats = engine.get_stats()
+    total_metric = sum(
+        metric(text, "jserve_requests_total", api=api, outcome=o)
+        for api in ("generation", "jetstream")
+        for o in ("stopped", "length", "aborted", "cancelled", "invalid", "rejected", "error")
+    )
+    growth = rss[-1][1] - rss[1][1] if len(rss) > 2 else 0.0
+    print(
+        f"\nsoak: {done} requests in {elapsed:.0f}s ({done / elapsed:.1f}/s), "
+        f"{stats.generation_tokens} tokens generated, {stats.preemptions} preemptions, "
+        f"{stats.num_aborted} aborted in the engine\n"
+        f"outcomes: {dict(sorted(counts.items()))}\n"
+        f"RSS MiB by requests done: {[(d, round(m)) for d, m in rss]}; growth after warm-up "
+        f"{growth:.1f} MiB\nunexpected: {unexpected[:20]}"
+    )
+    assert not unexpected
+    assert engine.pool.num_used == 0 and not engine.requests
+    assert metric(text, "jserve_requests_total", api="generation", outcome="error") == 0
+    assert total_metric == done  # every RPC counted once (the warm-up is not an RPC)
+    assert growth < 150, f"RSS grew {growth:.0f} MiB"
