@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -218,16 +219,20 @@ class ServerHandle:
             server,
         )
         address = _hostport(cfg.host, cfg.port)
-        if cfg.tls_cert is not None and cfg.tls_key is not None:
-            with open(cfg.tls_key, "rb") as f:
-                key = f.read()
-            with open(cfg.tls_cert, "rb") as f:
-                cert = f.read()
-            self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                with open(cfg.tls_key, "rb") as f:
+                    key = f.read()
+                with open(cfg.tls_cert, "rb") as f:
+                    cert = f.read()
+                creds = grpc.ssl_server_credentials([(key, cert)])
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as e:  # gRPC's way of saying the bind failed
+            raise OSError(f"cannot listen on {address}: {e}") from None
         if not self.port:
-            raise OSError(f"could not bind {address}")
+            raise OSError(f"cannot listen on {address}")
         if not _is_loopback(cfg.host) and (cfg.tls_cert is None or cfg.auth_token is None):
             logger.warning(
                 "serving on %s without %s: anyone who can reach this address can use the server",
@@ -330,8 +335,8 @@ async def start_server(
     """
     config = dataclasses.replace(config or ServerConfig(), **overrides).validate()
     handle = ServerHandle(aengine, config)
-    await handle.start()
     try:
+        await handle.start()
         warm = asyncio.create_task(handle.warm_up_and_serve())
         handle._tasks.append(warm)
         if wait_ready:
@@ -348,7 +353,7 @@ async def serve(
     aengine: AsyncLLMEngine,
     *,
     handle_signals: bool = True,
-    on_started: Any = None,
+    on_started: Callable[[ServerHandle], None] | None = None,
     **config: Any,
 ) -> None:
     """Serves until SIGTERM/SIGINT (graceful: running requests get the grace period).

@@ -1,10 +1,11 @@
 """Shared-token authentication: ``authorization: Bearer <token>`` call metadata.
 
-Every call must carry the token except the standard health service
-(``grpc.health.v1.Health``): load balancers and orchestrators probe it
-without credentials, and it reveals nothing but serving status. Reflection,
-generation, tokenizer and JetStream calls all need the token. Send the token
-only over TLS unless client and server share the host.
+Every call must carry the token except health checks: the standard
+``grpc.health.v1.Health`` service and JetStream's ``HealthCheck``. Load
+balancers and orchestrators probe those without credentials, and they reveal
+nothing but serving status. Generation, JetStream Decode, tokenizer, model
+info and reflection calls all need the token. Send the token only over TLS
+unless client and server share the host.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from typing import Any
 
 import grpc
 
-HEALTH_SERVICE_PREFIX = "/grpc.health.v1.Health/"
+# Methods callable without the token.
+EXEMPT_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/jetstream_proto.Orchestrator/HealthCheck",
+    }
+)
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -59,7 +67,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(HEALTH_SERVICE_PREFIX):
+        if handler is None or handler_call_details.method in EXEMPT_METHODS:
             return handler
         ok = self._authorized(handler_call_details.invocation_metadata)
         if ok:

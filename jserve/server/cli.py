@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Any
 
 from jserve.engine.async_engine import AsyncLLMEngine
 from jserve.server.app import DEFAULT_MAX_REQUEST_BYTES, ServerConfig, ServerHandle, serve
@@ -173,9 +172,5 @@ def main(argv: list[str] | None = None) -> int:
     return run_serve(args, _engine_from_args(args))
 
 
-def _main() -> Any:
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    _main()
+    sys.exit(main())

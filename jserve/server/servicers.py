@@ -8,8 +8,8 @@ mapping, metrics and cleanup:
 - not warmed up yet or shutting down -> UNAVAILABLE (retry elsewhere or later);
 - engine failure -> INTERNAL for the affected calls; health turns NOT_SERVING;
 - client cancel or deadline -> the engine request is aborted and its KV pages
-  freed at once (by closing the engine stream and, as a safety net, by an RPC
-  done-callback).
+  freed at once (when the handler is cancelled or closed, and again from the
+  RPC's done-callback as a safety net).
 """
 
 from __future__ import annotations

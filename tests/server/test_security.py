@@ -39,7 +39,7 @@ def test_token_auth(aengine: AsyncLLMEngine) -> None:
                     lambda c=client: c.generate("All:", max_tokens=2),
                     lambda c=client: c.decode("All:", max_tokens=2),
                     lambda c=client: c.model_info(),
-                    lambda c=client: c.jetstream_is_live(),
+                    lambda c=client: c.tokenize("All:"),
                     lambda c=client: list_services(c.channel, c.metadata),
                 ):
                     with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -49,6 +49,7 @@ def test_token_auth(aengine: AsyncLLMEngine) -> None:
             await wrong.close()
             # Health checks need no token.
             assert await anon.health() == "SERVING"
+            assert await anon.jetstream_is_live()
             async with Client(target, auth_token=TOKEN) as ok:
                 r = await ok.generate("All:", max_tokens=2, ignore_eos=True)
                 assert len(r.token_ids[0]) == 2
