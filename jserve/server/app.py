@@ -233,13 +233,14 @@ class ServerHandle:
             raise OSError(f"cannot listen on {address}: {e}") from None
         if not self.port:
             raise OSError(f"cannot listen on {address}")
-        if not _is_loopback(cfg.host) and (cfg.tls_cert is None or cfg.auth_token is None):
-            logger.warning(
-                "serving on %s without %s: anyone who can reach this address can use the server",
-                cfg.host,
-                "TLS or a token" if cfg.tls_cert is None and cfg.auth_token is None
-                else ("TLS" if cfg.tls_cert is None else "a token"),
-            )  # fmt: skip
+        if not _is_loopback(cfg.host):
+            if cfg.auth_token is None:
+                logger.warning(
+                    "serving on %s without a token: anyone who can reach it can use the server",
+                    cfg.host,
+                )
+            if cfg.tls_cert is None:
+                logger.warning("serving on %s without TLS: traffic is plaintext", cfg.host)
         await server.start()
         self._server = server
         if cfg.metrics_port is not None:

@@ -75,7 +75,7 @@ def _auth_token(args: argparse.Namespace) -> str | None:
         with open(args.auth_token_file, encoding="utf-8") as f:
             token = f.read().strip()
         if not token:
-            raise SystemExit(f"{args.auth_token_file} holds no token")
+            raise ValueError(f"{args.auth_token_file} holds no token")
         return token
     return os.environ.get(AUTH_TOKEN_ENV) or None
 
@@ -114,15 +114,16 @@ def run_serve(args: argparse.Namespace, aengine: AsyncLLMEngine) -> int:
     (a second signal cancels them). The engine is shut down before returning.
     """
     try:
-        config = config_from_args(args)
-    except ValueError as e:
-        print(f"jserve: {e}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(aengine, on_started=_announce, **vars(config)))
-    except OSError as e:
-        print(f"jserve: cannot serve: {e}", file=sys.stderr)
-        return 1
+        try:
+            config = config_from_args(args)
+        except (ValueError, OSError) as e:
+            print(f"jserve: {e}", file=sys.stderr)
+            return 2
+        try:
+            asyncio.run(serve(aengine, on_started=_announce, **vars(config)))
+        except OSError as e:
+            print(f"jserve: cannot serve: {e}", file=sys.stderr)
+            return 1
     finally:
         aengine.shutdown()
     if aengine.dead is not None:

@@ -53,6 +53,7 @@ def test_run_serve_refuses_bad_setups(tok_model_dir: str, tmp_path) -> None:
     cert.write_text("x")
     aeng = AsyncLLMEngine(make_engine(tok_model_dir, **ENGINE))
     assert run_serve(parse("--tls-cert", str(cert)), aeng) == 2  # a key is missing too
+    assert not aeng._thread.is_alive()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
