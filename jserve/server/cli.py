@@ -1,0 +1,177 @@
+"""Command-line glue for the gRPC server.
+
+``add_serve_arguments(parser)`` adds the server's options to any argparse
+parser and ``run_serve(args, aengine)`` serves until SIGTERM/SIGINT, then
+drains running requests (``--grace-period``), shuts the engine down and
+returns the exit status (0 after a clean stop). ``jserve serve`` uses both.
+
+``python -m jserve.server.cli --model DIR [options]`` is a standalone entry
+point that also builds the engine (for tests and quick manual runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from jserve.engine.async_engine import AsyncLLMEngine
+from jserve.server.app import DEFAULT_MAX_REQUEST_BYTES, ServerConfig, ServerHandle, serve
+
+logger = logging.getLogger(__name__)
+
+AUTH_TOKEN_ENV = "JSERVE_AUTH_TOKEN"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("server")
+    g.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; e.g. 0.0.0.0 for all "
+        "interfaces, which should come with --tls-cert/--tls-key and a token)",
+    )
+    g.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics over HTTP on this port (default: off; 0: any free port)",
+    )
+    g.add_argument("--metrics-host", default=None, help="metrics address (default: --host)")
+    g.add_argument("--tls-cert", default=None, help="server certificate chain (PEM) for TLS")
+    g.add_argument("--tls-key", default=None, help="server private key (PEM) for TLS")
+    g.add_argument(
+        "--auth-token-file",
+        default=None,
+        help="require 'authorization: Bearer <token>' metadata on every call, with the token "
+        f"read from this file (or set {AUTH_TOKEN_ENV}); health checks are exempt",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest request message accepted (default: %(default)s)",
+    )
+    g.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        help="seconds running requests get to finish after SIGTERM/SIGINT (default: %(default)s)",
+    )
+    g.add_argument("--served-model-name", default=None, help="model name reported to clients")
+    g.add_argument(
+        "--no-server-warmup",
+        action="store_true",
+        help="report SERVING without first sending a warm-up request through the engine",
+    )
+    return parser
+
+
+def _auth_token(args: argparse.Namespace) -> str | None:
+    if args.auth_token_file:
+        with open(args.auth_token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"{args.auth_token_file} holds no token")
+        return token
+    return os.environ.get(AUTH_TOKEN_ENV) or None
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token=_auth_token(args),
+        max_request_bytes=args.max_request_bytes,
+        grace_period=args.grace_period,
+        model_name=args.served_model_name,
+        warmup=not args.no_server_warmup,
+    ).validate()
+
+
+def _announce(handle: ServerHandle) -> None:
+    cfg = handle.config
+    scheme = "tls" if cfg.tls_cert else "plaintext"
+    auth = ", token required" if cfg.auth_token else ""
+    line = f"jserve: gRPC on {handle.address} ({scheme}{auth})"
+    if handle.metrics_port is not None:
+        line += f", metrics on http://{cfg.metrics_host or cfg.host}:{handle.metrics_port}/metrics"
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_serve(args: argparse.Namespace, aengine: AsyncLLMEngine) -> int:
+    """Serves ``aengine`` until SIGTERM/SIGINT; returns the process exit status.
+
+    Health turns SERVING after a warm-up request; on the first signal the
+    server stops taking RPCs and running ones get ``--grace-period`` seconds
+    (a second signal cancels them). The engine is shut down before returning.
+    """
+    try:
+        try:
+            config = config_from_args(args)
+        except (ValueError, OSError) as e:
+            print(f"jserve: {e}", file=sys.stderr)
+            return 2
+        try:
+            asyncio.run(serve(aengine, on_started=_announce, **vars(config)))
+        except OSError as e:
+            print(f"jserve: cannot serve: {e}", file=sys.stderr)
+            return 1
+    finally:
+        aengine.shutdown()
+    if aengine.dead is not None:
+        print(f"jserve: stopped; the engine had failed: {aengine.dead}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _engine_from_args(args: argparse.Namespace) -> AsyncLLMEngine:
+    from jserve.engine.config import EngineConfig
+    from jserve.engine.llm_engine import LLMEngine
+    from jserve.model_loader import load_model
+
+    ecfg = EngineConfig(
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting,
+    )
+    engine = LLMEngine(load_model(args.model, args.dtype), ecfg, warmup=not args.no_engine_warmup)
+    return AsyncLLMEngine(engine)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m jserve.server.cli", description="Serve a model over gRPC."
+    )
+    ap.add_argument("--model", required=True, help="Hugging Face model directory")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    e = ap.add_argument_group("engine")
+    e.add_argument("--page-size", type=int, default=16)
+    e.add_argument("--num-pages", type=int, default=None)
+    e.add_argument("--max-num-seqs", type=int, default=64)
+    e.add_argument("--max-num-batched-tokens", type=int, default=512)
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--max-waiting", type=int, default=4096)
+    e.add_argument(
+        "--no-engine-warmup", action="store_true", help="compile step shapes lazily, not at start"
+    )
+    add_serve_arguments(ap)
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run_serve(args, _engine_from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The CLI glue: options to ServerConfig, and errors that end run_serve early."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import pytest
+
+from jserve.engine.async_engine import AsyncLLMEngine
+from jserve.server.cli import AUTH_TOKEN_ENV, add_serve_arguments, config_from_args, run_serve
+from tests.engine.helpers import make_engine
+from tests.server.conftest import ENGINE
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return add_serve_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def test_defaults_listen_on_loopback_only(monkeypatch) -> None:
+    monkeypatch.delenv(AUTH_TOKEN_ENV, raising=False)
+    cfg = config_from_args(parse())
+    assert (cfg.host, cfg.port, cfg.metrics_port, cfg.auth_token, cfg.tls_cert) == (
+        "127.0.0.1",
+        50051,
+        None,
+        None,
+        None,
+    )
+    assert cfg.warmup and cfg.grace_period == 30.0
+
+
+def test_options(tmp_path, monkeypatch) -> None:
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    cfg = config_from_args(
+        parse(
+            "--host", "0.0.0.0", "--port", "6000", "--metrics-port", "0",
+            "--auth-token-file", str(token), "--max-request-bytes", "65536",
+            "--grace-period", "3", "--served-model-name", "m", "--no-server-warmup",
+        )
+    )  # fmt: skip
+    assert (cfg.host, cfg.port, cfg.metrics_port, cfg.auth_token) == ("0.0.0.0", 6000, 0, "abc")
+    assert (cfg.max_request_bytes, cfg.grace_period, cfg.model_name) == (65536, 3.0, "m")
+    assert not cfg.warmup
+    monkeypatch.setenv(AUTH_TOKEN_ENV, "from-env")
+    assert config_from_args(parse()).auth_token == "from-env"
+
+
+@pytest.mark.timeout(60)
+def test_run_serve_refuses_bad_setups(tok_model_dir: str, tmp_path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    aeng = AsyncLLMEngine(make_engine(tok_model_dir, **ENGINE))
+    assert run_serve(parse("--tls-cert", str(cert)), aeng) == 2  # a key is missing too
+    assert not aeng._thread.is_alive()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        aeng = AsyncLLMEngine(make_engine(tok_model_dir, **ENGINE))
+        assert run_serve(parse("--port", str(port)), aeng) == 1
+    assert not aeng._thread.is_alive()  # run_serve shut the engine down
