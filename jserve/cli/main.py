@@ -11,13 +11,14 @@ from jserve.errors import JserveError
 
 def build_parser() -> argparse.ArgumentParser:
     from jserve.bench import cli as bench_cli
-    from jserve.cli import convert, generate
+    from jserve.cli import convert, generate, serve
 
     parser = argparse.ArgumentParser(
         prog="jserve", description="Serve and benchmark LLMs on JAX/XLA."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_arguments(sub.add_parser("generate", help="generate text from prompts"))
+    serve.add_arguments(sub.add_parser("serve", help="serve a model over gRPC"))
     convert.add_arguments(sub.add_parser("convert", help="convert a HF directory to Orbax"))
     bench_cli.add_arguments(
         sub.add_parser("bench", help="serving, throughput and latency benchmarks")

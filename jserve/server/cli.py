@@ -5,8 +5,7 @@ parser and ``run_serve(args, aengine)`` serves until SIGTERM/SIGINT, then
 drains running requests (``--grace-period``), shuts the engine down and
 returns the exit status (0 after a clean stop). ``jserve serve`` uses both.
 
-``python -m jserve.server.cli --model DIR [options]`` is a standalone entry
-point that also builds the engine (for tests and quick manual runs).
+``python -m jserve.server.cli [options]`` is the same as ``jserve serve``.
 """
 
 from __future__ import annotations
@@ -132,45 +131,11 @@ def run_serve(args: argparse.Namespace, aengine: AsyncLLMEngine) -> int:
     return 0
 
 
-def _engine_from_args(args: argparse.Namespace) -> AsyncLLMEngine:
-    from jserve.engine.config import EngineConfig
-    from jserve.engine.llm_engine import LLMEngine
-    from jserve.model_loader import load_model
-
-    ecfg = EngineConfig(
-        page_size=args.page_size,
-        num_pages=args.num_pages,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        max_waiting=args.max_waiting,
-    )
-    engine = LLMEngine(load_model(args.model, args.dtype), ecfg, warmup=not args.no_engine_warmup)
-    return AsyncLLMEngine(engine)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m jserve.server.cli", description="Serve a model over gRPC."
-    )
-    ap.add_argument("--model", required=True, help="Hugging Face model directory")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    e = ap.add_argument_group("engine")
-    e.add_argument("--page-size", type=int, default=16)
-    e.add_argument("--num-pages", type=int, default=None)
-    e.add_argument("--max-num-seqs", type=int, default=64)
-    e.add_argument("--max-num-batched-tokens", type=int, default=512)
-    e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--max-waiting", type=int, default=4096)
-    e.add_argument(
-        "--no-engine-warmup", action="store_true", help="compile step shapes lazily, not at start"
-    )
-    add_serve_arguments(ap)
-    args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run_serve(args, _engine_from_args(args))
+    """``python -m jserve.server.cli ...`` is ``jserve serve ...``."""
+    from jserve.cli.main import main as jserve_main
+
+    return jserve_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -11,9 +11,6 @@ from jserve.sampling_params import SamplingParams
 from jserve.server.proto import generation_pb2 as pb
 from jserve.server.proto import jetstream_pb2 as js
 
-# The engine draws each request's random stream from a 32-bit seed.
-MAX_SEED = 2**32 - 1
-
 # SamplingParameters fields that are copied only when set (unset keeps the
 # SamplingParams default), and those that are always copied.
 _OPTIONAL_FIELDS = (
@@ -42,11 +39,6 @@ FINISH_REASONS = {
 def sampling_params(msg: pb.SamplingParameters) -> SamplingParams:
     """The engine's SamplingParams for a request; the engine validates the values."""
     kw: dict = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
-    seed = kw.get("seed")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise InvalidRequestError(
-            f"invalid sampling parameters: seed must be in [0, {MAX_SEED}], got {seed}"
-        )
     return SamplingParams(
         stop=list(msg.stop),
         stop_token_ids=list(msg.stop_token_ids),

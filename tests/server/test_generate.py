@@ -152,7 +152,6 @@ BAD_INPUTS = [
     (dict(n=9), "max_num_seqs"),
     (dict(logprobs=21), "logprobs"),
     (dict(logprobs=-1), "logprobs"),
-    (dict(seed=-5), "seed"),
     (dict(stop=[""]), "stop strings"),
     (dict(stop_token_ids=[-3]), "stop_token_ids"),
     (dict(stop_token_ids=[999]), "outside the vocabulary"),

@@ -1,0 +1,72 @@
+"""``jserve serve``: the gRPC service (jserve.v1 and JetStream APIs) on a model.
+
+With ``--num-processes N`` the model spans several hosts: every process runs
+``jserve serve`` with the same options and its own ``--process-id``; process
+0 serves, the others repeat its device steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jserve.cli.engine_args import (
+    add_engine_arguments,
+    add_model_arguments,
+    engine_config_from_args,
+    load_model_from_args,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jserve.server.cli import add_serve_arguments
+
+    add_model_arguments(parser)
+    add_engine_arguments(parser)
+    parser.add_argument(
+        "--no-engine-warmup",
+        action="store_true",
+        help="compile step shapes on first use instead of at start-up",
+    )
+    g = parser.add_argument_group("multi-host")
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=1)
+    g.add_argument("--process-id", type=int, default=0)
+    add_serve_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jserve.engine import multihost
+    from jserve.engine.async_engine import AsyncLLMEngine
+    from jserve.server.cli import run_serve
+
+    logging.getLogger().setLevel(logging.INFO)
+    mh = None
+    if args.num_processes > 1 or args.coordinator_address:
+        mh = multihost.MultiHostConfig(
+            args.coordinator_address or "", args.num_processes, args.process_id
+        )
+    else:
+        mh = multihost.MultiHostConfig.from_env()
+    if mh is not None:
+        multihost.initialize(mh)
+    model = load_model_from_args(args)
+    ecfg = engine_config_from_args(args)
+    warmup = not args.no_engine_warmup
+    if mh is not None:
+        engine = multihost.start_engine(model, ecfg, mh, warmup)
+        if engine is None:  # a follower: the leader has stopped
+            return 0
+    else:
+        from jserve.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(model, ecfg, warmup=warmup)
+    print(f"jserve: {engine.describe()}", file=sys.stderr, flush=True)
+    try:
+        return run_serve(args, AsyncLLMEngine(engine))
+    finally:
+        close = getattr(engine.runner, "close", None)
+        if close is not None:
+            close()
