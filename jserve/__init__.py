@@ -6,6 +6,7 @@ from jserve.errors import (
     ConfigError,
     InvalidRequestError,
     JserveError,
+    RequestTooLargeError,
 )
 from jserve.llm import LLM
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
@@ -23,5 +24,6 @@ __all__ = [
     "JserveError",
     "Logprob",
     "RequestOutput",
+    "RequestTooLargeError",
     "SamplingParams",
 ]

@@ -19,8 +19,12 @@ class InvalidRequestError(JserveError, ValueError):
     """A request (prompt or sampling parameters) is invalid; nothing was changed."""
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request could never run in this engine (it needs more KV pages than exist)."""
+
+
 class CapacityError(JserveError):
-    """The engine cannot take the request now (queue full) or ever (too large for the pool)."""
+    """The engine cannot take the request now (queue full); retrying later may succeed."""
 
 
 class EngineDeadError(JserveError):

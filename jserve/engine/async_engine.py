@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from jserve.engine.llm_engine import LLMEngine
+from jserve.engine.request import Request
 from jserve.engine.stats import EngineStats
 from jserve.errors import EngineDeadError, JserveError
 from jserve.outputs import RequestOutput
@@ -69,11 +70,17 @@ class AsyncLLMEngine:
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.dead}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        stream = _Stream(asyncio.get_running_loop())
-        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._send(("add", rid, prompt, params, priority, stream, admitted))
+        loop = asyncio.get_running_loop()
+        text = None
+        tokenizer = self.engine.tokenizer
+        if isinstance(prompt, str) and prompt and tokenizer is not None:
+            # Tokenize here, off the step thread, so a long prompt never stalls a step.
+            text, prompt = prompt, await loop.run_in_executor(None, tokenizer.encode, prompt)
+        stream = _Stream(loop)
+        admitted: concurrent.futures.Future[Request] = concurrent.futures.Future()
+        self._send(("add", rid, prompt, params, priority, text, stream, admitted))
         try:
-            await asyncio.wrap_future(admitted)
+            req = await asyncio.wrap_future(admitted)
         except asyncio.CancelledError:
             # The add may already be past the point of no return: make sure it ends.
             self.abort(rid)
@@ -90,10 +97,10 @@ class AsyncLLMEngine:
                     return
         finally:
             if not finished:
-                self.abort(rid)
+                self._send(("abort", rid, req))
 
     def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+        self._send(("abort", request_id, None))
 
     def get_stats(self) -> EngineStats:
         return self.engine.get_stats()
@@ -121,21 +128,21 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, prompt, params, priority, stream, admitted = cmd
+                _, rid, prompt, params, priority, text, stream, admitted = cmd
                 if not admitted.set_running_or_notify_cancel():
                     continue  # the caller gave up before admission
                 if self.dead is not None:
                     admitted.set_exception(EngineDeadError(f"the engine stopped: {self.dead}"))
                     continue
                 try:
-                    self.engine.add_request(rid, prompt, params, priority)
+                    req = self.engine.add_request(rid, prompt, params, priority, prompt_text=text)
                 except JserveError as e:
                     admitted.set_exception(e)
                     continue
                 self._streams[rid] = stream
-                admitted.set_result(None)
+                admitted.set_result(req)
             elif cmd[0] == "abort":
-                self.engine.abort_request(cmd[1])
+                self.engine.abort_request(cmd[1], only=cmd[2])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

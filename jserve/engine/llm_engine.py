@@ -19,7 +19,7 @@ from jserve.engine.request import Request, Sequence
 from jserve.engine.runner import ModelRunner, StepHandle, kv_bytes_per_page
 from jserve.engine.scheduler import Scheduler, SchedulerOutput
 from jserve.engine.stats import EngineStats
-from jserve.errors import CapacityError, ConfigError, InvalidRequestError
+from jserve.errors import CapacityError, ConfigError, InvalidRequestError, RequestTooLargeError
 from jserve.model_loader import LoadedModel
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.prompts import PromptType, tokenize_prompt
@@ -114,6 +114,8 @@ class LLMEngine:
         self, request_id: str, prompt: PromptType, params: SamplingParams
     ) -> tuple[str | None, list[int]]:
         """Checks everything about a request without changing any state."""
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError(f"request id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         params.validate(self.ecfg.max_logprobs)
@@ -148,7 +150,7 @@ class LLMEngine:
         private = math.ceil(total / s) - len(ids) // s
         need = len(ids) // s + params.n * private
         if need > self.num_pages:
-            raise CapacityError(
+            raise RequestTooLargeError(
                 f"request needs up to {need} KV pages but the pool has {self.num_pages}; it "
                 "could never run: lower max_tokens, n or the prompt length"
             )
@@ -165,9 +167,12 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        prompt_text: str | None = None,
     ) -> Request:
+        """Validates and queues a request. ``prompt_text`` records the text of a prompt
+        that the caller already tokenized (passed as ids)."""
         text, ids = self.validate_request(request_id, prompt, params)
-        return self.enqueue(request_id, text, ids, params, priority, arrival_time)
+        return self.enqueue(request_id, text or prompt_text, ids, params, priority, arrival_time)
 
     def enqueue(
         self,
@@ -208,10 +213,14 @@ class LLMEngine:
     def _make_sibling(self, parent: Sequence, index: int) -> Sequence:
         return self._new_sequence(parent.request, index, list(parent.token_ids))
 
-    def abort_request(self, request_id: str) -> bool:
-        """Stops a request now and frees its pages; its final output says 'abort'."""
+    def abort_request(self, request_id: str, only: Request | None = None) -> bool:
+        """Stops a request now and frees its pages; its final output says 'abort'.
+
+        With ``only``, aborts nothing unless the id still names that very request
+        (a finished request's id may have been reused by a new one).
+        """
         req = self.requests.get(request_id)
-        if req is None:
+        if req is None or (only is not None and req is not only):
             return False
         for seq in req.seqs:
             self.scheduler.finish(seq, "abort")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from jserve import CapacityError, InvalidRequestError, SamplingParams
+from jserve import InvalidRequestError, RequestTooLargeError, SamplingParams
 from tests.engine.helpers import greedy, make_engine, run
 from tests.hf_models import hf_greedy
 
@@ -231,7 +231,7 @@ def test_bad_requests_raise_before_any_state_change(
 
 def test_request_that_never_fits_is_rejected(llama_dir: str) -> None:
     engine = make_engine(llama_dir, num_pages=8)
-    with pytest.raises(CapacityError, match="could never run"):
+    with pytest.raises(RequestTooLargeError, match="could never run"):
         engine.add_request("big", [1] * 30, greedy(10))
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request("dup", [1], greedy(1))
