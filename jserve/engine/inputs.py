@@ -16,7 +16,8 @@ import numpy as np
 from jserve.engine.request import Sequence
 from jserve.engine.scheduler import SchedulerOutput
 
-PENALTY_MIN_BUCKET = 16
+# Token-history lengths for penalties grow by 4x, so few shapes ever compile.
+PENALTY_MIN_BUCKET = 64
 BAN_WIDTHS = (8, 64, 512)  # buckets for the ids banned while below min_tokens
 
 
@@ -28,10 +29,11 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
     return buckets[i]
 
 
-def _pow2_at_least(n: int, low: int = PENALTY_MIN_BUCKET) -> int:
-    b = low
+def _history_bucket(n: int) -> int:
+    """E.g. 10 -> 64, 65 -> 256, 300 -> 1024."""
+    b = PENALTY_MIN_BUCKET
     while b < n:
-        b *= 2
+        b *= 4
     return b
 
 
@@ -223,14 +225,13 @@ def _sampling_arrays(
     presence = np.zeros(rows, np.float32)
     frequency = np.zeros(rows, np.float32)
     input_is_output = np.zeros(rows, bool)
-    prompt_ids = np.full((rows, 1), -1, np.int32)
-    output_ids = np.full((rows, 1), -1, np.int32)
+    history = np.full((rows, 1), -1, np.int32)
+    is_output = np.zeros((rows, 1), bool)
     if penalties:
         users = [(row, seq, dev) for row, seq, dev in targets if _uses_penalties(seq)]
-        lp = _pow2_at_least(max(seq.num_prompt_tokens for _, seq, _ in users))
-        lo = _pow2_at_least(max(len(seq.output_ids) for _, seq, _ in users))
-        prompt_ids = np.full((rows, lp), -1, np.int32)
-        output_ids = np.full((rows, lo), -1, np.int32)
+        width = _history_bucket(max(len(seq.token_ids) for _, seq, _ in users))
+        history = np.full((rows, width), -1, np.int32)
+        is_output = np.zeros((rows, width), bool)
         for row, seq, from_device in users:
             sp = seq.request.params
             rep[row] = sp.repetition_penalty
@@ -238,9 +239,9 @@ def _sampling_arrays(
             frequency[row] = sp.frequency_penalty
             # The row's input token is the newest output when it comes from the device.
             input_is_output[row] = from_device
-            prompt_ids[row, : seq.num_prompt_tokens] = seq.token_ids[: seq.num_prompt_tokens]
-            outs = seq.output_ids
-            output_ids[row, : len(outs)] = outs
+            n = len(seq.token_ids)
+            history[row, :n] = seq.token_ids
+            is_output[row, seq.num_prompt_tokens : n] = True
 
     sampling = dict(
         temperature=_padded(temperature, rows, 0.0, np.float32),
@@ -254,8 +255,8 @@ def _sampling_arrays(
         repetition_penalty=rep,
         presence_penalty=presence,
         frequency_penalty=frequency,
-        prompt_ids=prompt_ids,
-        output_ids=output_ids,
+        history=history,
+        history_is_output=is_output,
         input_is_output=input_is_output,
     )
     return sampling, sort, penalties, (max_logprobs if want_logprobs else 0)

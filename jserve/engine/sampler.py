@@ -32,9 +32,9 @@ class SamplingMetadata:
     repetition_penalty: jax.Array  # f32[R]
     presence_penalty: jax.Array  # f32[R]
     frequency_penalty: jax.Array  # f32[R]
-    prompt_ids: jax.Array  # i32[R, Lp]; -1 padded
-    output_ids: jax.Array  # i32[R, Lo]; known outputs, -1 padded
-    input_is_output: jax.Array  # bool[R]: the row's input token is an output not in output_ids
+    history: jax.Array  # i32[R, L]: prompt then known output ids, -1 padded
+    history_is_output: jax.Array  # bool[R, L]
+    input_is_output: jax.Array  # bool[R]: the row's input token is an output not in history
 
 
 @struct.dataclass
@@ -55,10 +55,10 @@ def _token_counts(ids: jax.Array, vocab: int) -> jax.Array:
 
 def apply_penalties(logits: jax.Array, sm: SamplingMetadata, last_ids: jax.Array) -> jax.Array:
     vocab = logits.shape[-1]
-    out_counts = _token_counts(sm.output_ids, vocab)  # [R, V]
+    outputs = jnp.where(sm.history_is_output, sm.history, -1)
     extra = jnp.where(sm.input_is_output, last_ids, -1)
-    out_counts = out_counts + _token_counts(extra[:, None], vocab)
-    seen = (out_counts > 0) | (_token_counts(sm.prompt_ids, vocab) > 0)
+    out_counts = _token_counts(jnp.concatenate([outputs, extra[:, None]], axis=1), vocab)
+    seen = (out_counts > 0) | (_token_counts(sm.history, vocab) > 0)  # [R, V]
     rep = sm.repetition_penalty[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - sm.frequency_penalty[:, None] * out_counts

@@ -77,9 +77,19 @@ def test_penalties_move_probability_away_from_seen_tokens() -> None:
     rows = 4000
     seen = np.full((rows, 4), -1, np.int32)
     seen[:, 0] = 0
-    got = _freqs(_draw(rows, penalties=True, output_ids=seen, frequency_penalty=2.0))
+    as_output = np.zeros((rows, 4), bool)
+    as_output[:, 0] = True
+    got = _freqs(
+        _draw(
+            rows, penalties=True, history=seen, history_is_output=as_output, frequency_penalty=2.0
+        )
+    )
     assert got[0] < 0.15  # was 0.4
-    got = _freqs(_draw(rows, penalties=True, prompt_ids=seen, repetition_penalty=5.0))
+    # In the prompt only: frequency and presence penalties do not apply ...
+    got = _freqs(_draw(rows, penalties=True, history=seen, frequency_penalty=2.0))
+    np.testing.assert_allclose(got, np.exp(LOGITS), atol=4 * np.sqrt(0.25 / rows))
+    # ... but the repetition penalty does.
+    got = _freqs(_draw(rows, penalties=True, history=seen, repetition_penalty=5.0))
     assert got[0] < 0.4
 
 
