@@ -254,29 +254,27 @@ def heldout_nll(
 ) -> tuple[float, int]:
     """Mean next-token NLL (nats) over consecutive non-overlapping windows of ``ids``.
 
-    Every token after the first is predicted exactly once, from the tokens
-    before it in its window. Returns (mean NLL, number of predicted tokens).
+    Every token after the first is predicted exactly once, from at most
+    ``context`` tokens before it in its window. The last window is padded at
+    the end (the model is causal, so padding changes nothing before it) and
+    rows are padded to ``batch``, so everything runs at one shape.
+    Returns (mean NLL, number of predicted tokens).
     """
-    n = len(ids) - 1
-    windows = []
-    for s in range(0, n, context):
+    starts = range(0, len(ids) - 1, context)
+    windows = np.zeros((len(starts), context + 1), np.int32)
+    mask = np.zeros((len(starts), context), bool)
+    for r, s in enumerate(starts):
         w = ids[s : s + context + 1]
-        windows.append(w)
-    total, count = 0.0, 0
-    full = [w for w in windows if len(w) == context + 1]
-    for i in range(0, len(full), batch):
-        chunk = np.stack(full[i : i + batch])
-        pad = batch - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+        windows[r, : len(w)] = w
+        mask[r, : len(w) - 1] = True
+    total = 0.0
+    for i in range(0, len(windows), batch):
+        chunk = np.zeros((batch, context + 1), np.int32)
+        part = windows[i : i + batch]
+        chunk[: len(part)] = part
         nll = np.asarray(_window_nll(params, jnp.asarray(chunk), cfg=cfg), np.float64)
-        total += float(nll[: batch - pad].sum())
-        count += (batch - pad) * context
-    for w in windows:
-        if len(w) < context + 1 and len(w) > 1:
-            nll = np.asarray(_window_nll(params, jnp.asarray(w[None]), cfg=cfg), np.float64)
-            total += float(nll.sum())
-            count += len(w) - 1
+        total += float(nll[: len(part)][mask[i : i + batch]].sum())
+    count = int(mask.sum())
     return total / count, count
 
 
