@@ -30,12 +30,17 @@ from jserve.models.rope import apply_rope
 
 
 def _copy(name: str) -> HFSource:
-    return HFSource((name,), lambda w: w)
+    return HFSource((name,), lambda w: w, lambda w: (w,))
 
 
 def _linear(name: str, shape: tuple[int, ...]) -> HFSource:
     # torch Linear stores [out, in]; jserve multiplies x @ W with W [in, out].
-    return HFSource((name,), lambda w: np.ascontiguousarray(w.T).reshape(shape))
+    return HFSource(
+        (name,),
+        lambda w: np.ascontiguousarray(w.T).reshape(shape),
+        # Inverse: [*in, out] -> [out, prod(in)].
+        lambda w: (np.ascontiguousarray(w.reshape(-1, shape[-1]).T),),
+    )
 
 
 def _fused_qkv(prefix: str, cfg: ModelConfig, suffix: str) -> HFSource:
@@ -53,8 +58,18 @@ def _fused_qkv(prefix: str, cfg: ModelConfig, suffix: str) -> HFSource:
             np.concatenate([heads(q, g), heads(kk, 1), heads(v, 1)], axis=-2)
         )
 
+    def export(w: np.ndarray) -> tuple[np.ndarray, ...]:
+        lead = w.shape[:-3]
+
+        # [*lead, Hkv, n, D] -> [Hkv*n*D, *lead]
+        def flat(part: np.ndarray) -> np.ndarray:
+            part = np.moveaxis(part, (-3, -2, -1), (0, 1, 2))
+            return np.ascontiguousarray(part.reshape(-1, *lead))
+
+        return flat(w[..., :g, :]), flat(w[..., g : g + 1, :]), flat(w[..., g + 1 :, :])
+
     names = tuple(f"{prefix}.self_attn.{p}_proj.{suffix}" for p in "qkv")
-    return HFSource(names, build)
+    return HFSource(names, build, export)
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, Any]:
@@ -90,6 +105,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
                 HFSource(
                     (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"),
                     lambda gate, up: np.ascontiguousarray(np.stack([gate.T, up.T], axis=1)),
+                    lambda w: (np.ascontiguousarray(w[:, 0].T), np.ascontiguousarray(w[:, 1].T)),
                 ),
             ),
             "w_down": ParamSpec(
@@ -113,6 +129,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
                 HFSource(
                     (f"{p}.mlp.gate_proj.bias", f"{p}.mlp.up_proj.bias"),
                     lambda gate, up: np.stack([gate, up]),
+                    lambda w: (w[0], w[1]),
                 ),
             )
             layer["b_down"] = ParamSpec((e,), (None,), "zeros", _copy(f"{p}.mlp.down_proj.bias"))

@@ -22,14 +22,17 @@ Params = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class HFSource:
-    """How to build one jserve weight from Hugging Face tensors.
+    """How to build one jserve weight from Hugging Face tensors, and back.
 
     ``names`` are the checkpoint keys read; ``build`` turns those numpy arrays
     (in the order of ``names``) into the array of the declared shape.
+    ``export`` is its inverse: the jserve array -> the tensors of ``names``,
+    in that order, in Hugging Face layout (used to write checkpoints).
     """
 
     names: tuple[str, ...]
     build: Callable[..., np.ndarray]
+    export: Callable[[np.ndarray], tuple[np.ndarray, ...]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,97 @@
+"""Writing Hugging Face directories: exact round trips and parity with transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from checkpoints import load_hf_params
+from checkpoints.hf_export import config_to_dict, save_hf_checkpoint
+from jserve.config import config_from_dict, load_config
+from jserve.models import llama
+from jserve.models.params import init_params, iter_leaves
+from tests.hf_models import TINY_ARCHS, hf_logits
+
+PROMPT = [5, 17, 200, 3, 9, 41, 77, 128, 255, 0, 12, 13, 14, 99, 100, 101, 7]
+
+
+def _random_params(cfg, seed: int = 0):
+    """init_params, then noise on every leaf so norms and biases are not 1 and 0."""
+    params = init_params(llama.param_specs(cfg), jax.random.key(seed), jnp.float32, std=0.08)
+    leaves = jax.tree_util.tree_leaves(params)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(leaves)))
+    return jax.tree_util.tree_map(
+        lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype), params
+    )
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_config_round_trips(arch: str, tiny_model_dirs: dict[str, str]) -> None:
+    cfg = load_config(tiny_model_dirs[arch]).replace(eos_token_ids=(3, 4), bos_token_id=1)
+    back = config_from_dict(json.loads(json.dumps(config_to_dict(cfg))), name=cfg.name)
+    assert back == cfg
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_save_then_load_is_identical(arch: str, tiny_model_dirs: dict[str, str], tmp_path) -> None:
+    cfg = load_config(tiny_model_dirs[arch])
+    params = _random_params(cfg)
+    out = save_hf_checkpoint(params, cfg, tmp_path / "out")
+    assert load_config(out).replace(name=cfg.name) == cfg
+    got = dict(iter_leaves(load_hf_params(out, cfg, jnp.float32)))
+    want = dict(iter_leaves(params))
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_export_inverts_the_loader(arch: str, tiny_model_dirs: dict[str, str], tmp_path) -> None:
+    """A transformers-written checkpoint, loaded and saved again, has identical tensors."""
+    src = tiny_model_dirs[arch]
+    cfg = load_config(src)
+    out = save_hf_checkpoint(load_hf_params(src, cfg, jnp.float32), cfg, tmp_path / "out")
+    want = load_file(os.path.join(src, "model.safetensors"))
+    got = load_file(os.path.join(out, "model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_transformers_loads_saved_dir(arch: str, tiny_model_dirs: dict[str, str], tmp_path) -> None:
+    cfg = load_config(tiny_model_dirs[arch])
+    params = _random_params(cfg, seed=3)
+    out = str(save_hf_checkpoint(params, cfg, tmp_path / "out"))
+    want = hf_logits(out, PROMPT)
+    got = np.asarray(llama.forward_dense(params, cfg, jnp.asarray([PROMPT], jnp.int32)))[0]
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+
+
+def test_bfloat16_checkpoint(llama_dir: str, tmp_path) -> None:
+    cfg = load_config(llama_dir).replace(eos_token_ids=(7,), bos_token_id=2)
+    params = _random_params(cfg)
+    out = save_hf_checkpoint(params, cfg, tmp_path / "bf16", dtype="bfloat16")
+    with open(os.path.join(out, "config.json")) as f:
+        raw = json.load(f)
+    assert raw["dtype"] == raw["torch_dtype"] == "bfloat16"
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f) == {"bos_token_id": 2, "eos_token_id": 7}
+    assert {t.dtype.name for t in load_file(os.path.join(out, "model.safetensors")).values()} == {
+        "bfloat16"
+    }
+    got = dict(iter_leaves(load_hf_params(out, load_config(out), jnp.bfloat16)))
+    for k, x in iter_leaves(params):
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x.astype(jnp.bfloat16)))
+
+
+def test_inexpressible_config_is_refused(llama_dir: str, tmp_path) -> None:
+    cfg = load_config(llama_dir).replace(o_bias=False)
+    with pytest.raises(ValueError, match="attention_bias"):
+        save_hf_checkpoint(_random_params(cfg), cfg, tmp_path / "x")
