@@ -14,9 +14,10 @@ from jserve.cli.main import main
 ENGINE = ["--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--disable-tqdm"]
 
 
-def test_throughput_json_is_consistent(tok_model_dir: str, tmp_path) -> None:
+def test_throughput_json_is_consistent(tmp_path) -> None:
+    # The embedded Shakespeare model (no --model).
     out = tmp_path / "t.json"
-    args = ["bench", "throughput", "--model", tok_model_dir, "--num-prompts", "12"]
+    args = ["bench", "throughput", "--num-prompts", "12"]
     args += ["--random-input-len", "24", "--random-output-len", "10", "--random-range-ratio", "0.5"]
     assert main([*args, *ENGINE, "--result-filename", str(out), "--seed", "3"]) == 0
     r = json.loads(out.read_text())
@@ -36,9 +37,9 @@ def test_throughput_json_is_consistent(tok_model_dir: str, tmp_path) -> None:
     )
 
 
-def test_latency_json_is_consistent(tok_model_dir: str, tmp_path) -> None:
+def test_latency_json_is_consistent(tmp_path) -> None:
     out = tmp_path / "l.json"
-    args = ["bench", "latency", "--model", tok_model_dir, "--batch-size", "3"]
+    args = ["bench", "latency", "--batch-size", "3"]
     args += ["--input-len", "8", "--output-len", "6", "--num-iters", "4", "--num-iters-warmup", "1"]
     assert main([*args, *ENGINE, "--result-filename", str(out)]) == 0
     r = json.loads(out.read_text())
@@ -87,3 +88,21 @@ def test_arrival_gaps_follow_the_rate() -> None:
     assert bursty.mean() == pytest.approx(0.25, rel=0.05)
     assert bursty.std() > 1.5 * poisson.std()
     assert not arrival_gaps(rng, 5, rate=float("inf"), burstiness=1.0).any()
+
+
+def test_shakespeare_dataset_with_the_embedded_model(tmp_path) -> None:
+    out = tmp_path / "s.json"
+    args = ["bench", "throughput", "--dataset-name", "shakespeare", "--num-prompts", "6"]
+    args += [
+        "--shakespeare-input-len",
+        "20",
+        "--shakespeare-output-len",
+        "8",
+        "--temperature",
+        "0.8",
+    ]
+    assert main([*args, *ENGINE, "--result-filename", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["dataset"] == "shakespeare" and r["total_output_tokens"] == 6 * 8
+    assert r["total_input_tokens"] >= 6 * 20
+    assert r["model"].endswith("shakespeare-llama")
