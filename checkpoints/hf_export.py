@@ -91,7 +91,7 @@ def config_to_dict(cfg: ModelConfig, dtype: Any = "float32") -> dict[str, Any]:
         "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_q_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
+        "num_key_value_heads": cfg.source_kv_heads,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.rms_norm_eps,

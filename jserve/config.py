@@ -61,6 +61,27 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    # Copies of each checkpoint KV head held in num_kv_heads: above 1 when tensor
+    # parallelism splits more ways than the model has KV heads.
+    kv_repeat: int = 1
+
+    @property
+    def source_kv_heads(self) -> int:
+        """KV heads as the checkpoint stores them."""
+        return self.num_kv_heads // self.kv_repeat
+
+    def with_kv_heads_for(self, tensor_parallel_size: int) -> ModelConfig:
+        """Replicates KV heads so each of ``tensor_parallel_size`` devices holds whole heads.
+
+        E.g. 8 KV heads on 16 devices: each head is held twice (kv_repeat 2), and
+        query heads 2j and 2j+1 of each original group share one copy.
+        """
+        src = self.source_kv_heads
+        if tensor_parallel_size <= src:
+            return self
+        return self.replace(
+            num_kv_heads=tensor_parallel_size, kv_repeat=tensor_parallel_size // src
+        )
 
     @property
     def q_per_kv(self) -> int:
@@ -71,7 +92,7 @@ class ModelConfig:
 
     def num_params(self) -> int:
         e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = e * (self.num_q_heads + 2 * self.num_kv_heads) * d + self.num_q_heads * d * e
+        attn = e * (self.num_q_heads + 2 * self.source_kv_heads) * d + self.num_q_heads * d * e
         mlp = 3 * e * f
         per_layer = attn + mlp + 2 * e
         head = 0 if self.tie_word_embeddings else self.vocab_size * e

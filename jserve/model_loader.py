@@ -37,21 +37,25 @@ def _stage_layers(params: Any, cfg: ModelConfig, mesh: Any) -> Any:
     return stack_stages(params, llama.param_specs(cfg), mesh)
 
 
-def placement(cfg: ModelConfig, parallel: Any) -> tuple[Any, Any]:
-    """(mesh, per-weight shardings) for a parallel config, or (None, None) for one device."""
+def placement(cfg: ModelConfig, parallel: Any) -> tuple[ModelConfig, Any, Any]:
+    """(config, mesh, per-weight shardings) for a parallel config; no mesh for one device.
+
+    The config may come back with KV heads replicated (see ModelConfig.with_kv_heads_for).
+    """
     if parallel is None or parallel.world_size == 1:
-        return None, None
+        return cfg, None, None
     from jserve.models import llama
     from sharding import make_mesh, param_shardings
     from sharding.pipeline import pipeline_param_shardings, uniform_stage_windows
 
     parallel.validate(cfg, jax.device_count())
+    cfg = cfg.with_kv_heads_for(parallel.tensor_parallel_size)
     mesh = make_mesh(parallel)
     specs = llama.param_specs(cfg)
     if parallel.pipeline_parallel_size == 1:
-        return mesh, param_shardings(specs, mesh)
+        return cfg, mesh, param_shardings(specs, mesh)
     uniform_stage_windows(cfg.sliding_windows, parallel.pipeline_parallel_size)
-    return mesh, pipeline_param_shardings(specs, mesh)
+    return cfg, mesh, pipeline_param_shardings(specs, mesh)
 
 
 def resolve_dtype(dtype: str | Any) -> Any:
@@ -83,8 +87,15 @@ def load_model(
         )
     cfg = load_config(path)
     dt = resolve_dtype(dtype)
-    mesh, shardings = placement(cfg, parallel)
+    cfg, mesh, shardings = placement(cfg, parallel)
     if is_orbax_checkpoint(path):
+        if cfg.kv_repeat > 1:
+            raise ConfigError(
+                f"tensor_parallel_size {parallel.tensor_parallel_size} needs the model's "
+                f"{cfg.source_kv_heads} KV heads replicated, which an Orbax checkpoint cannot "
+                "be restored into; serve the Hugging Face directory instead, or use a "
+                f"tensor_parallel_size of at most {cfg.source_kv_heads}"
+            )
         params = load_orbax_params(path, cfg, dt, shardings)
     else:
         params = load_hf_params(path, cfg, dt, shardings)
@@ -126,7 +137,7 @@ def random_model(
             "with a config.json"
         )
     dt = resolve_dtype(dtype)
-    mesh, shardings = placement(cfg, parallel)
+    cfg, mesh, shardings = placement(cfg, parallel)
     params = init_params(llama.param_specs(cfg), jax.random.key(seed), dt, shardings=shardings)
     tokenizer = None
     embedded = default_model_path()

@@ -44,18 +44,18 @@ def _linear(name: str, shape: tuple[int, ...]) -> HFSource:
 
 
 def _fused_qkv(prefix: str, cfg: ModelConfig, suffix: str) -> HFSource:
-    k, g, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
+    k, g, d, r = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.kv_repeat
 
     def build(q: np.ndarray, kk: np.ndarray, v: np.ndarray) -> np.ndarray:
         lead = q.shape[1:]  # (E,) for weights, () for biases
 
-        # [H*D, *lead] -> [*lead, Hkv, n, D]
-        def heads(w: np.ndarray, n: int) -> np.ndarray:
-            w = w.reshape(k, n, d, *lead)
+        # [H*D, *lead] -> [*lead, Hkv, n, D]; checkpoint K/V heads repeated r times.
+        def heads(w: np.ndarray, n: int, repeat: int = 1) -> np.ndarray:
+            w = np.repeat(w.reshape(k // repeat, n, d, *lead), repeat, axis=0)
             return np.moveaxis(w, (0, 1, 2), (-3, -2, -1))
 
         return np.ascontiguousarray(
-            np.concatenate([heads(q, g), heads(kk, 1), heads(v, 1)], axis=-2)
+            np.concatenate([heads(q, g), heads(kk, 1, r), heads(v, 1, r)], axis=-2)
         )
 
     def export(w: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -66,7 +66,8 @@ def _fused_qkv(prefix: str, cfg: ModelConfig, suffix: str) -> HFSource:
             part = np.moveaxis(part, (-3, -2, -1), (0, 1, 2))
             return np.ascontiguousarray(part.reshape(-1, *lead))
 
-        return flat(w[..., :g, :]), flat(w[..., g : g + 1, :]), flat(w[..., g + 1 :, :])
+        kv = w[..., ::r, :, :]  # one copy of each replicated K/V head
+        return flat(w[..., :g, :]), flat(kv[..., g : g + 1, :]), flat(kv[..., g + 1 :, :])
 
     names = tuple(f"{prefix}.self_attn.{p}_proj.{suffix}" for p in "qkv")
     return HFSource(names, build, export)

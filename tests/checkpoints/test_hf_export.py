@@ -95,3 +95,39 @@ def test_inexpressible_config_is_refused(llama_dir: str, tmp_path) -> None:
     cfg = load_config(llama_dir).replace(o_bias=False)
     with pytest.raises(ValueError, match="attention_bias"):
         save_hf_checkpoint(_random_params(cfg), cfg, tmp_path / "x")
+
+
+def test_replicated_kv_heads_load_and_export(tiny_model_dirs: dict[str, str], tmp_path) -> None:
+    """With more tensor-parallel devices than KV heads, each head is held twice; exporting
+    gives back the checkpoint's tensors, and the logits do not change."""
+    from jserve.models.attention import AttentionMetadata
+
+    src = tiny_model_dirs["qwen3"]  # 4 query heads, 2 KV heads
+    cfg = load_config(src)
+    wide = cfg.with_kv_heads_for(4)
+    assert (wide.num_kv_heads, wide.kv_repeat, wide.source_kv_heads) == (4, 2, 2)
+    params = load_hf_params(src, wide, jnp.float32)
+    wqkv = np.asarray(params["layers"][0]["wqkv"])  # [E, 4, 1 + 2, D]
+    np.testing.assert_array_equal(wqkv[:, 0, 1:], wqkv[:, 1, 1:])  # head 0's K/V twice
+    out = save_hf_checkpoint(params, wide, tmp_path / "out")
+    want = load_file(os.path.join(src, "model.safetensors"))
+    got = load_file(os.path.join(out, "model.safetensors"))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+    def logits(c, p):
+        n = len(PROMPT)
+        md = AttentionMetadata(
+            positions=jnp.arange(n, dtype=jnp.int32),
+            slot_mapping=jnp.arange(n, dtype=jnp.int32),
+            kv_lens=jnp.array([n], jnp.int32),
+            page_indices=jnp.arange(8, dtype=jnp.int32)[None],
+            cu_q_lens=jnp.array([0, n], jnp.int32),
+            num_seqs=jnp.array([1], jnp.int32),
+        )
+        pages = [jnp.zeros((8, 4, 2 * c.num_kv_heads, c.head_dim))] * c.num_layers
+        hidden, _ = llama.forward(p, c, jnp.asarray(PROMPT, jnp.int32), pages, md)
+        return np.asarray(llama.compute_logits(p, c, hidden))
+
+    narrow = logits(cfg, load_hf_params(src, cfg, jnp.float32))
+    np.testing.assert_allclose(logits(wide, params), narrow, atol=1e-5)

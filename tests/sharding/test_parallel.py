@@ -89,9 +89,10 @@ def tp_model_dir(tmp_path_factory) -> str:
 
 
 def test_tensor_parallel_matches_one_device(tp_model_dir: str) -> None:
-    res = _probe(tp_model_dir, ["1x1x0", "2x1x0", "4x1x0"])
+    # tp 8 > 4 KV heads: each KV head is held by two devices.
+    res = _probe(tp_model_dir, ["1x1x0", "2x1x0", "4x1x0", "8x1x0"])
     one = res["1x1x0"]
-    for tp in (2, 4):
+    for tp in (2, 4, 8):
         r = res[f"{tp}x1x0"]
         assert r["tokens"] == one["tokens"], tp
         # One all-reduce after attention and one after the MLP per layer (4 layers),
