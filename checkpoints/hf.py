@@ -16,23 +16,8 @@ from jserve.models import llama
 from jserve.models.params import ParamSpec, iter_leaves, iter_specs, map_specs
 
 
-def _build(reader: SafetensorsReader, path: str, spec: ParamSpec, dtype: Any) -> np.ndarray:
-    tensors = [reader.get(name) for name in spec.source.names]
-    shapes = ", ".join(f"{n} {t.shape}" for n, t in zip(spec.source.names, tensors, strict=True))
-    try:
-        value = spec.source.build(*tensors)
-    except ValueError:
-        value = None
-    if value is None or tuple(value.shape) != spec.shape:
-        raise CheckpointError(
-            f"shape mismatch: checkpoint tensors {shapes} do not form jserve weight {path} of "
-            f"shape {spec.shape} implied by config.json; the config and weights do not belong "
-            "together"
-        )
-    return value.astype(dtype, copy=False)
-
-
-def check_tensors_present(reader: SafetensorsReader, specs: Any) -> None:
+def check_tensors(reader: SafetensorsReader, specs: Any) -> None:
+    """Every tensor the config needs is present with the shape the config implies."""
     available = reader.names()
     missing = [
         name for _, spec in iter_specs(specs) for name in spec.source.names if name not in available
@@ -43,6 +28,35 @@ def check_tensors_present(reader: SafetensorsReader, specs: Any) -> None:
             f"checkpoint in {reader.model_dir} is missing tensors the config needs: "
             f"{', '.join(missing[:5])}{more}"
         )
+    for path, spec in iter_specs(specs):
+        for name, want in zip(spec.source.names, spec.source.shapes, strict=False):
+            got = reader.shape(name)
+            if got != want:
+                raise CheckpointError(
+                    f"shape mismatch: checkpoint tensor {name} has shape {got} but config.json "
+                    f"implies {want} (for jserve weight {path}); the config and weights do not "
+                    "belong together"
+                )
+
+
+def _whole(reader: SafetensorsReader, spec: ParamSpec, dtype: Any) -> np.ndarray:
+    value = spec.source.build(*(reader.get(name) for name in spec.source.names))
+    return value.astype(dtype, copy=False)
+
+
+def _piece(
+    reader: SafetensorsReader, spec: ParamSpec, index: tuple[slice, ...], dtype: Any
+) -> np.ndarray:
+    """Just ``index`` of a weight, reading only the slices of the tensors it needs."""
+    index = tuple(
+        slice(*s.indices(n)[:2]) for s, n in zip(index, spec.shape, strict=True)
+    )  # concrete bounds
+    if spec.source.read_slice is not None:
+        try:
+            return spec.source.read_slice(reader.get_slice, index).astype(dtype, copy=False)
+        except NotImplementedError:
+            pass
+    return _whole(reader, spec, dtype)[index]
 
 
 def load_hf_params(
@@ -54,24 +68,26 @@ def load_hf_params(
 ) -> dict[str, Any]:
     """Reads, converts and places each weight in turn.
 
-    Only one weight's source tensors are on the host at a time; each is moved
-    to the device (with its sharding, when given) before the next is read.
+    On one device, one weight's source tensors are on the host at a time. With
+    shardings, each device's slice is read straight from the files (safetensors
+    slices), so no process ever holds a whole sharded tensor.
     """
     specs = llama.param_specs(cfg)
     flat_shardings = dict(iter_leaves(shardings)) if shardings is not None else {}
     with SafetensorsReader(model_dir) as reader:
-        check_tensors_present(reader, specs)
+        check_tensors(reader, specs)
         total = sum(1 for _ in iter_specs(specs))
         bar = tqdm(total=total, desc="loading weights", disable=not progress, unit="w")
 
         def load(path: str, spec: ParamSpec) -> jax.Array:
-            value = _build(reader, path, spec, dtype)
             sharding = flat_shardings.get(path)
             if sharding is None:
-                out = jax.device_put(value)
+                out = jax.device_put(_whole(reader, spec, dtype))
             else:
-                # Each addressable device gets its slice (also across processes).
-                out = jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+                # Called once per addressable device with that device's index.
+                out = jax.make_array_from_callback(
+                    spec.shape, sharding, lambda idx: _piece(reader, spec, idx, dtype)
+                )
             bar.update(1)
             return out
 

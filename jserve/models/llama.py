@@ -29,33 +29,84 @@ from jserve.models.rope import apply_rope
 # Weight declarations and their Hugging Face sources.
 
 
-def _copy(name: str) -> HFSource:
-    return HFSource((name,), lambda w: w, lambda w: (w,))
+def _range(idx: slice) -> tuple[int, int]:
+    return idx.start, idx.stop
+
+
+def _whole(idx: slice, size: int) -> bool:
+    return idx.start == 0 and idx.stop == size
+
+
+def _copy(name: str, shape: tuple[int, ...]) -> HFSource:
+    return HFSource(
+        (name,),
+        lambda w: w,
+        lambda w: (w,),
+        shapes=(shape,),
+        read_slice=lambda read, idx: read(name, idx),
+    )
+
+
+def _flat_range(idx: tuple[slice, ...], dims: tuple[int, ...]) -> slice:
+    """A slice of the flattened dims that covers exactly ``idx``, if one does.
+
+    E.g. dims (4, 8) with idx (1:3, 0:8) -> 8:24.
+    """
+    inner = 1
+    for i in range(len(dims) - 1, 0, -1):
+        if not _whole(idx[i], dims[i]):
+            raise NotImplementedError(f"slice {idx} of {dims} is not contiguous")
+        inner *= dims[i]
+    return slice(idx[0].start * inner, idx[0].stop * inner)
 
 
 def _linear(name: str, shape: tuple[int, ...]) -> HFSource:
-    # torch Linear stores [out, in]; jserve multiplies x @ W with W [in, out].
+    # torch Linear stores [out, in]; jserve multiplies x @ W with W [in..., out].
+    in_dims, out = shape[:-1], shape[-1]
+
+    def read_slice(read: Any, idx: tuple[slice, ...]) -> np.ndarray:
+        src = read(name, (idx[-1], _flat_range(idx[:-1], in_dims)))  # [out', in']
+        lead = tuple(i.stop - i.start for i in idx[:-1])
+        return np.ascontiguousarray(src.T).reshape(*lead, src.shape[0])
+
     return HFSource(
         (name,),
         lambda w: np.ascontiguousarray(w.T).reshape(shape),
         # Inverse: [*in, out] -> [out, prod(in)].
         lambda w: (np.ascontiguousarray(w.reshape(-1, shape[-1]).T),),
+        shapes=((out, int(np.prod(in_dims))),),
+        read_slice=read_slice,
     )
 
 
 def _fused_qkv(prefix: str, cfg: ModelConfig, suffix: str) -> HFSource:
     k, g, d, r = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.kv_repeat
+    lead_shape = (cfg.hidden_size,) if suffix == "weight" else ()
+    names = tuple(f"{prefix}.self_attn.{p}_proj.{suffix}" for p in "qkv")
 
-    def build(q: np.ndarray, kk: np.ndarray, v: np.ndarray) -> np.ndarray:
-        lead = q.shape[1:]  # (E,) for weights, () for biases
+    def assemble(q: np.ndarray, kk: np.ndarray, v: np.ndarray, k0: int, k1: int) -> np.ndarray:
+        """Heads [k0, k1) from q rows of those heads and k/v rows of the checkpoint heads
+        [k0 // r, ceil(k1 / r)), each of which is repeated r times."""
+        lead = q.shape[1:]  # (E',) for weights, () for biases
+        n, skip = k1 - k0, k0 - (k0 // r) * r
 
-        # [H*D, *lead] -> [*lead, Hkv, n, D]; checkpoint K/V heads repeated r times.
-        def heads(w: np.ndarray, n: int, repeat: int = 1) -> np.ndarray:
-            w = np.repeat(w.reshape(k // repeat, n, d, *lead), repeat, axis=0)
-            return np.moveaxis(w, (0, 1, 2), (-3, -2, -1))
+        def kv(w: np.ndarray) -> np.ndarray:
+            return np.repeat(w.reshape(-1, 1, d, *lead), r, axis=0)[skip : skip + n]
 
-        return np.ascontiguousarray(
-            np.concatenate([heads(q, g), heads(kk, 1, r), heads(v, 1, r)], axis=-2)
+        out = np.concatenate([q.reshape(n, g, d, *lead), kv(kk), kv(v)], axis=1)
+        # [n, G+2, D, *lead] -> [*lead, n, G+2, D]
+        return np.ascontiguousarray(np.moveaxis(out, (0, 1, 2), (-3, -2, -1)))
+
+    def read_slice(read: Any, idx: tuple[slice, ...]) -> np.ndarray:
+        lead_idx, (ks, js, ds) = idx[:-3], idx[-3:]
+        if not (_whole(js, g + 2) and _whole(ds, d)):
+            raise NotImplementedError("the fused QKV weight is split only by KV head")
+        k0, k1 = _range(ks)
+        s0, s1 = k0 // r, -(-k1 // r)
+        q = read(names[0], (slice(k0 * g * d, k1 * g * d), *lead_idx))
+        kv_rows = slice(s0 * d, s1 * d)
+        return assemble(
+            q, read(names[1], (kv_rows, *lead_idx)), read(names[2], (kv_rows, *lead_idx)), k0, k1
         )
 
     def export(w: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -69,8 +120,49 @@ def _fused_qkv(prefix: str, cfg: ModelConfig, suffix: str) -> HFSource:
         kv = w[..., ::r, :, :]  # one copy of each replicated K/V head
         return flat(w[..., :g, :]), flat(kv[..., g : g + 1, :]), flat(kv[..., g + 1 :, :])
 
-    names = tuple(f"{prefix}.self_attn.{p}_proj.{suffix}" for p in "qkv")
-    return HFSource(names, build, export)
+    src_kv = (k // r * d, *lead_shape)
+    return HFSource(
+        names,
+        lambda q, kk, v: assemble(q, kk, v, 0, k),
+        export,
+        shapes=((k * g * d, *lead_shape), src_kv, src_kv),
+        read_slice=read_slice,
+    )
+
+
+def _gate_up(prefix: str, suffix: str, e: int, f: int) -> HFSource:
+    names = (f"{prefix}.mlp.gate_proj.{suffix}", f"{prefix}.mlp.up_proj.{suffix}")
+    if suffix == "weight":  # [F, E] each -> [E, 2, F]
+
+        def build(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(np.stack([gate.T, up.T], axis=1))
+
+        def read_slice(read: Any, idx: tuple[slice, ...]) -> np.ndarray:
+            e_idx, c_idx, f_idx = idx
+            if not _whole(c_idx, 2):
+                raise NotImplementedError("gate and up are split only along the hidden units")
+            return build(read(names[0], (f_idx, e_idx)), read(names[1], (f_idx, e_idx)))
+
+        return HFSource(
+            names,
+            build,
+            lambda w: (np.ascontiguousarray(w[:, 0].T), np.ascontiguousarray(w[:, 1].T)),
+            shapes=((f, e), (f, e)),
+            read_slice=read_slice,
+        )
+
+    def read_bias(read: Any, idx: tuple[slice, ...]) -> np.ndarray:  # [2, F]
+        if not _whole(idx[0], 2):
+            raise NotImplementedError("gate and up are split only along the hidden units")
+        return np.stack([read(names[0], idx[1:]), read(names[1], idx[1:])])
+
+    return HFSource(
+        names,
+        lambda gate, up: np.stack([gate, up]),
+        lambda w: (w[0], w[1]),
+        shapes=((f,), (f,)),
+        read_slice=read_bias,
+    )
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, Any]:
@@ -79,7 +171,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     hq, hk, g = cfg.num_q_heads, cfg.num_kv_heads, cfg.q_per_kv
 
     def norm(name: str, size: int = e) -> ParamSpec:
-        return ParamSpec((size,), (None,), "ones", _copy(name))
+        return ParamSpec((size,), (None,), "ones", _copy(name, (size,)))
 
     layers = []
     for i in range(cfg.num_layers):
@@ -100,14 +192,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
             ),
             "mlp_norm": norm(f"{p}.post_attention_layernorm.weight"),
             "w_gate_up": ParamSpec(
-                (e, 2, f),
-                ("embed", None, "mlp"),
-                "normal",
-                HFSource(
-                    (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"),
-                    lambda gate, up: np.ascontiguousarray(np.stack([gate.T, up.T], axis=1)),
-                    lambda w: (np.ascontiguousarray(w[:, 0].T), np.ascontiguousarray(w[:, 1].T)),
-                ),
+                (e, 2, f), ("embed", None, "mlp"), "normal", _gate_up(p, "weight", e, f)
             ),
             "w_down": ParamSpec(
                 (f, e),
@@ -121,19 +206,16 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
                 (hk, g + 2, d), ("kv_heads", None, "head_dim"), "zeros", _fused_qkv(p, cfg, "bias")
             )
         if cfg.o_bias:
-            layer["bo"] = ParamSpec((e,), (None,), "zeros", _copy(f"{p}.self_attn.o_proj.bias"))
+            layer["bo"] = ParamSpec(
+                (e,), (None,), "zeros", _copy(f"{p}.self_attn.o_proj.bias", (e,))
+            )
         if cfg.mlp_bias:
             layer["b_gate_up"] = ParamSpec(
-                (2, f),
-                (None, "mlp"),
-                "zeros",
-                HFSource(
-                    (f"{p}.mlp.gate_proj.bias", f"{p}.mlp.up_proj.bias"),
-                    lambda gate, up: np.stack([gate, up]),
-                    lambda w: (w[0], w[1]),
-                ),
+                (2, f), (None, "mlp"), "zeros", _gate_up(p, "bias", e, f)
             )
-            layer["b_down"] = ParamSpec((e,), (None,), "zeros", _copy(f"{p}.mlp.down_proj.bias"))
+            layer["b_down"] = ParamSpec(
+                (e,), (None,), "zeros", _copy(f"{p}.mlp.down_proj.bias", (e,))
+            )
         if cfg.qk_norm:
             layer["q_norm"] = norm(f"{p}.self_attn.q_norm.weight", d)
             layer["k_norm"] = norm(f"{p}.self_attn.k_norm.weight", d)
@@ -141,7 +223,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
 
     specs: dict[str, Any] = {
         "embed": ParamSpec(
-            (v, e), ("vocab", "embed"), "normal", _copy("model.embed_tokens.weight")
+            (v, e), ("vocab", "embed"), "normal", _copy("model.embed_tokens.weight", (v, e))
         ),
         "layers": layers,
         "final_norm": norm("model.norm.weight"),

@@ -20,19 +20,28 @@ import numpy as np
 Params = dict[str, Any]
 
 
+# read(name, index) -> the given slice of a checkpoint tensor.
+ReadFn = Callable[[str, tuple[slice, ...]], np.ndarray]
+
+
 @dataclasses.dataclass(frozen=True)
 class HFSource:
     """How to build one jserve weight from Hugging Face tensors, and back.
 
-    ``names`` are the checkpoint keys read; ``build`` turns those numpy arrays
-    (in the order of ``names``) into the array of the declared shape.
-    ``export`` is its inverse: the jserve array -> the tensors of ``names``,
-    in that order, in Hugging Face layout (used to write checkpoints).
+    ``names`` are the checkpoint keys read, with their expected ``shapes``;
+    ``build`` turns those numpy arrays (in the order of ``names``) into the
+    array of the declared shape. ``export`` is its inverse: the jserve array
+    -> the tensors of ``names``, in that order, in Hugging Face layout (used to
+    write checkpoints). ``read_slice(read, index)`` builds only ``index`` of
+    the weight from slices of the tensors, so a sharded load never holds a
+    whole tensor; it may raise NotImplementedError for an unusual index.
     """
 
     names: tuple[str, ...]
     build: Callable[..., np.ndarray]
     export: Callable[[np.ndarray], tuple[np.ndarray, ...]] | None = None
+    shapes: tuple[tuple[int, ...], ...] = ()
+    read_slice: Callable[[ReadFn, tuple[slice, ...]], np.ndarray] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
