@@ -145,5 +145,6 @@ def print_serving_summary(result: dict, percentiles: tuple[float, ...]) -> None:
         row(f"Mean {name.upper()} (ms):", result[f"mean_{name}_ms"], ".2f")
         row(f"Median {name.upper()} (ms):", result[f"median_{name}_ms"], ".2f")
         for p in percentiles:
-            row(f"P{p:g} {name.upper()} (ms):", result[f"p{p:g}_{name}_ms"], ".2f")
+            if p != 50:  # the median is printed above
+                row(f"P{p:g} {name.upper()} (ms):", result[f"p{p:g}_{name}_ms"], ".2f")
     print(line)

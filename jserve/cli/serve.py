@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from jserve.server.cli import run_serve
 
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("jax").setLevel(logging.WARNING)
     mh = None
     if args.num_processes > 1 or args.coordinator_address:
         mh = multihost.MultiHostConfig(
