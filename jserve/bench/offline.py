@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ def _start_engine(args: argparse.Namespace) -> tuple[LLMEngine, dict[str, float]
         progress=not args.disable_tqdm,
     )
     t2 = time.perf_counter()
+    print(f"jserve: {engine.describe()}", file=sys.stderr, flush=True)
     return engine, {"load_s": t1 - t0, "engine_init_and_compile_s": t2 - t1}
 
 

@@ -39,7 +39,7 @@ def test_throughput_json_is_consistent(tmp_path) -> None:
 
 def test_latency_json_is_consistent(tmp_path) -> None:
     out = tmp_path / "l.json"
-    args = ["bench", "latency", "--batch-size", "3"]
+    args = ["bench", "latency", "--batch-size", "3", "--plot-dir", str(tmp_path / "plots")]
     args += ["--input-len", "8", "--output-len", "6", "--num-iters", "4", "--num-iters-warmup", "1"]
     assert main([*args, *ENGINE, "--result-filename", str(out)]) == 0
     r = json.loads(out.read_text())
@@ -47,6 +47,8 @@ def test_latency_json_is_consistent(tmp_path) -> None:
     ps = [r["percentiles"][k] for k in ("50", "90", "99")]
     assert ps == sorted(ps)
     assert r["avg_latency"] == pytest.approx(np.mean(r["latencies"]))
+    png = (tmp_path / "plots" / "latency_cdf.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
 
 
 def test_random_dataset_lengths_and_prefix() -> None:

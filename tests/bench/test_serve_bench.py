@@ -37,7 +37,9 @@ def test_bench_serve_json_is_consistent(server_port: int, backend: str, tmp_path
     args += ["--num-prompts", "10", "--random-input-len", "12", "--random-output-len", "8"]
     args += ["--request-rate", "50", "--max-concurrency", "4", "--seed", "1", "--vocab-size", "300"]
     args += ["--goodput", "ttft:60000", "tpot:60000", "--disable-tqdm"]
-    assert main([*args, "--result-filename", str(out)]) == 0
+    plots = tmp_path / "plots"
+    assert main([*args, "--result-filename", str(out), "--plot-dir", str(plots)]) == 0
+    assert {p.name for p in plots.iterdir()} == {"latency_cdf.png", "throughput.png"}
     r = json.loads(out.read_text())
     assert r["completed"] == 10 and r["failed"] == 0
     assert sum(r["input_lens"]) == r["total_input_tokens"]
