@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from jserve.config import ModelConfig
 from jserve.engine.config import EngineConfig
 from jserve.engine.llm_engine import LLMEngine
 from jserve.errors import InvalidRequestError
@@ -64,6 +65,11 @@ class LLM:
         self.model: LoadedModel = load_model(model or default_model_path(), dtype, parallel)
         self.engine = LLMEngine(self.model, ecfg, warmup=warmup)
         self._counter = 0
+
+    @property
+    def cfg(self) -> ModelConfig:
+        """The model's configuration (as read from config.json)."""
+        return self.engine.cfg
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.model.tokenizer

@@ -171,6 +171,8 @@ class LLMEngine:
     ) -> Request:
         """Validates and queues a request. ``prompt_text`` records the text of a prompt
         that the caller already tokenized (passed as ids)."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         text, ids = self.validate_request(request_id, prompt, params)
         return self.enqueue(request_id, text or prompt_text, ids, params, priority, arrival_time)
 
