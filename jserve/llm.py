@@ -96,10 +96,12 @@ class LLM:
                     f"{len(params)} sampling params for {len(prompt_list)} prompts"
                 )
         prio = list(priority) if priority is not None else [0] * len(prompt_list)
+        if len(prio) != len(prompt_list):
+            raise InvalidRequestError(f"{len(prio)} priorities for {len(prompt_list)} prompts")
         ids = [str(self._counter + i) for i in range(len(prompt_list))]
         checked = [
-            self.engine.validate_request(rid, p, sp)
-            for rid, p, sp in zip(ids, prompt_list, params, strict=True)
+            self.engine.validate_request(rid, p, sp, pr)
+            for rid, p, sp, pr in zip(ids, prompt_list, params, prio, strict=True)
         ]
         self._counter += len(prompt_list)
         for rid, (text, tokens), sp, pr in zip(ids, checked, params, prio, strict=True):

@@ -27,12 +27,10 @@ class Tokenizer:
         tok: tokenizers.Tokenizer,
         eos_token_ids: Iterable[int] = (),
         bos_token_id: int | None = None,
-        chat_template: str | None = None,
     ) -> None:
         self._tok = tok
         self.eos_token_ids = tuple(dict.fromkeys(eos_token_ids))
         self.bos_token_id = bos_token_id
-        self.chat_template = chat_template
         self.special_token_ids = frozenset(
             i for i, t in tok.get_added_tokens_decoder().items() if t.special
         )
@@ -50,7 +48,6 @@ class Tokenizer:
         tok = tokenizers.Tokenizer.from_file(path)
         eos = list(eos_token_ids)
         bos = None
-        template = None
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
         if os.path.isfile(cfg_path):
             with open(cfg_path, encoding="utf-8") as f:
@@ -61,8 +58,7 @@ class Tokenizer:
             bos_tok = _token_content(tcfg.get("bos_token"))
             if bos_tok is not None:
                 bos = tok.token_to_id(bos_tok)
-            template = tcfg.get("chat_template")
-        return cls(tok, eos, bos, template)
+        return cls(tok, eos, bos)
 
     @property
     def vocab_size(self) -> int:

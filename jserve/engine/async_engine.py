@@ -82,8 +82,13 @@ class AsyncLLMEngine:
         try:
             req = await asyncio.wrap_future(admitted)
         except asyncio.CancelledError:
-            # The add may already be past the point of no return: make sure it ends.
-            self.abort(rid)
+            # If the step thread already took the add, abort the request it admits
+            # (and only that one: another request may carry the same id).
+            def abort_admitted(done: concurrent.futures.Future[Request]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self._send(("abort", rid, done.result()))
+
+            admitted.add_done_callback(abort_admitted)
             raise
         finished = False
         try:

@@ -31,10 +31,15 @@ class SequenceDetokenizer:
         self.text = ""
         self._emitted = 0
 
-    def append(self, token_id: int) -> str | None:
-        """Adds one token; returns the stop string it completed, if any."""
+    def append(self, token_id: int, find_stop: bool = True) -> str | None:
+        """Adds one token; returns the stop string it completed, if any.
+
+        With ``find_stop`` false (below ``min_tokens``) stop strings are not
+        looked for, so the text is never cut.
+        """
         piece = self._stream.step(token_id)
-        if not piece:
+        if not piece or not find_stop:
+            self.text += piece
             return None
         search_from = max(0, len(self.text) - self._hold)
         self.text += piece

@@ -74,7 +74,6 @@ class InputBuilder:
     ) -> None:
         self.token_buckets = token_buckets
         self.seq_buckets = seq_buckets
-        self.pages_per_seq = pages_per_seq
         self.page_size = page_size
         self.max_logprobs = max_logprobs
         self.eos_ids = eos_ids
@@ -194,7 +193,7 @@ def _sampling_arrays(
     eos_ids: tuple[int, ...],
 ) -> tuple[dict[str, np.ndarray], bool, bool, int]:
     """Per-row sampling parameters; rows without a target keep neutral values."""
-    targets = sorted(targets, key=lambda t: t[0])  # rows are 0..k-1 in order
+    # The scheduler numbers rows 0..k-1 in order, so row i is the i-th target.
     temperature, top_k, top_p, min_p, seeds, index, position = [], [], [], [], [], [], []
     bans: list[tuple[int, list[int]]] = []
     sort = penalties = want_logprobs = False

@@ -121,7 +121,3 @@ class PagePool:
         if key is not None:
             del self._page_of[key]
             del self._tokens_of[page]
-
-    def reset_prefix_cache(self) -> None:
-        for page in list(self._key_of):
-            self._uncache(page)

@@ -35,9 +35,8 @@ def pages_that_fit(model: LoadedModel, ecfg: EngineConfig, max_model_len: int) -
     """Sizes the KV pool from free device memory (or ``num_pages`` if set)."""
     if ecfg.num_pages is not None:
         return ecfg.num_pages
-    per_page = kv_bytes_per_page(model.cfg, ecfg.page_size, model.dtype)
+    per_page = _page_bytes_per_device(model, ecfg.page_size)
     devices = list(model.mesh.devices.flat) if model.mesh is not None else [jax.devices()[0]]
-    per_page /= _kv_shards(model)
     budgets = []
     for device in devices:
         stats = device.memory_stats() if device.process_index == jax.process_index() else None
@@ -64,13 +63,14 @@ def _size(num_bytes: float) -> str:
     return ""
 
 
-def _kv_shards(model: LoadedModel) -> int:
-    """How many ways each KV page is split: by KV head over the tensor-parallel axis,
-    and by layer over pipeline stages."""
+def _page_bytes_per_device(model: LoadedModel, page_size: int) -> float:
+    """Bytes one KV page (all layers) takes on each device: pages are split by KV head
+    over the tensor-parallel axis and by layer over pipeline stages."""
+    total = kv_bytes_per_page(model.cfg, page_size, model.dtype)
     if model.mesh is None:
-        return 1
+        return total
     tp, pp = model.mesh.shape["model"], model.mesh.shape["stage"]
-    return min(tp, model.cfg.num_kv_heads) * pp
+    return total / (min(tp, model.cfg.num_kv_heads) * pp)
 
 
 class LLMEngine:
@@ -111,9 +111,11 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------
 
     def validate_request(
-        self, request_id: str, prompt: PromptType, params: SamplingParams
+        self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0
     ) -> tuple[str | None, list[int]]:
         """Checks everything about a request without changing any state."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(f"request id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
@@ -171,9 +173,7 @@ class LLMEngine:
     ) -> Request:
         """Validates and queues a request. ``prompt_text`` records the text of a prompt
         that the caller already tokenized (passed as ids)."""
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-        text, ids = self.validate_request(request_id, prompt, params)
+        text, ids = self.validate_request(request_id, prompt, params, priority)
         return self.enqueue(request_id, text or prompt_text, ids, params, priority, arrival_time)
 
     def enqueue(
@@ -187,7 +187,9 @@ class LLMEngine:
     ) -> Request:
         """Adds a request that ``validate_request`` already accepted."""
         seed = params.seed32 if params.seed is not None else self._rng.getrandbits(32)
-        req = Request(request_id, text, ids, params, seed, priority, arrival_time)
+        # validate_request made sure the prompt plus max_tokens fits max_model_len.
+        max_out = params.max_tokens or self.max_model_len - len(ids)
+        req = Request(request_id, text, ids, params, seed, max_out, priority, arrival_time)
         self.requests[request_id] = req
         self.scheduler.add(self._new_sequence(req, 0, list(ids)))
         self.stats.num_requests += 1
@@ -205,9 +207,6 @@ class LLMEngine:
                 p.skip_special_tokens,
             )
         seq = Sequence(self._next_seq_id, req, index, token_ids, detok)
-        seq.max_output_tokens = self.max_model_len - len(req.prompt_token_ids)
-        if req.params.max_tokens is not None:
-            seq.max_output_tokens = min(seq.max_output_tokens, req.params.max_tokens)
         self._next_seq_id += 1
         req.seqs.append(seq)
         return seq
@@ -224,6 +223,7 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None or (only is not None and req is not only):
             return False
+        req.aborted = True
         for seq in req.seqs:
             self.scheduler.finish(seq, "abort")
         self._touched[request_id] = req
@@ -266,7 +266,6 @@ class LLMEngine:
 
     def _process(self, so: SchedulerOutput, handle: StepHandle) -> None:
         res = self.runner.fetch(handle)
-        now = time.monotonic()
         for entry in so.scheduled:
             for row, seq in entry.samples:
                 if seq.finished:
@@ -275,8 +274,6 @@ class LLMEngine:
                 seq.num_pending -= 1
                 seq.token_ids.append(token)
                 req = seq.request
-                if req.first_token_time is None:
-                    req.first_token_time = now
                 if req.params.logprobs is not None:
                     self._record_logprobs(seq, row, token, res)
                 self.stats.generation_tokens += 1
@@ -301,15 +298,16 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.request.params
         n_out = len(seq.token_ids) - seq.num_prompt_tokens
-        stop_str = seq.detok.append(token) if seq.detok is not None else None
-        if n_out >= p.min_tokens:
+        may_stop = n_out >= p.min_tokens
+        stop_str = seq.detok.append(token, may_stop) if seq.detok is not None else None
+        if may_stop:
             if not p.ignore_eos and token in self.cfg.eos_token_ids:
                 return self.scheduler.finish(seq, "stop")
             if token in p.stop_token_ids:
                 return self.scheduler.finish(seq, "stop", token)
             if stop_str is not None:
                 return self.scheduler.finish(seq, "stop", stop_str)
-        if n_out >= seq.max_output_tokens:
+        if n_out >= seq.request.max_output_tokens:
             self.scheduler.finish(seq, "length")
 
     # -- outputs --------------------------------------------------------------
@@ -338,7 +336,7 @@ class LLMEngine:
                         stop_reason=seq.stop_reason,
                     )
                 )
-            finished = req.finished or all(s.finish_reason == "abort" for s in req.seqs)
+            finished = req.finished
             outputs.append(
                 RequestOutput(
                     request_id=rid,
@@ -367,8 +365,7 @@ class LLMEngine:
         )
         where = "1 device" if self.model.mesh is None else describe_mesh(self.model.mesh)
         tp = 1 if self.model.mesh is None else self.model.mesh.shape["model"]
-        per_page = kv_bytes_per_page(self.cfg, self.ecfg.page_size, self.model.dtype)
-        kv_dev = self.num_pages * per_page / _kv_shards(self.model)
+        kv_dev = self.num_pages * _page_bytes_per_device(self.model, self.ecfg.page_size)
         return (
             f"{self.cfg.name or self.model.path}: {self.cfg.num_params() / 1e6:.1f}M params on "
             f"{where}; parameters {_size(param_dev)} per device (tp={tp}), KV pool "

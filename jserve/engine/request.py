@@ -26,6 +26,7 @@ class Request:
         prompt_token_ids: list[int],
         params: SamplingParams,
         seed: int,
+        max_output_tokens: int,
         priority: int = 0,
         arrival_time: float | None = None,
     ) -> None:
@@ -34,15 +35,18 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.seed = seed
+        self.max_output_tokens = max_output_tokens  # each sequence ends ("length") here
         self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.seqs: list[Sequence] = []
         self.num_cached_tokens = 0
-        self.first_token_time: float | None = None
+        self.aborted = False
 
     @property
     def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
+        # An aborted request ends even if it had not yet forked into its n samples.
+        done = self.aborted or len(self.seqs) == self.params.n
+        return done and all(s.finished for s in self.seqs)
 
 
 class Sequence:
@@ -66,8 +70,6 @@ class Sequence:
         self.index = index  # which of the request's n samples
         self.token_ids = token_ids
         self.num_prompt_tokens = len(request.prompt_token_ids)
-        # Output length at which the sequence ends ("length"); set by the engine.
-        self.max_output_tokens = 1 << 62
         # Sampled on the device, value not yet on the host: up to 2, between
         # scheduling step N and collecting step N-1.
         self.num_pending = 0

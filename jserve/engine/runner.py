@@ -41,40 +41,25 @@ def _forward_step(
     prev_tokens: jax.Array,  # i32[N] samples of the previous step
     ids: jax.Array,  # i32[T]
     src_rows: jax.Array,  # i32[T]
-    md: AttentionMetadata,
+    md: AttentionMetadata,  # under pipeline parallelism, arrays lead with [micro-batch]
     logits_indices: jax.Array,  # i32[R]
     *,
     cfg: ModelConfig,
+    mesh: Any = None,  # given only for pipeline parallelism
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
     ids = jnp.where(src_rows >= 0, prev_tokens[jnp.maximum(src_rows, 0)], ids)
-    hidden, kv_pages = llama.forward(params, cfg, ids, kv_pages, md)
+    if mesh is None:
+        hidden, kv_pages = llama.forward(params, cfg, ids, kv_pages, md)
+    else:
+        hidden, kv_pages = pipeline_forward(params, cfg, ids, kv_pages, md, mesh)
     logits = llama.compute_logits(params, cfg, hidden[logits_indices])  # [R, V]
-    return kv_pages, logits, ids[logits_indices]
-
-
-def _pipeline_step(
-    params: Any,
-    kv_pages: list[jax.Array],
-    prev_tokens: jax.Array,
-    ids: jax.Array,
-    src_rows: jax.Array,
-    md: AttentionMetadata,  # arrays with a leading micro-batch axis
-    logits_indices: jax.Array,
-    *,
-    cfg: ModelConfig,
-    mesh: Any,
-) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-    ids = jnp.where(src_rows >= 0, prev_tokens[jnp.maximum(src_rows, 0)], ids)
-    hidden, kv_pages = pipeline_forward(params, cfg, ids, kv_pages, md, mesh)
-    logits = llama.compute_logits(params, cfg, hidden[logits_indices])
     return kv_pages, logits, ids[logits_indices]
 
 
 # Jitted at module level with the (hashable) model config static, so engines
 # serving the same architecture in one process share compiled programs.
-_forward_jit = jax.jit(_forward_step, static_argnames=("cfg",), donate_argnames=("kv_pages",))
-_pipeline_jit = jax.jit(
-    _pipeline_step, static_argnames=("cfg", "mesh"), donate_argnames=("kv_pages",)
+_forward_jit = jax.jit(
+    _forward_step, static_argnames=("cfg", "mesh"), donate_argnames=("kv_pages",)
 )
 
 
@@ -133,7 +118,6 @@ class ModelRunner:
         self.params = params
         self.cfg = cfg
         self.ecfg = ecfg
-        self.max_model_len = max_model_len
         self.num_pages = num_pages
         self.pages_per_seq = math.ceil(max_model_len / ecfg.page_size)
         self.token_buckets = ecfg.token_buckets()
@@ -189,12 +173,12 @@ class ModelRunner:
                 num_seqs=inp.num_seqs,
                 backend=self.backend,
             )
-            step = functools.partial(_forward_jit, cfg=self.cfg)
+            stage_mesh = None
         else:
             chunks = split_microbatches(inp, self.num_microbatches)
             md = AttentionMetadata(**chunks, backend=self.backend)
-            step = functools.partial(_pipeline_jit, cfg=self.cfg, mesh=self.mesh)
-        self.kv_pages, logits, last_ids = step(
+            stage_mesh = self.mesh
+        self.kv_pages, logits, last_ids = _forward_jit(
             self.params,
             self.kv_pages,
             self._prev_tokens,
@@ -202,6 +186,8 @@ class ModelRunner:
             inp.src_rows,
             md,
             inp.logits_indices,
+            cfg=self.cfg,
+            mesh=stage_mesh,
         )
         out = sample(
             logits,
@@ -244,7 +230,8 @@ class ModelRunner:
         sampler_variants = [
             (sort, lp) for sort in (False, True) for lp in (0, self.ecfg.max_logprobs)
         ]
-        copy_sizes = [1 << i for i in range(self.ecfg.max_num_seqs.bit_length())]
+        # Up to max_num_seqs copies per step, padded to a power of two (see _apply_copies).
+        copy_sizes = [1 << i for i in range((self.ecfg.max_num_seqs - 1).bit_length() + 1)]
         total = len(shapes) + len(self.seq_buckets) * len(sampler_variants) + len(copy_sizes)
         bar = tqdm(total=total, desc="compiling step shapes", disable=not progress)
         for t, s in shapes:

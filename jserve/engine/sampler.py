@@ -91,7 +91,7 @@ def sample(
     num_logprobs: int,
 ) -> SamplerOutput:
     rows, vocab = logits.shape
-    raw_logp = jax.nn.log_softmax(logits, axis=-1)
+    raw_logits = logits  # logprobs are those of the model, before any processing
     if penalties:
         logits = apply_penalties(logits, sm, last_ids)
     ban_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], sm.banned.shape)
@@ -118,14 +118,17 @@ def sample(
     drawn = jnp.argmax(scaled + gumbel, axis=-1)
     tokens = jnp.where(sm.temperature > 0, drawn, greedy_tokens).astype(jnp.int32)
 
-    chosen = jnp.take_along_axis(raw_logp, tokens[:, None], axis=-1)  # [R, 1]
-    ranks = 1 + jnp.sum(raw_logp > chosen, axis=-1).astype(jnp.int32)
-    k = max(num_logprobs, 1)
-    top_logprobs, top_ids = jax.lax.top_k(raw_logp, k)
-
     def pad(x: jax.Array) -> jax.Array:
         return jnp.pad(x, [(0, num_out - rows)] + [(0, 0)] * (x.ndim - 1))
 
+    if num_logprobs == 0:  # nobody asked: skip the passes over the vocabulary
+        zeros = jnp.zeros((num_out,), jnp.float32)
+        none = jnp.zeros((num_out, 1), jnp.int32)
+        return SamplerOutput(pad(tokens), zeros, none[:, 0], none, none.astype(jnp.float32))
+    raw_logp = jax.nn.log_softmax(raw_logits, axis=-1)
+    chosen = jnp.take_along_axis(raw_logp, tokens[:, None], axis=-1)  # [R, 1]
+    ranks = 1 + jnp.sum(raw_logp > chosen, axis=-1).astype(jnp.int32)
+    top_logprobs, top_ids = jax.lax.top_k(raw_logp, num_logprobs)
     return SamplerOutput(
         tokens=pad(tokens),
         logprobs=pad(chosen[:, 0]),

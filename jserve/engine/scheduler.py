@@ -89,13 +89,9 @@ class Scheduler:
         if seq.finished:
             return
         if seq.status is Status.RUNNING:
-            self.running.remove(seq)
-            self._released.append(seq.seq_id)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.pool.free(seq.pages)
-        seq.pages = []
-        seq.page_hashes = []
+            self._release(seq)
+        else:
+            self.waiting.remove(seq)  # a waiting sequence holds no pages
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -131,13 +127,17 @@ class Scheduler:
             seq.pages += self.pool.allocate(grow)
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
+        """Takes a sequence out of the running set and frees its pages and table row."""
         self.running.remove(seq)
         self._released.append(seq.seq_id)
-        seq.synced_pages = 0
         self.pool.free(seq.pages)
         seq.pages = []
         seq.page_hashes = []
+        seq.synced_pages = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -194,7 +194,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted as a victim this step
                 continue
             num_tokens = len(seq.token_ids) + seq.num_pending
-            if num_tokens - seq.num_prompt_tokens >= seq.max_output_tokens:
+            if num_tokens - seq.num_prompt_tokens >= seq.request.max_output_tokens:
                 continue  # its last token is in flight; it ends when that arrives
             num_new = min(num_tokens - seq.num_computed, budget)
             forks = self._forks_needed(seq, num_new)
@@ -221,14 +221,12 @@ class Scheduler:
             seq = next((s for s in self.waiting if s.num_pending == 0 and s not in preempted), None)
             if seq is None:
                 break
-            hit = 0
-            if not seq.pages:
-                # Always compute at least one token, and never write into a cached page.
-                max_pages = (seq.num_tokens - 1) // self.pool.page_size
-                pages, keys = self.pool.lookup(seq.token_ids, max_pages)
-                seq.pages, seq.page_hashes = pages, keys
-                hit = len(pages) * self.pool.page_size
-                seq.num_computed = hit
+            # Waiting sequences hold no pages. Reuse cached ones, but always compute
+            # at least one token and never write into a cached page.
+            max_pages = (seq.num_tokens - 1) // self.pool.page_size
+            seq.pages, seq.page_hashes = self.pool.lookup(seq.token_ids, max_pages)
+            hit = len(seq.pages) * self.pool.page_size
+            seq.num_computed = hit
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             forks = self._forks_needed(seq, num_new)
             if 1 + forks > slots:

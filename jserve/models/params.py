@@ -77,11 +77,6 @@ def map_specs(fn: Callable[[str, ParamSpec], Any], specs: Any, prefix: str = "")
     return {k: map_specs(fn, v, f"{prefix}{k}.") for k, v in specs.items()}
 
 
-def abstract_params(specs: Any, dtype: Any) -> Any:
-    """ShapeDtypeStructs for every weight, without allocating anything."""
-    return map_specs(lambda _, s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), specs)
-
-
 def init_params(
     specs: Any,
     key: jax.Array,
@@ -126,7 +121,3 @@ def iter_leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from iter_leaves(v, f"{prefix}{i}.")
     else:
         yield prefix.rstrip("."), tree
-
-
-def param_bytes(params: Any) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))

@@ -137,38 +137,74 @@ def test_engine_failure_fails_requests_and_later_adds(tok_model_dir) -> None:
         eng.shutdown()
 
 
-def test_cancel_while_waiting_for_admission_keeps_the_engine_alive(tok_model_dir) -> None:
-    import time
+def test_cancel_before_admission_never_admits(tok_model_dir) -> None:
+    import threading
 
     engine = make_engine(tok_model_dir)
+    gate = threading.Event()
     real_step = engine.step
 
-    def slow_step():  # adds are admitted only between steps
-        time.sleep(0.05)
+    def gated_step():  # the step thread waits here, so adds stay queued
+        gate.wait()
         return real_step()
 
-    engine.step = slow_step
+    engine.step = gated_step
     eng = AsyncLLMEngine(engine)
 
     async def main():
-        busy = asyncio.create_task(_collect(eng, "All:", greedy(30)))
-        await asyncio.sleep(0.02)
-        for _ in range(5):
-            task = asyncio.create_task(_collect(eng, "First Citizen:", greedy(200)))
-            await asyncio.sleep(0.01)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+        busy = asyncio.create_task(_collect(eng, "All:", greedy(5)))
+        while engine.stats.num_requests < 1:
+            await asyncio.sleep(0.005)
+        task = asyncio.create_task(_collect(eng, "First Citizen:", greedy(50)))
+        while eng._commands.empty():  # the add is queued behind the blocked step
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()
         await busy
-        ids, _, _ = await _collect(eng, "All:", greedy(3))
-        assert len(ids) == 3
 
     try:
         asyncio.run(main())
-        assert eng.dead is None
         assert eng.wait_idle()
-        assert engine.pool.num_used == 0
+        assert engine.stats.num_requests == 1  # the cancelled add was dropped, not admitted
+        assert eng.dead is None and engine.pool.num_used == 0
     finally:
+        gate.set()
+        eng.shutdown()
+
+
+def test_cancel_during_admission_aborts_the_admitted_request(tok_model_dir) -> None:
+    import threading
+
+    engine = make_engine(tok_model_dir)
+    entered, release = threading.Event(), threading.Event()
+    real_add = engine.add_request
+
+    def slow_add(*args, **kwargs):  # the caller gives up while its add is being taken
+        entered.set()
+        release.wait()
+        return real_add(*args, **kwargs)
+
+    engine.add_request = slow_add
+    eng = AsyncLLMEngine(engine)
+
+    async def main():
+        task = asyncio.create_task(_collect(eng, "First Citizen:", greedy(300), "x"))
+        while not entered.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+
+    try:
+        asyncio.run(main())
+        assert eng.wait_idle()
+        assert engine.stats.num_requests == 1 and engine.stats.num_aborted == 1
+        assert eng.dead is None and engine.pool.num_used == 0
+    finally:
+        release.set()
         eng.shutdown()
 
 

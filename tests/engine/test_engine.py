@@ -148,6 +148,12 @@ def test_stop_conditions(tok_model_dir: str) -> None:
         engine, [("e", prompt, greedy(24, stop_token_ids=[target], min_tokens=first + 2), 0)]
     )["e"].outputs[0]
     assert target not in out.token_ids[: first + 2]
+    # Below min_tokens a stop string is not looked for, and the text is not cut there.
+    done = next(k for k in range(1, 25) if stop in tok.decode(base.token_ids[:k]))
+    out = run(engine, [("g", prompt, greedy(24, stop=[stop], min_tokens=done + 1), 0)])["g"]
+    text = out.outputs[0].text
+    assert base.text.startswith(text) and len(text) > base.text.index(stop)
+    assert text == tok.decode(out.outputs[0].token_ids)[: len(text)]
     out = run(engine, [("f", prompt, greedy(3), 0)])["f"].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 3
 
@@ -236,3 +242,17 @@ def test_request_that_never_fits_is_rejected(llama_dir: str) -> None:
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request("dup", [1], greedy(1))
         engine.add_request("dup", [1], greedy(1))
+
+
+def test_priority_orders_admission_and_is_validated(llama_dir: str) -> None:
+    # One sequence slot: requests run one at a time, lowest priority value first.
+    engine = make_engine(llama_dir, max_num_seqs=1, max_num_batched_tokens=16)
+    order: list[str] = []
+    for rid, prio in (("low", 5), ("high", -1), ("mid", 2)):
+        engine.add_request(rid, [1, 2, 3], greedy(2), priority=prio)
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["high", "mid", "low"]
+    with pytest.raises(InvalidRequestError, match="priority"):
+        engine.add_request("bad", [1], greedy(1), priority="urgent")
+    assert engine.is_idle()

@@ -51,6 +51,7 @@ def test_random_workload_with_aborts_and_preemption(llama_dir: str, seed: int) -
     assert not engine.has_unfinished_requests(), "requests still running"
     assert live == set()
     assert len(finished) == next_id
+    assert all("?" not in reasons for reasons in finished.values()), finished
     assert engine.pool.num_used == 0
     assert all(c == 0 for c in engine.pool.ref_count)
     # Page-table rows of the last finished sequences are freed with the next step.
