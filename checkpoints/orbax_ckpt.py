@@ -64,13 +64,8 @@ def load_orbax_params(
     specs = llama.param_specs(cfg)
     flat = dict(iter_leaves(shardings)) if shardings is not None else {}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    def with_sharding(leaf_path: str, leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=flat.get(leaf_path, default))
-
     target = map_specs(
-        lambda p, s: with_sharding(p, jax.ShapeDtypeStruct(s.shape, jax.numpy.dtype(dtype))),
-        specs,
+        lambda p, s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=flat.get(p, default)), specs
     )
     params_dir = os.path.abspath(os.path.join(path, "params"))
     if not os.path.isdir(params_dir):

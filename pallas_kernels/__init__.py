@@ -132,9 +132,8 @@ def _run(
         k_scale=k_scale,
         v_scale=v_scale,
     )
-    page_size = kv_pages.shape[1]
+    pages_per_block = None if block_kv is None else max(1, block_kv // kv_pages.shape[1])
     if backend == backends.XLA:
-        pages_per_block = None if block_kv is None else max(1, block_kv // page_size)
         return xla_ragged_paged_attention(
             *args, **common, mask_value=mask_value, pages_per_block=pages_per_block
         )
@@ -147,7 +146,6 @@ def _run(
             interpret=backend == backends.PALLAS_GPU_INTERPRET,
             **dict(tuning),
         )
-    pages_per_block = None if block_kv is None else max(1, block_kv // page_size)
     return tpu_ragged_paged_attention(
         *args,
         **common,

@@ -43,10 +43,6 @@ from pallas_kernels.triton_merge import merge_partials
 LOG2E = math.log2(math.e)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def _attention_kernel(
     items_ref,  # i32[num_items, ITEM_COLS]
     page_indices_ref,  # i32[max_num_seqs, pages_per_seq]
@@ -219,8 +215,8 @@ def triton_ragged_paged_attention(
     num_kv_heads = combined // 2
     max_num_seqs, pages_per_seq = page_indices.shape
     group = num_q_heads // num_kv_heads
-    group_p = _next_pow2(group)
-    head_dim_p = max(16, _next_pow2(head_dim))
+    group_p = tuned.next_pow2(group)
+    head_dim_p = max(16, tuned.next_pow2(head_dim))
 
     defaults = tuned.gpu_block_sizes(
         num_tokens=num_tokens,
@@ -234,8 +230,8 @@ def triton_ragged_paged_attention(
     num_warps = defaults.num_warps if num_warps is None else num_warps
     num_stages = defaults.num_stages if num_stages is None else num_stages
     # Triton's MMA wants >= 16 rows and keys, all tile sizes powers of two.
-    block_q = max(_next_pow2(block_q), -(-16 // group_p))
-    block_kv = max(16, _next_pow2(block_kv))
+    block_q = max(tuned.next_pow2(block_q), -(-16 // group_p))
+    block_kv = max(16, tuned.next_pow2(block_kv))
     if target_items is None:
         target_items = -(-tuned.GPU_PROGRAMS_PER_SM * _num_sms() // num_kv_heads)
     min_chunk = tuned.GPU_MIN_CHUNK if min_chunk is None else min_chunk

@@ -54,7 +54,7 @@ GPU_MIN_CHUNK = 512
 GPU_DEFAULT_NUM_SMS = 132
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
@@ -68,14 +68,14 @@ def gpu_block_sizes(
 ) -> GpuBlockSizes:
     """Table entry for the shape, or a derived default with the same rules."""
     mode = "decode" if num_tokens <= 2 * max_num_seqs else "mixed"
-    rows = _next_pow2(group)
+    rows = next_pow2(group)
     hit = _GPU_TABLE.get((mode, rows, head_dim, dtype_bytes))
     if hit is not None:
         return hit
     target_rows = 16 if mode == "decode" else (128 if head_dim <= 128 else 64)
     block_q = max(1, target_rows // rows)
     # f32 (or a wide head) doubles the tile bytes: halve the key step.
-    block_kv = 64 if dtype_bytes * _next_pow2(head_dim) <= 256 else 32
+    block_kv = 64 if dtype_bytes * next_pow2(head_dim) <= 256 else 32
     num_warps = 4 if mode == "decode" else 8
     return GpuBlockSizes(block_q, block_kv, num_warps, 2 if dtype_bytes > 2 else 3)
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 # Columns of WorkPlan.items (one int32 row per work item).
 ITEM_VALID = 0  # 1 for a real item, 0 for the padding rows past the item count
-ITEM_SEQ = 1  # sequence index (0 for the padding segment: it reads no pages)
+ITEM_SEQ = 1  # sequence index (clamped to a valid one for padding: it reads no keys)
 ITEM_ROW0 = 2  # flat token index of the q-block's first row
 ITEM_ROWS = 3  # rows of the q-block that belong to it (1..block_q)
 ITEM_POS0 = 4  # position of the first row within its sequence

@@ -51,7 +51,11 @@ def xla_ragged_paged_attention(
     v_scale: float | None = None,
     pages_per_block: int | None = None,
 ) -> jax.Array:
-    mask_value = DEFAULT_MASK_VALUE if mask_value is None else mask_value
+    # Masked keys get exactly zero weight whatever mask_value says (as in the
+    # Pallas kernels): the finite default keeps the running max NaN-free even
+    # when a whole block is masked.
+    del mask_value
+    mask_value = DEFAULT_MASK_VALUE
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2

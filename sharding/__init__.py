@@ -6,7 +6,6 @@ from sharding.rules import (
     kv_pages_sharding,
     logical_to_spec,
     param_shardings,
-    replicated,
 )
 
 __all__ = [
@@ -19,5 +18,4 @@ __all__ = [
     "logical_to_spec",
     "make_mesh",
     "param_shardings",
-    "replicated",
 ]

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jserve.models.params import ParamSpec, map_specs
+from jserve.errors import ConfigError
 from sharding.mesh import STAGE
-from sharding.rules import check_divisible, logical_to_spec
+from sharding.rules import kv_pages_sharding, logical_to_spec, param_shardings
 
 
 def layers_per_stage(num_layers: int, mesh: Mesh) -> int:
@@ -34,17 +34,9 @@ def stage_submesh(mesh: Mesh, stage: int) -> Mesh:
 def pipeline_param_shardings(specs: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
     """Shardings for the per-layer tree: layer i on its stage's devices; the rest everywhere."""
     lps = layers_per_stage(len(specs["layers"]), mesh)
-
-    def on(target: Mesh) -> Any:
-        def one(path: str, spec: ParamSpec) -> NamedSharding:
-            check_divisible(path, spec, target)
-            return NamedSharding(target, logical_to_spec(spec.axes))
-
-        return one
-
-    out = {k: map_specs(on(mesh), v) for k, v in specs.items() if k != "layers"}
+    out = param_shardings({k: v for k, v in specs.items() if k != "layers"}, mesh)
     out["layers"] = [
-        map_specs(on(stage_submesh(mesh, i // lps)), layer)
+        param_shardings(layer, stage_submesh(mesh, i // lps))
         for i, layer in enumerate(specs["layers"])
     ]
     return out
@@ -83,9 +75,7 @@ def stack_stages(params: dict[str, Any], specs: dict[str, Any], mesh: Mesh) -> d
 
 def pipeline_kv_sharding(mesh: Mesh) -> NamedSharding:
     """KV pages per layer slot: [pp, P, S, 2*Hkv, D], stage-split, KV heads over ``model``."""
-    return NamedSharding(
-        mesh, PartitionSpec(STAGE, *logical_to_spec((None, None, "kv_pages_heads", None)))
-    )
+    return NamedSharding(mesh, PartitionSpec(STAGE, *kv_pages_sharding(mesh).spec))
 
 
 def uniform_stage_windows(windows: tuple[int | None, ...], pp: int) -> tuple[int | None, ...]:
@@ -94,8 +84,6 @@ def uniform_stage_windows(windows: tuple[int | None, ...], pp: int) -> tuple[int
     grid = np.array(windows, dtype=object).reshape(pp, lps)
     for j in range(lps):
         if len(set(grid[:, j])) != 1:
-            from jserve.errors import ConfigError
-
             raise ConfigError(
                 "pipeline parallelism needs every stage to have the same attention layout; "
                 f"layer slot {j} has sliding windows {list(grid[:, j])} across stages"

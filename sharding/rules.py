@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jserve.errors import ConfigError
 from jserve.models.params import ParamSpec, map_specs
-from sharding.mesh import MODEL, STAGE
+from sharding.mesh import MODEL
 
 LOGICAL_RULES: dict[str, str | None] = {
     "vocab": MODEL,
@@ -26,15 +26,12 @@ LOGICAL_RULES: dict[str, str | None] = {
     # The combined K/V head axis of the KV pages ([P, S, 2*Hkv, D]): head h's
     # K and V sit at 2h and 2h+1, so contiguous shards keep them together.
     "kv_pages_heads": MODEL,
-    "stage": STAGE,
 }
 
 
-def logical_to_spec(
-    axes: tuple[str | None, ...], rules: dict[str, str | None] | None = None
-) -> PartitionSpec:
+def logical_to_spec(axes: tuple[str | None, ...]) -> PartitionSpec:
     """E.g. ("embed", "kv_heads", None, "head_dim") -> PartitionSpec(None, "model", None, None)."""
-    rules = LOGICAL_RULES if rules is None else rules
+    rules = LOGICAL_RULES
     mesh_axes: list[str | None] = []
     for name in axes:
         if name is not None and name not in rules:
@@ -71,7 +68,3 @@ def param_shardings(specs: Any, mesh: Mesh) -> Any:
 
 def kv_pages_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec((None, None, "kv_pages_heads", None)))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())

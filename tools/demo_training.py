@@ -34,7 +34,6 @@ DEFAULT_CORPUS = os.path.normpath(
 )
 DEFAULT_OUT_DIR = os.path.join(REPO_ROOT, "jserve", "assets")
 TARGET_NAME = "shakespeare-llama"
-DRAFT_NAME = "shakespeare-llama-draft"
 EOS = "<|endoftext|>"
 HELDOUT_FRACTION = 0.05
 
@@ -301,7 +300,6 @@ def train_model(
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else cfg.eos_token_ids[0]
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    running = None
     for step in range(oc.steps):
         tokens = sample_batch(rng, ids, starts, batch, context, bos, bos_fraction)
         params, opt, stats = train_step(params, opt, jnp.asarray(tokens), cfg=cfg, oc=oc)
@@ -309,7 +307,6 @@ def train_model(
         do_eval = eval_fn is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or last)
         if step % log_every == 0 or last or do_eval:
             loss = float(stats["loss"])
-            running = loss if running is None else 0.7 * running + 0.3 * loss
             elapsed = time.perf_counter() - t0
             line = (
                 f"step {step + 1:5d}/{oc.steps}  loss {loss:.4f}  "

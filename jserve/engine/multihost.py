@@ -243,9 +243,12 @@ def follow(runner: ModelRunner, sock: socket.socket, record: list | None = None)
             raise ConnectionError(f"unknown message {kind!r} on the step channel")
 
 
-def start_engine(model: Any, ecfg: Any, mh: MultiHostConfig, warmup: bool = True) -> Any:
+def start_engine(
+    model: Any, ecfg: Any, mh: MultiHostConfig, warmup: bool = True, record: list | None = None
+) -> Any:
     """On the leader: an LLMEngine whose device calls reach every process. On a
-    follower: repeats the leader's calls until it stops, then returns None."""
+    follower: repeats the leader's calls until it stops, then returns None
+    (``record`` collects each step's sampled tokens there, see ``follow``)."""
     from jserve.engine.llm_engine import LLMEngine
 
     if mh.is_leader:
@@ -256,5 +259,5 @@ def start_engine(model: Any, ecfg: Any, mh: MultiHostConfig, warmup: bool = True
         return engine
     sock, num_pages = connect(mh)
     engine = LLMEngine(model, dataclasses.replace(ecfg, num_pages=num_pages), warmup=False)
-    follow(engine.runner, sock)
+    follow(engine.runner, sock, record)
     return None

@@ -245,3 +245,15 @@ def test_scales_and_empty_batch() -> None:
         *empty.args(), backend="pallas_gpu_interpret", block_q=4, block_kv=16
     )
     assert np.all(np.asarray(out) == 0)
+
+
+def test_xla_ignores_an_infinite_mask_value_with_a_sliding_window() -> None:
+    """A block of keys wholly outside the window must not turn rows to NaN or zero."""
+    b = make_batch([(4, 200), (1, 90)], num_q_heads=4, num_kv_heads=2, head_dim=64, seed=7)
+    kw = dict(sm_scale=0.125, sliding_window=32)
+    want = jax_reference(*b.args(), **kw)
+    got = pallas_kernels.ragged_paged_attention(
+        *b.args(), backend="xla", mask_value=-float("inf"), **kw
+    )
+    n = b.num_real_tokens
+    np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(want), atol=2e-5)

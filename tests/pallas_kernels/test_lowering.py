@@ -92,7 +92,7 @@ def test_gpu_kernel_lowers_for_cuda(name: str) -> None:
     text = _lower_text(fn, _batch(spec).args(), "cuda")
     assert "triton" in text
     if "tuning" in spec["kw"]:
-        assert text.count("triton") >= 2, "attention and merge kernels"
+        assert "ragged_paged_attention_merge_triton" in text, "the merge kernel is lowered too"
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

@@ -48,4 +48,4 @@ def test_rules_reject_two_axes_on_one_mesh_axis() -> None:
         logical_to_spec(("q_heads", "mlp"))
     with pytest.raises(ConfigError, match="no sharding rule"):
         logical_to_spec(("nonsense",))
-    assert set(LOGICAL_RULES.values()) <= {None, "model", "stage"}
+    assert set(LOGICAL_RULES.values()) <= {None, "model"}

@@ -21,10 +21,8 @@ SCRIPT = textwrap.dedent(
     model_dir, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
     mh = MultiHostConfig(f"127.0.0.1:{port}", 2, pid)
     initialize(mh)
-    import dataclasses
     from jserve.engine.config import EngineConfig
-    from jserve.engine.multihost import BroadcastingRunner, connect, follow
-    from jserve.engine.llm_engine import LLMEngine
+    from jserve.engine.multihost import start_engine
     from jserve.model_loader import load_model
     from jserve.sampling_params import SamplingParams
     from sharding import ParallelConfig
@@ -35,16 +33,14 @@ SCRIPT = textwrap.dedent(
                 for s in x.addressable_shards)
     ecfg = EngineConfig(page_size=4, max_num_seqs=4, max_num_batched_tokens=32)
     steps = []
+    engine = start_engine(model, ecfg, mh, warmup=False, record=steps)
     if mh.is_leader:
-        engine = LLMEngine(model, ecfg, warmup=False)
-        engine.runner = BroadcastingRunner(engine.runner, mh)
         fetch = engine.runner.runner.fetch
         def recording_fetch(handle):
             res = fetch(handle)
             steps.append(res.tokens.tolist())
             return res
         engine.runner.runner.fetch = recording_fetch
-        engine.runner.warmup(progress=False)
         prompts = [[5, 17, 200, 3, 9], [42], list(range(1, 30))]
         sp = SamplingParams(max_tokens=10, temperature=0.7, seed=3, ignore_eos=True)
         for i, p in enumerate(prompts):
@@ -56,9 +52,6 @@ SCRIPT = textwrap.dedent(
         engine.runner.close()
         print("RESULT" + json.dumps({"steps": steps, "outputs": outs, "local": local}))
     else:
-        sock, num_pages = connect(mh)
-        engine = LLMEngine(model, dataclasses.replace(ecfg, num_pages=num_pages), warmup=False)
-        follow(engine.runner, sock, record=steps)
         print("RESULT" + json.dumps({"steps": steps, "local": local}))
     """
 )
