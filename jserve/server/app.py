@@ -42,13 +42,7 @@ from jserve.server.proto import (
     jetstream_pb2,
     jetstream_pb2_grpc,
 )
-from jserve.server.servicers import (
-    EngineStream,
-    GenerationServicer,
-    Job,
-    OrchestratorServicer,
-    ServingCore,
-)
+from jserve.server.servicers import GenerationServicer, OrchestratorServicer, ServingCore
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +105,10 @@ async def warm_up(aengine: AsyncLLMEngine) -> None:
     cfg = aengine.engine.cfg
     token = cfg.bos_token_id if cfg.bos_token_id is not None else 0
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    job = Job([token], params, f"jserve-server-warmup-{uuid.uuid4().hex[:8]}", 0, lambda out: [])
-    await EngineStream.run_to_end(aengine, job)
+    rid = f"jserve-server-warmup-{uuid.uuid4().hex[:8]}"
+    # Cancelling this (a stop during warm-up) aborts the request and frees its pages.
+    async for _ in aengine.generate([token], params, rid):
+        pass
 
 
 class _HealthServicer(health.aio.HealthServicer):
@@ -296,8 +292,6 @@ class ServerHandle:
             task.cancel()
         if stopping is not None:
             await stopping
-        if self.core.pumps:  # engine streams of cancelled RPCs end once their abort lands
-            await asyncio.wait(set(self.core.pumps), timeout=10)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

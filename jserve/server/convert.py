@@ -59,8 +59,8 @@ def generate_prompt(request: pb.GenerateRequest) -> str | list[int]:
 
 @dataclasses.dataclass
 class JetStreamPrompt:
-    prompt: str | list[int]  # text is tokenized by the caller, with or without BOS
-    add_special_tokens: bool  # for text: let the tokenizer add BOS
+    prompt: str | list[int]
+    add_special_tokens: bool  # for text: let the tokenizer add BOS (False when has_bos)
     text_mode: bool  # responses carry text (server-side tokenization)
     params: SamplingParams
 

@@ -9,8 +9,8 @@ cost nothing between scrapes.
 Outcomes: ``stopped`` (EOS, stop token or stop string), ``length`` (max_tokens
 or the model's length), ``aborted`` (stopped by the server, e.g. shutdown),
 ``cancelled`` (the client cancelled or its deadline expired), ``invalid`` (bad
-input), ``rejected`` (queue full, request too large for the KV pool, server
-not ready or shutting down), ``error`` (engine failure or a bug).
+input, or a request too large to ever fit in the KV pool), ``rejected`` (queue
+full, server not ready or shutting down), ``error`` (engine failure or a bug).
 """
 
 from __future__ import annotations

@@ -3,18 +3,21 @@
 Both run requests through ``ServingCore.stream``, which owns admission, error
 mapping, metrics and cleanup:
 
-- bad input -> INVALID_ARGUMENT with the engine's message;
-- queue full or a request the KV pool can never hold -> RESOURCE_EXHAUSTED;
+- bad input, or a request that could never fit in the KV pool
+  (``RequestTooLargeError``) -> INVALID_ARGUMENT with the engine's message;
+- queue full -> RESOURCE_EXHAUSTED (retrying later may succeed);
 - not warmed up yet or shutting down -> UNAVAILABLE (retry elsewhere or later);
 - engine failure -> INTERNAL for the affected calls; health turns NOT_SERVING;
-- client cancel or deadline -> the engine request is aborted and its KV pages
-  freed at once (when the handler is cancelled or closed, and again from the
-  RPC's done-callback as a safety net).
+- client cancel, deadline or shutdown -> the RPC's handler is cancelled or
+  closed, which closes its ``AsyncLLMEngine.generate`` stream: the engine
+  aborts that very request (never another one with the same id) and frees its
+  KV pages at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -26,7 +29,6 @@ import grpc
 from jserve.engine.async_engine import AsyncLLMEngine
 from jserve.errors import CapacityError, EngineDeadError, InvalidRequestError
 from jserve.outputs import RequestOutput
-from jserve.prompts import tokenize_prompt
 from jserve.sampling_params import SamplingParams
 from jserve.server import convert
 from jserve.server.metrics import ServerMetrics
@@ -42,77 +44,11 @@ logger = logging.getLogger(__name__)
 MAX_CHARS_PER_TOKEN = 32
 
 
-_END = object()
-
-
-class EngineStream:
-    """Reads one engine stream on a task of its own and hands the outputs over a queue.
-
-    The RPC's task may be cancelled at any moment (client cancel, deadline).
-    Cancelling ``AsyncLLMEngine.generate`` while it waits for admission would
-    cancel the future the engine thread later completes, which kills the
-    engine thread, and would skip the request's abort. So the engine stream is
-    never cancelled: the RPC side reads from the queue, and ``stop()`` aborts
-    the request in the engine, after which the stream ends with the abort.
-    """
-
-    def __init__(self, aengine: AsyncLLMEngine, job: Job) -> None:
-        self.aengine = aengine
-        self.request_id = job.request_id
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.stopped = False
-        self._gen = aengine.generate(job.prompt, job.params, job.request_id, job.priority)
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    @classmethod
-    async def run_to_end(cls, aengine: AsyncLLMEngine, job: Job) -> None:
-        """Runs a request whose outputs nobody reads; if interrupted, aborts it and waits."""
-        stream = cls(aengine, job)
-        finished = False
-        try:
-            async for out in stream:
-                finished = out.finished
-        finally:
-            if not finished:
-                stream.stop()
-                await asyncio.wait({stream.task}, timeout=10)
-
-    async def _run(self) -> None:
-        try:
-            async for out in self._gen:
-                if self.stopped:
-                    break  # closing the stream below aborts the request
-                self.queue.put_nowait(out)
-        except BaseException as e:  # handed to the reader, who maps it to a status
-            self.queue.put_nowait(e)
-        finally:
-            # Closing an unfinished engine stream aborts its request.
-            await self._gen.aclose()
-            self.queue.put_nowait(_END)
-
-    def stop(self) -> None:
-        """Aborts the request (idempotent). The engine's abort output ends the stream."""
-        if not self.stopped:
-            self.stopped = True
-            self.aengine.abort(self.request_id)
-
-    def __aiter__(self) -> EngineStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        item = await self.queue.get()
-        if item is _END:
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-
 @dataclasses.dataclass
 class Job:
-    """One admitted-to-be request: what to send to the engine and how to answer."""
+    """One request to run: what to send to the engine and how to answer."""
 
-    prompt: list[int]
+    prompt: str | list[int]  # text is tokenized by the engine (off its step thread)
     params: SamplingParams
     request_id: str
     priority: int
@@ -143,7 +79,6 @@ class ServingCore:
         self._next_id = 0
         # The tasks of open generation RPCs, so shutdown can wait for or cancel them.
         self.active: set[asyncio.Task[Any]] = set()
-        self.pumps: set[asyncio.Task[Any]] = set()  # engine streams still open
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -166,26 +101,27 @@ class ServingCore:
         self._next_id += 1
         return f"{api}-{self._id_prefix}-{self._next_id}"
 
-    async def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        """Token ids of a prompt. Text is tokenized off the event loop and the engine thread."""
-        if not isinstance(prompt, str):
-            return prompt
-        if len(prompt) > self.max_prompt_chars:
+    def check_prompt_size(self, prompt: str | list[int]) -> None:
+        """Refuses text too long to be worth tokenizing for this model."""
+        if isinstance(prompt, str) and len(prompt) > self.max_prompt_chars:
             raise InvalidRequestError(
                 f"prompt has {len(prompt)} characters; at most {self.max_prompt_chars} are "
                 f"accepted for a model whose maximum length is {self.engine.max_model_len} tokens"
             )
-        vocab = self.engine.cfg.vocab_size
 
-        def encode() -> list[int]:
-            if add_special_tokens or self.tokenizer is None or not prompt:
-                return tokenize_prompt(prompt, self.tokenizer, vocab)[1]
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-            if not ids:
-                raise InvalidRequestError(f"prompt {prompt[:40]!r} tokenized to nothing")
-            return ids
-
-        return await asyncio.get_running_loop().run_in_executor(None, encode)
+    async def encode_without_special_tokens(self, text: str) -> str | list[int]:
+        """Token ids of text that already starts with BOS (JetStream's has_bos), tokenized
+        off the event loop. Text the engine must refuse anyway (empty, no tokenizer) is
+        returned as is, for the engine's own message."""
+        tok = self.tokenizer
+        if tok is None or not text:
+            return text
+        ids = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: tok.encode(text, add_special_tokens=False)
+        )
+        if not ids:
+            raise InvalidRequestError(f"prompt {text[:40]!r} tokenized to nothing")
+        return ids
 
     async def stream(
         self,
@@ -240,27 +176,21 @@ class ServingCore:
             context.set_details("internal error while preparing the request")
             return
 
-        finished = False
-        outcome: str | None = None  # stays None if the client goes away first
-        pump = EngineStream(self.aengine, job)
-        self.pumps.add(pump.task)
-        pump.task.add_done_callback(self.pumps.discard)
-
-        def stop_unless_finished(_: Any = None) -> None:
-            # The RPC ended (cancel, deadline, disconnect, shutdown) before the
-            # engine finished: stop the request and free its pages now.
-            if not finished:
-                pump.stop()
-
-        context.add_done_callback(stop_unless_finished)
+        outcome: str | None = None  # stays None if the RPC ends before the request does
+        gen = self.aengine.generate(job.prompt, job.params, job.request_id, job.priority)
         try:
-            async for out in pump:
-                rec.observe(out)
-                if out.finished:
-                    finished = True
-                    outcome = convert.outcome_of(out)
-                for msg in job.respond(out):
-                    yield msg
+            # Leaving this block before the request finished (the RPC was cancelled,
+            # ran out of time or was closed) closes the engine stream, which aborts
+            # the request it admitted and frees its pages. A cancel that lands while
+            # gRPC sends a message leaves this generator suspended at its yield;
+            # asyncio closes it when gRPC drops it, to the same effect.
+            async with contextlib.aclosing(gen):
+                async for out in gen:
+                    rec.observe(out)
+                    if out.finished:
+                        outcome = convert.outcome_of(out)
+                    for msg in job.respond(out):
+                        yield msg
         except InvalidRequestError as e:
             outcome = "invalid"
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
@@ -283,7 +213,6 @@ class ServingCore:
             context.set_code(grpc.StatusCode.INTERNAL)
             context.set_details(f"internal error while serving request {job.request_id}")
         finally:
-            stop_unless_finished()
             rec.finish(outcome or "cancelled")
 
     def _not_live_reason(self) -> str:
@@ -305,10 +234,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
         async def make_job() -> Job:
             prompt = convert.generate_prompt(request)
+            core.check_prompt_size(prompt)
             params = convert.sampling_params(request.sampling)
-            ids = await core.tokenize(prompt)
             rid = request.request_id or core.new_request_id("gen")
-            return Job(ids, params, rid, request.priority, convert.GenerateResponder(rid, params))
+            return Job(
+                prompt, params, rid, request.priority, convert.GenerateResponder(rid, params)
+            )
 
         async for msg in core.stream("generation", context, make_job):
             yield msg
@@ -381,11 +312,14 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
 
         async def make_job() -> Job:
             jp = convert.jetstream_request(request, core.bos_token_id, core.jetstream_params)
-            ids = await core.tokenize(jp.prompt, jp.add_special_tokens)
+            prompt = jp.prompt
+            core.check_prompt_size(prompt)
+            if isinstance(prompt, str) and not jp.add_special_tokens:
+                prompt = await core.encode_without_special_tokens(prompt)
             respond = convert.JetStreamResponder(
                 jp.params.n, jp.text_mode, core.engine.cfg.eos_token_ids
             )
-            return Job(ids, jp.params, core.new_request_id("js"), 0, respond)
+            return Job(prompt, jp.params, core.new_request_id("js"), 0, respond)
 
         async for msg in core.stream("jetstream", context, make_job):
             yield msg

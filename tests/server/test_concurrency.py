@@ -12,6 +12,7 @@ import pytest
 from jserve import SamplingParams
 from jserve.engine.async_engine import AsyncLLMEngine
 from jserve.server.client import decode_request, generate_request
+from jserve.server.servicers import GenerationServicer
 from tests.engine.helpers import make_engine, run
 from tests.server.conftest import ENGINE
 from tests.server.helpers import metric, scrape, serving, wait_until_free
@@ -105,6 +106,82 @@ def test_cancel_mid_stream_frees_pages(aengine: AsyncLLMEngine) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_cancel_while_grpc_sends_a_message_frees_pages(
+    aengine: AsyncLLMEngine, monkeypatch
+) -> None:
+    """gRPC may cancel an RPC while it sends a message, outside the handler, leaving the
+    handler suspended at a yield: dropping the handler still closes its engine stream."""
+    real_generate = GenerationServicer.Generate
+    landed: list[bool] = []
+
+    async def slow_sender(self, request, context):  # iterates the handler as gRPC does
+        async for msg in real_generate(self, request, context):
+            try:
+                await asyncio.sleep(0.05)  # stands for gRPC sending `msg`
+            except asyncio.CancelledError:
+                landed.append(True)
+                raise
+            yield msg
+
+    monkeypatch.setattr(GenerationServicer, "Generate", slow_sender)
+
+    async def main():
+        async with serving(aengine, metrics_port=0) as (h, c):
+            call = c.generation.Generate(
+                generate_request(PROMPTS[0], max_tokens=400, ignore_eos=True)
+            )
+            await call.read()
+            assert aengine.engine.pool.num_used > 0
+            call.cancel()
+            await wait_until_free(aengine, timeout=2.0)
+            text = scrape(h.metrics_port)
+            assert metric(text, "jserve_requests_total", api="generation", outcome="cancelled") == 1
+
+    asyncio.run(main())
+    assert landed == [True]
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_duplicate_request_id_leaves_the_running_request_alone(
+    aengine: AsyncLLMEngine,
+) -> None:
+    """Another client's request with the id of a running one is refused, and only it ends."""
+
+    async def main():
+        async with serving(aengine) as (_, c):
+            first = asyncio.create_task(
+                c.generate(PROMPTS[0], request_id="x", max_tokens=400, ignore_eos=True)
+            )
+            while "x" not in aengine.engine.requests:
+                await asyncio.sleep(0.005)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.generate(PROMPTS[1], request_id="x", max_tokens=4)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "already in use" in e.value.details()
+            # Duplicates whose deadline may expire while they wait for admission.
+            rng = random.Random(1)
+            late = await asyncio.gather(
+                *(
+                    c.generate(PROMPTS[2], request_id="x", timeout=rng.uniform(0.001, 0.02))
+                    for _ in range(20)
+                ),
+                return_exceptions=True,
+            )
+            for err in late:
+                assert isinstance(err, grpc.aio.AioRpcError), err
+                assert err.code() in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ), err
+            assert not first.done()  # all refused while the first one was generating
+            r = await first
+            assert r.finish_reasons == ["length"] and len(r.token_ids[0]) == 400
+            await wait_until_free(aengine)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
 def test_deadline_frees_pages(aengine: AsyncLLMEngine) -> None:
     async def main():
         async with serving(aengine, jetstream_params=LONG_JETSTREAM) as (_, c):
@@ -127,10 +204,11 @@ def test_deadline_frees_pages(aengine: AsyncLLMEngine) -> None:
 def test_cancels_racing_admission_leave_the_engine_healthy(
     aengine: AsyncLLMEngine, monkeypatch
 ) -> None:
-    """Deadlines that expire while the engine thread is still admitting the request.
+    """Deadlines that expire while the handler waits for the engine to admit its request.
 
-    The engine admits new requests between steps. Cancelling its admission
-    wait once killed the step thread; no client timing may do that.
+    The engine admits new requests between steps, so a deadline can cancel
+    ``AsyncLLMEngine.generate`` before, during or after admission. No client
+    timing may kill the step thread or leave a request running.
     """
     engine = aengine.engine
     real_step = engine.step
@@ -141,6 +219,7 @@ def test_cancels_racing_admission_leave_the_engine_healthy(
 
     async def main():
         async with serving(aengine) as (_, c):
+            admitted0, aborted0 = engine.stats.num_requests, engine.stats.num_aborted
             monkeypatch.setattr(engine, "step", slow_step)
             busy = asyncio.create_task(c.generate(PROMPTS[0], max_tokens=200, ignore_eos=True))
             while aengine.num_active < 1:
@@ -160,6 +239,10 @@ def test_cancels_racing_admission_leave_the_engine_healthy(
                     assert r.code() == grpc.StatusCode.DEADLINE_EXCEEDED, r
             await wait_until_free(aengine, timeout=5)
             assert aengine.dead is None and aengine._thread.is_alive()
+            # Some calls ended before the engine took them; every one it took was aborted.
+            admitted = engine.stats.num_requests - admitted0
+            assert admitted < 1 + len(calls)
+            assert engine.stats.num_aborted - aborted0 == admitted
             r = await c.generate(PROMPTS[0], max_tokens=4, ignore_eos=True, timeout=10)
             assert len(r.token_ids[0]) == 4
 

@@ -12,7 +12,7 @@ from jserve.engine.async_engine import AsyncLLMEngine
 from jserve.server.client import generate_request
 from tests.engine.helpers import make_engine, run
 from tests.server.conftest import ENGINE
-from tests.server.helpers import serving, wait_until_free
+from tests.server.helpers import metric, scrape, serving, wait_until_free
 
 PROMPT = "First Citizen:"
 pytestmark = pytest.mark.timeout(120)
@@ -57,6 +57,9 @@ def test_both_apis_stream_the_offline_tokens(aengine: AsyncLLMEngine, offline) -
             assert r.token_ids == [without_eos(want.token_ids)]
             assert r.text == [want.text]
             assert max(r.message_tokens) == 1  # one message per step, like JetStream
+            # has_bos text is tokenized without special tokens (this tokenizer adds none).
+            r = await c.decode(PROMPT, max_tokens=24, has_bos=True)
+            assert r.token_ids == [without_eos(want.token_ids)] and r.text == [want.text]
             r = await c.decode(prompt_ids, max_tokens=16)  # client-side tokenization: ids only
             assert r.token_ids == [without_eos(offline["ids"].outputs[0].token_ids)]
             assert r.text == [""]
@@ -229,6 +232,33 @@ def test_queue_full_is_resource_exhausted(tok_model_dir: str) -> None:
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "queue is full" in e.value.details()
             await asyncio.gather(first, queued)
+
+    try:
+        asyncio.run(main())
+    finally:
+        aeng.shutdown()
+
+
+def test_a_request_that_could_never_fit_is_invalid_argument(tok_model_dir: str) -> None:
+    # 16 pages of 4 tokens: no request may ever need more than 64 tokens of KV.
+    aeng = AsyncLLMEngine(make_engine(tok_model_dir, **{**ENGINE, "num_pages": 16}))
+
+    async def main():
+        async with serving(aeng, metrics_port=0) as (h, c):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.generate(PROMPT, max_tokens=100)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "could never run" in e.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.decode(PROMPT, max_tokens=100)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "could never run" in e.value.details()
+            text = scrape(h.metrics_port)
+            for api in ("generation", "jetstream"):
+                assert metric(text, "jserve_requests_total", api=api, outcome="invalid") == 1
+                assert metric(text, "jserve_requests_total", api=api, outcome="rejected") == 0
+            r = await c.generate(PROMPT, max_tokens=8, ignore_eos=True)  # one that fits
+            assert len(r.token_ids[0]) == 8
 
     try:
         asyncio.run(main())
