@@ -6,7 +6,7 @@
 
 or, for a process that serves until SIGTERM/SIGINT:
 
-    await serve(aengine, host="127.0.0.1", port=50051, metrics_port=9090)
+    await serve(aengine, ServerConfig(port=50051, metrics_port=9090))
 
 Services: ``jserve.v1.Generation``, ``jetstream_proto.Orchestrator``,
 ``grpc.health.v1.Health`` and server reflection. Health reports NOT_SERVING
@@ -33,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jserve.engine.async_engine import AsyncLLMEngine
+from jserve.errors import ConfigError
 from jserve.sampling_params import SamplingParams
 from jserve.server.auth import BearerTokenInterceptor
 from jserve.server.metrics import MetricsHTTPServer, ServerMetrics
@@ -70,20 +71,19 @@ class ServerConfig:
     # Sampling of JetStream Decode requests (they carry no sampling fields);
     # n and max_tokens come from each request. Default: greedy.
     jetstream_params: SamplingParams | None = None
-    max_concurrent_rpcs: int | None = None
 
     def validate(self) -> ServerConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("TLS needs both a certificate and a key file (--tls-cert, --tls-key)")
+            raise ConfigError("TLS needs both a certificate and a key file (--tls-cert, --tls-key)")
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not os.path.isfile(path):
-                raise ValueError(f"TLS file {path!r} does not exist")
+                raise ConfigError(f"TLS file {path!r} does not exist")
         if self.auth_token is not None and not self.auth_token:
-            raise ValueError("the auth token is empty")
+            raise ConfigError("the auth token is empty")
         if self.max_request_bytes < 1024:
-            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+            raise ConfigError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         if self.grace_period < 0:
-            raise ValueError(f"grace_period must be >= 0, got {self.grace_period}")
+            raise ConfigError(f"grace_period must be >= 0, got {self.grace_period}")
         return self
 
 
@@ -196,11 +196,7 @@ class ServerHandle:
             ("grpc.max_receive_message_length", cfg.max_request_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
         ]
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=options,
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-        )
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.core), server)
         jetstream_pb2_grpc.add_OrchestratorServicer_to_server(
             OrchestratorServicer(self.core), server
@@ -326,9 +322,14 @@ async def start_server(
     """Binds and starts the server; with ``wait_ready`` also waits for the warm-up.
 
     Without ``wait_ready`` the warm-up runs in the background and
-    ``handle.ready`` is set when health turns SERVING.
+    ``handle.ready`` is set when health turns SERVING. ``overrides`` replace
+    fields of ``config`` (e.g. ``port=0``). Raises ConfigError for an invalid
+    config and OSError when the port cannot be bound.
     """
-    config = dataclasses.replace(config or ServerConfig(), **overrides).validate()
+    config = config or ServerConfig()
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    config.validate()
     handle = ServerHandle(aengine, config)
     try:
         await handle.start()
@@ -346,19 +347,18 @@ async def start_server(
 
 async def serve(
     aengine: AsyncLLMEngine,
+    config: ServerConfig,
     *,
-    handle_signals: bool = True,
     on_started: Callable[[ServerHandle], None] | None = None,
-    **config: Any,
 ) -> None:
     """Serves until SIGTERM/SIGINT (graceful: running requests get the grace period).
 
-    Keyword arguments are ServerConfig fields. ``on_started(handle)`` is
-    called once the ports are bound (before warm-up finishes).
+    ``on_started(handle)`` is called once the ports are bound (before warm-up
+    finishes).
     """
-    handle = await start_server(aengine, ServerConfig(**config), wait_ready=False)
+    handle = await start_server(aengine, config, wait_ready=False)
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+    signals = (signal.SIGTERM, signal.SIGINT)
     count = 0
 
     def on_signal(signum: int) -> None:

@@ -12,36 +12,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
 from jserve.engine.async_engine import AsyncLLMEngine
-from jserve.server.app import DEFAULT_MAX_REQUEST_BYTES, ServerConfig, ServerHandle, serve
-
-logger = logging.getLogger(__name__)
+from jserve.errors import ConfigError
+from jserve.server.app import ServerConfig, ServerHandle, serve
 
 AUTH_TOKEN_ENV = "JSERVE_AUTH_TOKEN"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = ServerConfig()
     g = parser.add_argument_group("server")
     g.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="address to listen on (default: 127.0.0.1, this machine only; e.g. 0.0.0.0 for all "
-        "interfaces, which should come with --tls-cert/--tls-key and a token)",
+        default=d.host,
+        help="address to listen on (default: %(default)s, this machine only; e.g. 0.0.0.0 for "
+        "all interfaces, which should come with --tls-cert/--tls-key and a token)",
     )
-    g.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    g.add_argument(
+        "--port",
+        type=int,
+        default=d.port,
+        help="gRPC port (default: %(default)s; 0: any free port)",
+    )
     g.add_argument(
         "--metrics-port",
         type=int,
-        default=None,
+        default=d.metrics_port,
         help="serve Prometheus metrics over HTTP on this port (default: off; 0: any free port)",
     )
-    g.add_argument("--metrics-host", default=None, help="metrics address (default: --host)")
-    g.add_argument("--tls-cert", default=None, help="server certificate chain (PEM) for TLS")
-    g.add_argument("--tls-key", default=None, help="server private key (PEM) for TLS")
+    g.add_argument(
+        "--metrics-host", default=d.metrics_host, help="metrics address (default: --host)"
+    )
+    g.add_argument("--tls-cert", default=d.tls_cert, help="server certificate chain (PEM) for TLS")
+    g.add_argument("--tls-key", default=d.tls_key, help="server private key (PEM) for TLS")
     g.add_argument(
         "--auth-token-file",
         default=None,
@@ -51,16 +57,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument(
         "--max-request-bytes",
         type=int,
-        default=DEFAULT_MAX_REQUEST_BYTES,
+        default=d.max_request_bytes,
         help="largest request message accepted (default: %(default)s)",
     )
     g.add_argument(
         "--grace-period",
         type=float,
-        default=30.0,
+        default=d.grace_period,
         help="seconds running requests get to finish after SIGTERM/SIGINT (default: %(default)s)",
     )
-    g.add_argument("--served-model-name", default=None, help="model name reported to clients")
+    g.add_argument(
+        "--served-model-name",
+        default=d.model_name,
+        help="model name reported to clients (default: the model directory's name)",
+    )
     g.add_argument(
         "--no-server-warmup",
         action="store_true",
@@ -74,12 +84,13 @@ def _auth_token(args: argparse.Namespace) -> str | None:
         with open(args.auth_token_file, encoding="utf-8") as f:
             token = f.read().strip()
         if not token:
-            raise ValueError(f"{args.auth_token_file} holds no token")
+            raise ConfigError(f"{args.auth_token_file} holds no token")
         return token
     return os.environ.get(AUTH_TOKEN_ENV) or None
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig the options describe (checked when the server starts)."""
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -92,7 +103,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grace_period=args.grace_period,
         model_name=args.served_model_name,
         warmup=not args.no_server_warmup,
-    ).validate()
+    )
 
 
 def _announce(handle: ServerHandle) -> None:
@@ -114,12 +125,15 @@ def run_serve(args: argparse.Namespace, aengine: AsyncLLMEngine) -> int:
     """
     try:
         try:
-            config = config_from_args(args)
+            config = config_from_args(args)  # reads the token file
         except (ValueError, OSError) as e:
             print(f"jserve: {e}", file=sys.stderr)
             return 2
         try:
-            asyncio.run(serve(aengine, on_started=_announce, **vars(config)))
+            asyncio.run(serve(aengine, config, on_started=_announce))
+        except ConfigError as e:
+            print(f"jserve: {e}", file=sys.stderr)
+            return 2
         except OSError as e:
             print(f"jserve: cannot serve: {e}", file=sys.stderr)
             return 1
