@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
+
+from jserve.errors import ConfigError
 
 SLO_KEYS = ("ttft", "tpot", "e2el")
 
@@ -51,17 +54,22 @@ class RequestRecord:
 
 
 def parse_goodput(items: list[str] | None) -> dict[str, float]:
-    """["ttft:500", "tpot:50"] -> {"ttft": 0.5, "tpot": 0.05} (seconds)."""
+    """["ttft:500", "tpot:50"] -> {"ttft": 0.5, "tpot": 0.05} (seconds).
+
+    Raises ConfigError for anything else.
+    """
+    usage = f"--goodput takes KEY:MILLISECONDS with KEY in {', '.join(SLO_KEYS)}"
     slos: dict[str, float] = {}
     for item in items or []:
         key, _, value = item.partition(":")
-        if key not in SLO_KEYS or not value:
-            raise ValueError(
-                f"--goodput takes KEY:MILLISECONDS with KEY in {SLO_KEYS}, got {item!r}"
-            )
-        ms = float(value)
-        if ms <= 0:
-            raise ValueError(f"--goodput {key} must be positive, got {ms}")
+        if key not in SLO_KEYS:
+            raise ConfigError(f"{usage}, got {item!r}")
+        try:
+            ms = float(value)
+        except ValueError:
+            raise ConfigError(f"{usage}, got {item!r}") from None
+        if not (math.isfinite(ms) and ms > 0):
+            raise ConfigError(f"--goodput {key} must be a positive number of ms, got {value!r}")
         slos[key] = ms / 1000.0
     return slos
 

@@ -4,6 +4,12 @@ Requests are sent at a Poisson rate (``--request-rate``; ``--burstiness``
 is the shape of the gamma distribution of gaps, 1 = Poisson) and/or with at
 most ``--max-concurrency`` in flight, over the jserve API or JetStream's
 ``Orchestrator`` API.
+
+JetStream's ``Decode`` carries no sampling fields, so with ``--backend
+jetstream`` the server's own sampling applies (``jserve serve``: greedy,
+stopping at EOS) and ``--temperature``/``--ignore-eos`` are refused. Token-id
+prompts are sent with ``has_bos`` set: the dataset's ids are the whole
+prompt, as over the jserve API, so the server adds no BOS to them.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from jserve.bench.results import (
     save_result,
 )
 from jserve.errors import ConfigError
+from jserve.server.cli import AUTH_TOKEN_ENV
+
+# Sampling sent over the jserve API unless given (JetStream's Decode has no such fields).
+DEFAULT_TEMPERATURE = 0.0
+DEFAULT_IGNORE_EOS = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["jserve", "jetstream"],
         help="jserve.v1 Generation API, or JetStream's Orchestrator.Decode",
     )
-    g.add_argument("--auth-token", default=os.environ.get("JSERVE_AUTH_TOKEN"))
+    g.add_argument(
+        "--auth-token",
+        default=os.environ.get(AUTH_TOKEN_ENV),
+        help=f"bearer token for a server that requires one (default: ${AUTH_TOKEN_ENV})",
+    )
     g.add_argument("--root-certificates", default=None, help="PEM file: connect with TLS")
     g.add_argument(
         "--tokenizer",
@@ -63,12 +78,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="SLOs as KEY:MS with KEY in ttft, tpot, e2el, e.g. --goodput ttft:500 tpot:50",
     )
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"sampling temperature (default: {DEFAULT_TEMPERATURE:g}; jserve backend only)",
+    )
     g.add_argument(
         "--ignore-eos",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="generate exactly the dataset's output length",
+        default=None,
+        help="generate exactly the dataset's output length (default: on; jserve backend only)",
     )
     g.add_argument("--request-timeout", type=float, default=600.0)
     g.add_argument("--seed", type=int, default=0)
@@ -101,7 +121,10 @@ async def _send(client: Any, args: argparse.Namespace, req: BenchRequest) -> Req
             )
         else:
             res = await client.decode(
-                req.prompt, timeout=args.request_timeout, max_tokens=req.output_len
+                req.prompt,
+                timeout=args.request_timeout,
+                max_tokens=req.output_len,
+                has_bos=not isinstance(req.prompt, str),
             )
         record.start = res.start
         for t, n in zip(res.message_times, res.message_tokens, strict=True):
@@ -116,7 +139,29 @@ async def _send(client: Any, args: argparse.Namespace, req: BenchRequest) -> Req
     return record
 
 
-async def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """Fills in the sampling defaults, or refuses them where the backend cannot send them."""
+    given = [
+        flag
+        for flag, value in (("--temperature", args.temperature), ("--ignore-eos", args.ignore_eos))
+        if value is not None
+    ]
+    if args.backend == "jetstream":
+        if given:
+            raise ConfigError(
+                f"{' and '.join(given)} cannot be sent with --backend jetstream: JetStream's "
+                "Decode has no sampling fields, so the server's own sampling applies"
+            )
+        return
+    if args.temperature is None:
+        args.temperature = DEFAULT_TEMPERATURE
+    if args.ignore_eos is None:
+        args.ignore_eos = DEFAULT_IGNORE_EOS
+
+
+async def _benchmark(
+    args: argparse.Namespace, percentiles: tuple[float, ...], slos: dict[str, float]
+) -> dict[str, Any]:
     from jserve.server.client import Client
 
     root = None
@@ -149,8 +194,7 @@ async def _benchmark(args: argparse.Namespace) -> dict[str, Any]:
         bar.close()
     finally:
         await client.close()
-    percentiles = percentiles_from_args(args)
-    result = summarize(records, duration, percentiles, parse_goodput(args.goodput))
+    result = summarize(records, duration, percentiles, slos)
     result.update(
         mode="serve",
         **environment(),
@@ -204,6 +248,10 @@ async def _model_facts(client: Any, args: argparse.Namespace) -> tuple[int, str,
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
-    result = asyncio.run(_benchmark(args))
+    # Options are checked before any request is sent.
+    percentiles = percentiles_from_args(args)
+    slos = parse_goodput(args.goodput)
+    check_sampling_args(args)
+    result = asyncio.run(_benchmark(args, percentiles, slos))
     save_result(args, "serve", result)
     return 0 if result["completed"] else 1
