@@ -15,9 +15,6 @@ def _add_offline_common(p: argparse.ArgumentParser) -> None:
     add_result_arguments(p)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument(
-        "--no-warmup", action="store_true", help="skip precompiling (compiles on first use)"
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

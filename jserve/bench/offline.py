@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from typing import Any
 
@@ -19,24 +18,30 @@ from jserve.bench.results import (
     plot_throughput,
     save_result,
 )
-from jserve.cli.engine_args import engine_config_from_args, load_model_from_args
+from jserve.cli.engine_args import build_engine, load_model_from_args
 from jserve.engine.llm_engine import LLMEngine
+from jserve.model_loader import LoadedModel
 from jserve.sampling_params import SamplingParams
 
 
-def _start_engine(args: argparse.Namespace) -> tuple[LLMEngine, dict[str, float]]:
+def _load_model(args: argparse.Namespace) -> tuple[LoadedModel, float]:
     t0 = time.perf_counter()
     model = load_model_from_args(args)
-    t1 = time.perf_counter()
-    engine = LLMEngine(
+    return model, time.perf_counter() - t0
+
+
+def _start_engine(
+    args: argparse.Namespace, model: LoadedModel, load_s: float, max_queued: int
+) -> tuple[LLMEngine, dict[str, float]]:
+    """The engine for a run that queues up to ``max_queued`` requests at once."""
+    t0 = time.perf_counter()
+    engine = build_engine(
+        args,
         model,
-        engine_config_from_args(args),
-        warmup=not args.no_warmup,
         progress=not args.disable_tqdm,
+        max_waiting=max(args.max_waiting, max_queued),
     )
-    t2 = time.perf_counter()
-    print(f"jserve: {engine.describe()}", file=sys.stderr, flush=True)
-    return engine, {"load_s": t1 - t0, "engine_init_and_compile_s": t2 - t1}
+    return engine, {"load_s": load_s, "engine_init_and_compile_s": time.perf_counter() - t0}
 
 
 def _params(req: BenchRequest, args: argparse.Namespace) -> SamplingParams:
@@ -84,8 +89,9 @@ def _header(args: argparse.Namespace, engine: LLMEngine, mode: str) -> dict[str,
 
 
 def run_throughput(args: argparse.Namespace) -> int:
-    engine, startup = _start_engine(args)
-    reqs = requests_from_args(args, engine.cfg.vocab_size, engine.tokenizer)
+    model, load_s = _load_model(args)
+    reqs = requests_from_args(args, model.cfg.vocab_size, model.tokenizer)
+    engine, startup = _start_engine(args, model, load_s, len(reqs))
     elapsed, token_times, out_lens = _run_to_completion(engine, reqs, args, "")
     prompt_tokens = sum(r.prompt_len for r in reqs)
     output_tokens = sum(out_lens.values())
@@ -120,9 +126,10 @@ def run_throughput(args: argparse.Namespace) -> int:
 
 
 def run_latency(args: argparse.Namespace) -> int:
-    engine, startup = _start_engine(args)
+    percentiles = percentiles_from_args(args)  # a bad option fails before the model loads
+    model, load_s = _load_model(args)
+    engine, startup = _start_engine(args, model, load_s, args.batch_size)
     rng = np.random.default_rng(args.seed)
-    percentiles = percentiles_from_args(args)
 
     def batch() -> list[BenchRequest]:
         return random_requests(

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from typing import TYPE_CHECKING
 
 from jserve.engine.config import EngineConfig
 from jserve.model_loader import LoadedModel, default_model_path, load_model, random_model
 from sharding import ParallelConfig
+
+if TYPE_CHECKING:
+    from jserve.engine.llm_engine import LLMEngine
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +94,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-waiting", type=int, default=d.max_waiting)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile every step shape at start-up; with --no-warmup each compiles on first use",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:
@@ -116,3 +127,22 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
     if args.random_weights:
         return random_model(args.config or "llama3-1b", args.dtype, args.seed, parallel)
     return load_model(args.model or default_model_path(), args.dtype, parallel)
+
+
+def build_engine(
+    args: argparse.Namespace,
+    model: LoadedModel | None = None,
+    *,
+    progress: bool = True,
+    **overrides: object,
+) -> LLMEngine:
+    """The engine the model and engine flags describe; ``overrides`` replace EngineConfig
+    fields. Loads the model unless one is given, and prints the engine's placement."""
+    from jserve.engine.llm_engine import LLMEngine
+
+    if model is None:
+        model = load_model_from_args(args)
+    ecfg = engine_config_from_args(args, **overrides)
+    engine = LLMEngine(model, ecfg, warmup=args.warmup, progress=progress)
+    print(f"jserve: {engine.describe()}", file=sys.stderr, flush=True)
+    return engine

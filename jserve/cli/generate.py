@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jserve.cli.engine_args import (
-    add_engine_arguments,
-    add_model_arguments,
-    engine_config_from_args,
-    load_model_from_args,
-)
-from jserve.engine.llm_engine import LLMEngine
+from jserve.cli.engine_args import add_engine_arguments, add_model_arguments, build_engine
 from jserve.sampling_params import SamplingParams
 
 DEFAULT_PROMPT = "ROMEO:\n"
@@ -31,12 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
     add_model_arguments(parser)
     add_engine_arguments(parser)
-    parser.set_defaults(max_num_seqs=8, max_num_batched_tokens=256, func=run)
+    # One short run: compiling every step shape up front would cost more than it saves.
+    parser.set_defaults(max_num_seqs=8, max_num_batched_tokens=256, warmup=False, func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model_from_args(args)
-    engine = LLMEngine(model, engine_config_from_args(args), warmup=False)
+    engine = build_engine(args)
     params = SamplingParams(
         n=args.n,
         max_tokens=args.max_tokens,

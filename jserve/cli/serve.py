@@ -14,6 +14,7 @@ import sys
 from jserve.cli.engine_args import (
     add_engine_arguments,
     add_model_arguments,
+    build_engine,
     engine_config_from_args,
     load_model_from_args,
 )
@@ -24,11 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser)
     add_engine_arguments(parser)
-    parser.add_argument(
-        "--no-engine-warmup",
-        action="store_true",
-        help="compile step shapes on first use instead of at start-up",
-    )
     g = parser.add_argument_group("multi-host")
     g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
     g.add_argument("--num-processes", type=int, default=1)
@@ -44,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
 
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("jax").setLevel(logging.WARNING)
-    mh = None
     if args.num_processes > 1 or args.coordinator_address:
         mh = multihost.MultiHostConfig(
             args.coordinator_address or "", args.num_processes, args.process_id
@@ -53,18 +48,13 @@ def run(args: argparse.Namespace) -> int:
         mh = multihost.MultiHostConfig.from_env()
     if mh is not None:
         multihost.initialize(mh)
-    model = load_model_from_args(args)
-    ecfg = engine_config_from_args(args)
-    warmup = not args.no_engine_warmup
-    if mh is not None:
-        engine = multihost.start_engine(model, ecfg, mh, warmup)
+        model = load_model_from_args(args)
+        engine = multihost.start_engine(model, engine_config_from_args(args), mh, args.warmup)
         if engine is None:  # a follower: the leader has stopped
             return 0
+        print(f"jserve: {engine.describe()}", file=sys.stderr, flush=True)
     else:
-        from jserve.engine.llm_engine import LLMEngine
-
-        engine = LLMEngine(model, ecfg, warmup=warmup)
-    print(f"jserve: {engine.describe()}", file=sys.stderr, flush=True)
+        engine = build_engine(args)
     try:
         return run_serve(args, AsyncLLMEngine(engine))
     finally:

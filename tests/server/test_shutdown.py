@@ -90,7 +90,7 @@ def test_sigterm_during_a_stream_lets_it_finish_and_exits_0(tok_model_dir: str, 
     grace = 30
     cmd = [
         sys.executable, "-m", "jserve.server.cli", "--model", tok_model_dir, "--dtype", "float32",
-        "--port", "0", "--grace-period", str(grace), "--no-engine-warmup",
+        "--port", "0", "--grace-period", str(grace), "--no-warmup",
         "--page-size", str(ENGINE["page_size"]), "--num-pages", str(ENGINE["num_pages"]),
         "--max-num-seqs", str(ENGINE["max_num_seqs"]),
         "--max-num-batched-tokens", str(ENGINE["max_num_batched_tokens"]),
