@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 
@@ -130,6 +129,11 @@ def test_tls(aengine: AsyncLLMEngine, tmp_path) -> None:
     cert, key = _self_signed_cert(tmp_path)
     with open(cert, "rb") as f:
         root = f.read()
+    (tmp_path / "other").mkdir()
+    other_cert, _ = _self_signed_cert(tmp_path / "other")
+    with open(other_cert, "rb") as f:
+        other_root = f.read()
+    assert other_root != root
 
     async def main():
         async with serving(
@@ -149,7 +153,11 @@ def test_tls(aengine: AsyncLLMEngine, tmp_path) -> None:
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             async with Client(f"localhost:{h.port}", root_certificates=root) as by_name:
                 assert await by_name.health() == "SERVING"
-            assert os.path.getsize(cert) > 0
+            # A client that trusts another certificate refuses the server's.
+            async with Client(f"127.0.0.1:{h.port}", root_certificates=other_root) as wary:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await wary.health()
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
     asyncio.run(main())
 
