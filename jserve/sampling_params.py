@@ -53,8 +53,12 @@ class SamplingParams:
         return (s ^ (s >> 32)) & 0xFFFFFFFF
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+    def uses_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+        )
 
     def validate(self, max_logprobs: int = 20) -> None:
         """Raises InvalidRequestError naming the first bad field."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pallas_kernels
 from jserve.errors import ConfigError
 
 
@@ -36,7 +37,7 @@ class EngineConfig:
     async_scheduling: bool = True  # prepare step N+1 while the device runs step N
     seed: int = 0
     min_token_bucket: int = 16
-    min_seq_bucket: int = 4
+    min_seq_bucket: int = 4  # smallest bucket of sampled rows
 
     def validate(self) -> EngineConfig:
         def positive(name: str) -> None:
@@ -59,8 +60,6 @@ class EngineConfig:
             raise ConfigError(
                 f"memory_utilization must be in (0, 1], got {self.memory_utilization}"
             )
-        import pallas_kernels
-
         if self.attention_backend not in pallas_kernels.BACKENDS:
             raise ConfigError(
                 f"attention_backend {self.attention_backend!r} is unknown; choose one of "
@@ -73,7 +72,3 @@ class EngineConfig:
     def token_buckets(self) -> tuple[int, ...]:
         low = min(self.min_token_bucket, self.max_num_batched_tokens)
         return power_of_two_buckets(low, self.max_num_batched_tokens)
-
-    def seq_buckets(self) -> tuple[int, ...]:
-        low = min(self.min_seq_bucket, self.max_num_seqs)
-        return power_of_two_buckets(low, self.max_num_seqs)

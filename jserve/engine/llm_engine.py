@@ -7,17 +7,16 @@ import logging
 import math
 import random
 import time
-from typing import Any
 
 import jax
 
 from jserve.engine.config import EngineConfig
 from jserve.engine.detokenizer import SequenceDetokenizer
-from jserve.engine.inputs import BAN_WIDTHS
 from jserve.engine.kv_pool import PagePool
 from jserve.engine.request import Request, Sequence
-from jserve.engine.runner import ModelRunner, StepHandle, kv_bytes_per_page
-from jserve.engine.scheduler import Scheduler, SchedulerOutput
+from jserve.engine.runner import ModelRunner, StepHandle, StepResult, kv_bytes_per_page
+from jserve.engine.scheduler import Scheduler, SchedulerOutput, SeqUpdate
+from jserve.engine.shapes import BAN_WIDTH
 from jserve.engine.stats import EngineStats
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError, RequestTooLargeError
 from jserve.model_loader import LoadedModel
@@ -77,7 +76,12 @@ class LLMEngine:
     """Owns the scheduler, the page pool and the runner; drives one step per call."""
 
     def __init__(
-        self, model: LoadedModel, ecfg: EngineConfig, warmup: bool = True, progress: bool = True
+        self,
+        model: LoadedModel,
+        ecfg: EngineConfig,
+        warmup: bool = True,
+        progress: bool = True,
+        runner_cls: type[ModelRunner] = ModelRunner,
     ) -> None:
         self.model = model
         self.cfg = model.cfg
@@ -87,20 +91,20 @@ class LLMEngine:
         self.max_model_len = min(ecfg.max_model_len or limit, limit)
         self.num_pages = pages_that_fit(model, ecfg, self.max_model_len)
         self.pool = PagePool(self.num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
-        self.scheduler = Scheduler(ecfg, self.pool, self._make_sibling)
-        self.runner = ModelRunner(
+        self.scheduler = Scheduler(ecfg, self.pool, self.cfg.eos_token_ids)
+        self.runner = runner_cls(
             model.params,
             self.cfg,
             ecfg,
             model.dtype,
             self.max_model_len,
-            self.num_pages,
-            model.mesh,
-            model.parallel,
+            num_pages=self.num_pages,
+            mesh=model.mesh,
+            parallel=model.parallel,
         )
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(ecfg.seed)
-        self._next_seq_id = 0
+        self._detoks: dict[int, SequenceDetokenizer] = {}  # by seq_id
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
         self._touched: dict[str, Request] = {}
         self._idle_steps = 0
@@ -127,7 +131,7 @@ class LLMEngine:
                 f"prompt has {len(ids)} tokens but the model's maximum length is "
                 f"{self.max_model_len}; shorten the prompt"
             )
-        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        max_tokens = self._max_tokens(params, len(ids))
         if len(ids) + max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
@@ -140,8 +144,14 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"n ({params.n}) exceeds max_num_seqs ({self.ecfg.max_num_seqs})"
             )
-        if len(params.stop_token_ids) + len(self.cfg.eos_token_ids) > BAN_WIDTHS[-1]:
-            raise InvalidRequestError(f"at most {BAN_WIDTHS[-1]} stop_token_ids are supported")
+        banned = len(params.stop_token_ids) + (
+            0 if params.ignore_eos else len(self.cfg.eos_token_ids)
+        )
+        if params.min_tokens > 0 and banned > BAN_WIDTH:
+            raise InvalidRequestError(
+                f"with min_tokens, at most {BAN_WIDTH} stop_token_ids plus EOS ids can be "
+                f"banned ({banned} given); pass fewer stop_token_ids or drop min_tokens"
+            )
         bad = [t for t in params.stop_token_ids if t >= self.cfg.vocab_size]
         if bad:
             raise InvalidRequestError(
@@ -187,32 +197,31 @@ class LLMEngine:
     ) -> Request:
         """Adds a request that ``validate_request`` already accepted."""
         seed = params.seed32 if params.seed is not None else self._rng.getrandbits(32)
-        # validate_request made sure the prompt plus max_tokens fits max_model_len.
-        max_out = params.max_tokens or self.max_model_len - len(ids)
+        max_out = self._max_tokens(params, len(ids))
         req = Request(request_id, text, ids, params, seed, max_out, priority, arrival_time)
         self.requests[request_id] = req
-        self.scheduler.add(self._new_sequence(req, 0, list(ids)))
+        self.scheduler.add_request(req)
         self.stats.num_requests += 1
         return req
 
-    def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
-        detok = None
-        if self.tokenizer is not None:
-            p = req.params
-            detok = SequenceDetokenizer(
+    def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
+        """max_tokens, or all the room the model leaves after the prompt."""
+        return params.max_tokens or self.max_model_len - prompt_len
+
+    def _detok(self, seq: Sequence) -> SequenceDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        detok = self._detoks.get(seq.seq_id)
+        if detok is None:
+            p = seq.request.params
+            detok = self._detoks[seq.seq_id] = SequenceDetokenizer(
                 self.tokenizer,
-                req.prompt_token_ids,
+                seq.request.prompt_token_ids,
                 p.stop,
                 p.include_stop_str_in_output,
                 p.skip_special_tokens,
             )
-        seq = Sequence(self._next_seq_id, req, index, token_ids, detok)
-        self._next_seq_id += 1
-        req.seqs.append(seq)
-        return seq
-
-    def _make_sibling(self, parent: Sequence, index: int) -> Sequence:
-        return self._new_sequence(parent.request, index, list(parent.token_ids))
+        return detok
 
     def abort_request(self, request_id: str, only: Request | None = None) -> bool:
         """Stops a request now and frees its pages; its final output says 'abort'.
@@ -223,9 +232,7 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None or (only is not None and req is not only):
             return False
-        req.aborted = True
-        for seq in req.seqs:
-            self.scheduler.finish(seq, "abort")
+        self.scheduler.abort_request(req)
         self._touched[request_id] = req
         self.stats.num_aborted += 1
         return True
@@ -266,49 +273,45 @@ class LLMEngine:
 
     def _process(self, so: SchedulerOutput, handle: StepHandle) -> None:
         res = self.runner.fetch(handle)
-        for entry in so.scheduled:
-            for row, seq in entry.samples:
-                if seq.finished:
-                    continue  # stopped or aborted while this step was in flight
-                token = int(res.tokens[row])
-                seq.num_pending -= 1
-                seq.token_ids.append(token)
-                req = seq.request
-                if req.params.logprobs is not None:
-                    self._record_logprobs(seq, row, token, res)
-                self.stats.generation_tokens += 1
-                self._check_stop(seq, token)
-                self._touched[req.request_id] = req
-            self.scheduler.cache_full_pages(entry.seq)
+        for upd in self.scheduler.update(so, res.tokens):
+            req = upd.seq.request
+            if req.params.logprobs is not None:
+                self._record_logprobs(upd, res)
+            self.stats.generation_tokens += len(upd.tokens)
+            self._find_stop_string(upd)
+            self._touched[req.request_id] = req
 
-    def _record_logprobs(self, seq: Sequence, row: int, token: int, res: Any) -> None:
+    def _find_stop_string(self, upd: SeqUpdate) -> None:
+        """Feeds the new tokens to the detokenizer; a completed stop string ends the sequence."""
+        seq = upd.seq
+        detok = self._detok(seq)
+        if detok is None:
+            return
+        p = seq.request.params
+        n_out = len(seq.token_ids) - len(upd.tokens) - seq.num_prompt_tokens
+        for i, token in enumerate(upd.tokens):
+            n_out += 1
+            stop = detok.append(token, n_out >= p.min_tokens)
+            if stop is not None:
+                keep = len(seq.token_ids) - len(upd.tokens) + i + 1
+                return self.scheduler.finish(seq, "stop", stop, num_tokens=keep)
+
+    def _record_logprobs(self, upd: SeqUpdate, res: StepResult) -> None:
+        seq = upd.seq
         k = seq.request.params.logprobs or 0
-        lp = float(res.logprobs[row])
-        entry = {token: Logprob(lp, int(res.ranks[row]), self._decode_one(token))}
-        for j in range(k):
-            tid = int(res.top_ids[row, j])
-            if tid not in entry:
-                entry[tid] = Logprob(float(res.top_logprobs[row, j]), j + 1, self._decode_one(tid))
-        seq.logprobs.append(entry)
-        seq.cumulative_logprob += lp
+        for row, token in zip(upd.rows, upd.tokens, strict=True):
+            lp = float(res.logprobs[row])
+            entry = {token: Logprob(lp, int(res.ranks[row]), self._decode_one(token))}
+            for j in range(k):
+                tid = int(res.top_ids[row, j])
+                if tid not in entry:
+                    lpj = float(res.top_logprobs[row, j])
+                    entry[tid] = Logprob(lpj, j + 1, self._decode_one(tid))
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += lp
 
     def _decode_one(self, token: int) -> str | None:
         return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else None
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        p = seq.request.params
-        n_out = len(seq.token_ids) - seq.num_prompt_tokens
-        may_stop = n_out >= p.min_tokens
-        stop_str = seq.detok.append(token, may_stop) if seq.detok is not None else None
-        if may_stop:
-            if not p.ignore_eos and token in self.cfg.eos_token_ids:
-                return self.scheduler.finish(seq, "stop")
-            if token in p.stop_token_ids:
-                return self.scheduler.finish(seq, "stop", token)
-            if stop_str is not None:
-                return self.scheduler.finish(seq, "stop", stop_str)
-        if n_out >= seq.request.max_output_tokens:
-            self.scheduler.finish(seq, "length")
 
     # -- outputs --------------------------------------------------------------
 
@@ -320,7 +323,10 @@ class LLMEngine:
                 new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens :]
                 first = seq.num_emitted_tokens
                 seq.num_emitted_tokens += len(new_ids)
-                text = seq.detok.take_delta(seq.finished) if seq.detok is not None else ""
+                detok = self._detok(seq)
+                text = detok.take_delta(seq.finished) if detok is not None else ""
+                if seq.finished:
+                    self._detoks.pop(seq.seq_id, None)
                 comps.append(
                     CompletionOutput(
                         index=seq.index,

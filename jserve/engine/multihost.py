@@ -15,6 +15,7 @@ code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -26,9 +27,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jserve.engine.inputs import StepInputs
+from jserve.engine.inputs import RowWrites, StepPlan
+from jserve.engine.llm_engine import LLMEngine
 from jserve.engine.runner import ModelRunner, StepHandle
-from jserve.engine.scheduler import SchedulerOutput
 from jserve.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -115,48 +116,46 @@ def _recv(sock: socket.socket) -> tuple[str, dict[str, np.ndarray], dict]:
     return header["kind"], arrays, header["meta"]
 
 
-_ARRAY_FIELDS = (
-    "ids",
-    "src_rows",
-    "positions",
-    "slot_mapping",
-    "kv_lens",
-    "page_indices",
-    "cu_q_lens",
-    "num_seqs",
-    "logits_indices",
-)
-
-
-def _encode_inputs(inp: StepInputs) -> tuple[dict[str, np.ndarray], dict]:
-    arrays = {n: getattr(inp, n) for n in _ARRAY_FIELDS}
-    arrays.update({f"sampling.{k}": v for k, v in inp.sampling.items()})
-    meta = dict(
-        num_rows=inp.num_rows, sort=inp.sort, penalties=inp.penalties, num_logprobs=inp.num_logprobs
-    )
+def _encode_plan(plan: StepPlan) -> tuple[dict[str, np.ndarray], dict]:
+    arrays = {"packed": plan.packed}
+    if plan.copies is not None:
+        arrays["copies"] = plan.copies
+    for name in ("table_writes", "history_writes"):
+        w = getattr(plan, name)
+        if w is not None:
+            arrays[f"{name}.rows"], arrays[f"{name}.values"] = w.rows, w.values
+    meta = dict(shape=list(plan.shape), num_rows=plan.num_rows, want_logprobs=plan.want_logprobs)
     return arrays, meta
 
 
-def _decode_inputs(arrays: dict[str, np.ndarray], meta: dict) -> StepInputs:
-    sampling = {k[len("sampling.") :]: v for k, v in arrays.items() if k.startswith("sampling.")}
-    return StepInputs(
-        **{n: arrays[n] for n in _ARRAY_FIELDS},
-        sampling=sampling,
+def _decode_plan(arrays: dict[str, np.ndarray], meta: dict) -> StepPlan:
+    def writes(name: str) -> RowWrites | None:
+        if f"{name}.rows" not in arrays:
+            return None
+        return RowWrites(arrays[f"{name}.rows"], arrays[f"{name}.values"])
+
+    return StepPlan(
+        shape=tuple(meta["shape"]),
+        packed=arrays["packed"],
         num_rows=meta["num_rows"],
-        sort=meta["sort"],
-        penalties=meta["penalties"],
-        num_logprobs=meta["num_logprobs"],
+        want_logprobs=meta["want_logprobs"],
+        copies=arrays.get("copies"),
+        table_writes=writes("table_writes"),
+        history_writes=writes("history_writes"),
     )
 
 
 # -- leader -------------------------------------------------------------------
 
 
-class BroadcastingRunner:
-    """Wraps the leader's runner: every device call is first sent to the followers."""
+class BroadcastingRunner(ModelRunner):
+    """The leader's runner: every plan is first sent to the followers, which replay it."""
 
-    def __init__(self, runner: ModelRunner, mh: MultiHostConfig, timeout: float = 300.0) -> None:
-        self.runner = runner
+    def __init__(
+        self, *args: Any, num_pages: int, mh: MultiHostConfig, timeout: float = 300.0, **kw: Any
+    ) -> None:
+        # Followers build their runners only after the hello, and creating the
+        # device arrays takes every process: connect first.
         self._server = socket.create_server(mh.channel_address, reuse_port=False)
         self._server.settimeout(timeout)
         self._peers = []
@@ -164,28 +163,20 @@ class BroadcastingRunner:
             conn, _ = self._server.accept()
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._peers.append(conn)
-        self._broadcast("hello", {}, {"num_pages": runner.num_pages})
+        self._broadcast("hello", {}, {"num_pages": num_pages})
+        super().__init__(*args, num_pages=num_pages, **kw)
 
     def _broadcast(self, kind: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
         for peer in self._peers:
             _send(peer, kind, arrays, meta)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.runner, name)
-
-    def execute(self, so: SchedulerOutput) -> StepHandle:
-        if so.copies:
-            src, dst = (np.array(x, np.int32) for x in zip(*so.copies, strict=True))
-            self._broadcast("copies", {"src": src, "dst": dst}, {})
-            self.runner._apply_copies(so.copies)
-        inp = self.runner.inputs.build(so)
-        arrays, meta = _encode_inputs(inp)
-        self._broadcast("step", arrays, meta)
-        return self.runner.dispatch(inp)
+    def dispatch(self, plan: StepPlan) -> StepHandle:
+        self._broadcast("step", *_encode_plan(plan))
+        return super().dispatch(plan)
 
     def warmup(self, progress: bool = True) -> int:
         self._broadcast("warmup", {}, {})
-        return self.runner.warmup(progress)
+        return super().warmup(progress)
 
     def close(self) -> None:
         self._broadcast("stop", {}, {})
@@ -231,14 +222,10 @@ def follow(runner: ModelRunner, sock: socket.socket, record: list | None = None)
             return
         if kind == "warmup":
             runner.warmup(progress=False)
-        elif kind == "copies":
-            runner._apply_copies(
-                list(zip(arrays["src"].tolist(), arrays["dst"].tolist(), strict=True))
-            )
         elif kind == "step":
-            handle = runner.dispatch(_decode_inputs(arrays, meta))
+            handle = runner.dispatch(_decode_plan(arrays, meta))
             if record is not None:
-                record.append(runner.fetch(handle).tokens.tolist())
+                record.append(runner.fetch(handle).tokens)
         else:
             raise ConnectionError(f"unknown message {kind!r} on the step channel")
 
@@ -249,14 +236,9 @@ def start_engine(
     """On the leader: an LLMEngine whose device calls reach every process. On a
     follower: repeats the leader's calls until it stops, then returns None
     (``record`` collects each step's sampled tokens there, see ``follow``)."""
-    from jserve.engine.llm_engine import LLMEngine
-
     if mh.is_leader:
-        engine = LLMEngine(model, ecfg, warmup=False)
-        engine.runner = BroadcastingRunner(engine.runner, mh)
-        if warmup:
-            engine.runner.warmup()
-        return engine
+        runner_cls = functools.partial(BroadcastingRunner, mh=mh)
+        return LLMEngine(model, ecfg, warmup=warmup, runner_cls=runner_cls)
     sock, num_pages = connect(mh)
     engine = LLMEngine(model, dataclasses.replace(ecfg, num_pages=num_pages), warmup=False)
     follow(engine.runner, sock, record)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import time
 
-from jserve.engine.detokenizer import SequenceDetokenizer
 from jserve.outputs import Logprob
 from jserve.sampling_params import SamplingParams
 
@@ -50,7 +49,7 @@ class Request:
 
 
 class Sequence:
-    """One stream of tokens with its own pages.
+    """One stream of tokens with its own pages; owned by the scheduler.
 
     ``token_ids`` holds every known token (prompt, then outputs). A token that
     was sampled on the device but not yet copied back is *pending*: it counts
@@ -63,7 +62,6 @@ class Sequence:
         request: Request,
         index: int,
         token_ids: list[int],
-        detok: SequenceDetokenizer | None,
     ) -> None:
         self.seq_id = seq_id
         self.request = request
@@ -83,7 +81,6 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, Logprob]] = []
         self.cumulative_logprob = 0.0
-        self.detok = detok
         self.num_preemptions = 0
         # Where the newest pending token is on the device: (step id, row).
         self.pending_row: tuple[int, int] | None = None
@@ -97,10 +94,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def finished(self) -> bool:

@@ -1,31 +1,43 @@
 """The only place host state becomes device arrays: runs one step on the device.
 
-The forward is jitted once per (token bucket, sequence bucket) with the KV
-pages donated, so the pool is updated in place. Sampled tokens stay on the
+A step is one compiled program per (token bucket, row bucket): the forward,
+the logits and the sampling, with the KV pages, the page table and the
+token history donated so they are updated in place. Its inputs arrive in
+one packed int32 buffer (see ``shapes``). Sampled tokens stay on the
 device: a sequence's next input is read from the previous step's samples
-(``src_rows``), so step N+1 can be dispatched before step N's tokens are
-copied back.
+(``src_rows``), so step N+1 is dispatched before step N's tokens are copied
+back.
+
+``prepare`` (host only, plain numpy out) and ``dispatch`` (device calls)
+are split so that a multi-host leader can send the plan to its followers
+in between. Every program is compiled ahead of time by ``warmup``, or on
+first use without it; ``compiles`` and ``dispatches`` count them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import math
+import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 import pallas_kernels
 from jserve.config import ModelConfig
 from jserve.engine.config import EngineConfig
-from jserve.engine.inputs import InputBuilder, StepInputs, empty_inputs, split_microbatches
-from jserve.engine.sampler import SamplerOutput, SamplingMetadata, sample
+from jserve.engine.inputs import InputBuilder, RowWrites, StepPlan
+from jserve.engine.sampler import SamplerOutput, sample
 from jserve.engine.scheduler import SchedulerOutput
+from jserve.engine.shapes import StepShapes
 from jserve.models import llama
 from jserve.models.attention import AttentionMetadata
 from jserve.models.pipeline import pipeline_forward
@@ -35,41 +47,55 @@ from sharding.pipeline import pipeline_kv_sharding
 logger = logging.getLogger(__name__)
 
 
-def _forward_step(
+def _step(
     params: Any,
     kv_pages: list[jax.Array],
-    prev_tokens: jax.Array,  # i32[N] samples of the previous step
-    ids: jax.Array,  # i32[T]
-    src_rows: jax.Array,  # i32[T]
-    md: AttentionMetadata,  # under pipeline parallelism, arrays lead with [micro-batch]
-    logits_indices: jax.Array,  # i32[R]
+    table: jax.Array,  # i32[max_num_seqs + 1, pages_per_seq]
+    history: jax.Array,  # i32[max_num_seqs + 1, max_model_len]
+    prev_tokens: jax.Array,  # i32[max_num_seqs]: the previous step's samples
+    packed: jax.Array,  # i32[layout size]
     *,
     cfg: ModelConfig,
-    mesh: Any = None,  # given only for pipeline parallelism
-) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-    ids = jnp.where(src_rows >= 0, prev_tokens[jnp.maximum(src_rows, 0)], ids)
+    shapes: StepShapes,
+    shape: tuple[int, int],
+    backend: str,
+    mesh: Any,  # given only for pipeline parallelism
+) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput]:
+    f = shapes.layout(*shape).unpack(packed)
+    src = f["src_rows"]
+    ids = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], f["ids"])
+    table = table.at[f["diff_rows"], f["diff_cols"]].set(f["diff_pages"], mode="drop")
+    history = history.at[f["token_rows"], f["positions"]].set(ids, mode="drop")
+    md = AttentionMetadata(
+        positions=f["positions"],
+        slot_mapping=f["slot_mapping"],
+        kv_lens=f["kv_lens"],
+        page_indices=table[f["seq_rows"]],
+        cu_q_lens=f["cu_q_lens"],
+        num_seqs=f["num_seqs"],
+        backend=backend,
+    )
     if mesh is None:
         hidden, kv_pages = llama.forward(params, cfg, ids, kv_pages, md)
     else:
+        num_mb = shapes.num_microbatches
+        md = md.replace(
+            positions=md.positions.reshape(num_mb, -1),
+            slot_mapping=md.slot_mapping.reshape(num_mb, -1),
+        )
         hidden, kv_pages = pipeline_forward(params, cfg, ids, kv_pages, md, mesh)
-    logits = llama.compute_logits(params, cfg, hidden[logits_indices])  # [R, V]
-    return kv_pages, logits, ids[logits_indices]
+    logits = llama.compute_logits(params, cfg, hidden[f["logits_indices"]])  # [R, V]
+    out = sample(logits, f, history, num_out=shapes.max_num_seqs, num_logprobs=shapes.num_logprobs)
+    return kv_pages, table, history, out
 
 
-# Jitted at module level with the (hashable) model config static, so engines
-# serving the same architecture in one process share compiled programs.
-_forward_jit = jax.jit(
-    _forward_step, static_argnames=("cfg", "mesh"), donate_argnames=("kv_pages",)
-)
-
-
-@functools.partial(jax.jit, donate_argnames=("kv_pages",))
-def _copy_pages(kv_pages: list[jax.Array], src: jax.Array, dst: jax.Array) -> list[jax.Array]:
-    """Copy-on-write: page dst <- page src in every layer (dst -1 = no-op).
+def _copy_pages(kv_pages: list[jax.Array], copies: jax.Array) -> list[jax.Array]:
+    """Copy-on-write: page dst <- page src in every layer (copies [2, C]; dst -1 = no-op).
 
     The page axis is the fourth from last ([..., P, S, 2*Hkv, D]), so stage-stacked
     pages of pipeline parallelism are copied the same way.
     """
+    src, dst = copies[0], copies[1]
     out = []
     for pages in kv_pages:
         lead = (slice(None),) * (pages.ndim - 4)
@@ -77,6 +103,11 @@ def _copy_pages(kv_pages: list[jax.Array], src: jax.Array, dst: jax.Array) -> li
         value = pages[(*lead, jnp.maximum(src, 0))]
         out.append(pages.at[(*lead, dst_)].set(value, mode="drop"))
     return out
+
+
+def _write_rows(table: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+    """table[rows[i]] = values[i]; rows past the table are dropped."""
+    return table.at[rows].set(values, mode="drop")
 
 
 @dataclasses.dataclass
@@ -90,7 +121,7 @@ class StepHandle:
 
 @dataclasses.dataclass
 class StepResult:
-    tokens: np.ndarray  # i32[rows]
+    tokens: list[int]  # one per row
     logprobs: np.ndarray | None  # f32[rows]
     ranks: np.ndarray | None
     top_ids: np.ndarray | None  # i32[rows, K]
@@ -120,141 +151,159 @@ class ModelRunner:
         self.ecfg = ecfg
         self.num_pages = num_pages
         self.pages_per_seq = math.ceil(max_model_len / ecfg.page_size)
-        self.token_buckets = ecfg.token_buckets()
-        self.seq_buckets = ecfg.seq_buckets()
         self.backend = pallas_kernels.resolve_backend(ecfg.attention_backend)
-        shape = (num_pages, ecfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
         self.mesh = mesh
         self.pp = 1 if mesh is None else mesh.shape[STAGE]
-        self.num_microbatches = parallel.microbatches if self.pp > 1 else 1
-        if any(t % self.num_microbatches for t in self.token_buckets):
-            raise ValueError(
-                f"token buckets {self.token_buckets} must be multiples of the "
-                f"{self.num_microbatches} pipeline micro-batches"
+        num_mb = parallel.microbatches if self.pp > 1 else 1
+        self.shapes = StepShapes(ecfg, self.pages_per_seq, num_mb)
+        self.inputs = InputBuilder(self.shapes, cfg.eos_token_ids)
+        shape = (num_pages, ecfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+        rows = ecfg.max_num_seqs + 1
+
+        def zeros(shape: tuple[int, ...], dtype: Any, sharding: Any = None) -> jax.Array:
+            # Created by every process in place (no host array to spread over hosts).
+            return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+        self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        self._kv_sharding = None
+        layers = cfg.num_layers
+        if mesh is not None and self.pp == 1:  # pages split by KV head like the K/V weights
+            self._kv_sharding = kv_pages_sharding(mesh)
+        elif mesh is not None:
+            shape = (self.pp, *shape)
+            self._kv_sharding = pipeline_kv_sharding(mesh)
+            layers = cfg.num_layers // self.pp
+        self.kv_pages = [zeros(shape, dtype, self._kv_sharding) for _ in range(layers)]
+        rep = self._replicated
+        self.table = zeros((rows, self.pages_per_seq), jnp.int32, rep)
+        self.history = zeros((rows, self.shapes.max_model_len), jnp.int32, rep)
+        self._prev_tokens = zeros((ecfg.max_num_seqs,), jnp.int32, rep)
+        self._programs: dict[tuple, Any] = {}
+        self.compiles = 0
+        self.dispatches = 0
+
+    # -- programs -------------------------------------------------------------
+
+    def _program_spec(self, key: tuple) -> tuple[Callable, tuple, dict]:
+        """(function, example arguments, jit options) of one program."""
+        kind, size = key[0], key[1:]
+        rep = self._replicated
+        if kind == "step":
+            t, r = size
+            fn = functools.partial(
+                _step,
+                cfg=self.cfg,
+                shapes=self.shapes,
+                shape=(t, r),
+                backend=self.backend,
+                mesh=self.mesh if self.pp > 1 else None,
             )
-        if mesh is None:
-            self.kv_pages = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
-        elif self.pp == 1:
-            # Pages split by KV head like the K/V projections, created in place.
-            zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv_pages_sharding(mesh))
-            self.kv_pages = [zeros() for _ in range(cfg.num_layers)]
-        else:
-            stacked = (self.pp, *shape)
-            zeros = jax.jit(
-                lambda: jnp.zeros(stacked, dtype), out_shardings=pipeline_kv_sharding(mesh)
-            )
-            self.kv_pages = [zeros() for _ in range(cfg.num_layers // self.pp)]
-        self._prev_tokens = jnp.zeros(ecfg.max_num_seqs, jnp.int32)
-        self.inputs = InputBuilder(
-            self.token_buckets,
-            self.seq_buckets,
-            ecfg.max_num_seqs,
-            self.pages_per_seq,
-            ecfg.page_size,
-            ecfg.max_logprobs,
-            cfg.eos_token_ids,
+            packed = np.zeros(self.shapes.layout(t, r).size, np.int32)
+            args = (self.params, self.kv_pages, self.table, self.history, self._prev_tokens, packed)
+            opts: dict[str, Any] = dict(donate_argnums=(1, 2, 3))
+            if self.mesh is not None:
+                kv = [self._kv_sharding] * len(self.kv_pages)
+                opts["out_shardings"] = (kv, rep, rep, rep)
+            return fn, args, opts
+        (n,) = size
+        if kind == "copy":
+            args = (self.kv_pages, np.full((2, n), -1, np.int32))
+            opts = dict(donate_argnums=(0,))
+            if self.mesh is not None:
+                opts["out_shardings"] = [self._kv_sharding] * len(self.kv_pages)
+            return _copy_pages, args, opts
+        target = self.table if kind == "table" else self.history
+        args = (target, np.zeros(n, np.int32), np.zeros((n, target.shape[1]), np.int32))
+        opts = dict(donate_argnums=(0,))
+        if self.mesh is not None:
+            opts["out_shardings"] = rep
+        return _write_rows, args, opts
+
+    def lower(self, key: tuple) -> Any:
+        """The lowered (not yet compiled) program of a key from ``program_keys``."""
+        fn, args, opts = self._program_spec(key)
+        return jax.jit(fn, **opts).lower(*args)
+
+    def _program(self, key: tuple) -> Any:
+        prog = self._programs.get(key)
+        if prog is None:
+            prog = self._programs[key] = self.lower(key).compile()
+            self.compiles += 1
+        return prog
+
+    def program_keys(self) -> list[tuple]:
+        """Every program serving can call: the step shapes and the pre-step writes."""
+        sizes = self.shapes.batch_sizes
+        return (
+            [("step", t, r) for t, r in self.shapes.step_shapes()]
+            + [("copy", n) for n in sizes]
+            + [("table", n) for n in sizes]
+            + [("history", n) for n in sizes]
         )
 
     # -- one step ----------------------------------------------------------
 
     def execute(self, so: SchedulerOutput) -> StepHandle:
-        if so.copies:
-            self._apply_copies(so.copies)
-        return self.dispatch(self.inputs.build(so))
+        return self.dispatch(self.prepare(so))
 
-    def dispatch(self, inp: StepInputs) -> StepHandle:
-        if self.pp == 1:
-            md = AttentionMetadata(
-                positions=inp.positions,
-                slot_mapping=inp.slot_mapping,
-                kv_lens=inp.kv_lens,
-                page_indices=inp.page_indices,
-                cu_q_lens=inp.cu_q_lens,
-                num_seqs=inp.num_seqs,
-                backend=self.backend,
-            )
-            stage_mesh = None
-        else:
-            chunks = split_microbatches(inp, self.num_microbatches)
-            md = AttentionMetadata(**chunks, backend=self.backend)
-            stage_mesh = self.mesh
-        self.kv_pages, logits, last_ids = _forward_jit(
+    def prepare(self, so: SchedulerOutput) -> StepPlan:
+        """Host work only: the step's inputs as numpy arrays."""
+        return self.inputs.build(so)
+
+    def dispatch(self, plan: StepPlan) -> StepHandle:
+        """Issues the plan's device calls; returns before they finish."""
+        if plan.copies is not None:
+            self.kv_pages = self._call(("copy", plan.copies.shape[1]), self.kv_pages, plan.copies)
+        if plan.table_writes is not None:
+            self.table = self._write(("table",), self.table, plan.table_writes)
+        if plan.history_writes is not None:
+            self.history = self._write(("history",), self.history, plan.history_writes)
+        self.kv_pages, self.table, self.history, out = self._call(
+            ("step", *plan.shape),
             self.params,
             self.kv_pages,
+            self.table,
+            self.history,
             self._prev_tokens,
-            inp.ids,
-            inp.src_rows,
-            md,
-            inp.logits_indices,
-            cfg=self.cfg,
-            mesh=stage_mesh,
-        )
-        out = sample(
-            logits,
-            SamplingMetadata(**inp.sampling),
-            last_ids,
-            num_out=self.ecfg.max_num_seqs,
-            sort=inp.sort,
-            penalties=inp.penalties,
-            num_logprobs=inp.num_logprobs,
+            plan.packed,
         )
         self._prev_tokens = out.tokens
-        return StepHandle(out, inp.num_rows, inp.num_logprobs > 0)
+        return StepHandle(out, plan.num_rows, plan.want_logprobs)
+
+    def _write(self, kind: tuple, target: jax.Array, w: RowWrites) -> jax.Array:
+        return self._call((*kind, len(w.rows)), target, w.rows, w.values)
+
+    def _call(self, key: tuple, *args: Any) -> Any:
+        self.dispatches += 1
+        return self._program(key)(*args)
 
     def fetch(self, handle: StepHandle) -> StepResult:
         """Blocks until the step is done and copies its samples to the host."""
         n = handle.num_rows
         o = handle.out
         if not handle.with_logprobs:
-            return StepResult(np.asarray(o.tokens)[:n], None, None, None, None)
+            return StepResult(np.asarray(o.tokens)[:n].tolist(), None, None, None, None)
         tokens, lps, ranks, top_ids, top_lps = jax.device_get(
             (o.tokens, o.logprobs, o.ranks, o.top_ids, o.top_logprobs)
         )
-        return StepResult(tokens[:n], lps[:n], ranks[:n], top_ids[:n], top_lps[:n])
-
-    def _apply_copies(self, copies: list[tuple[int, int]]) -> None:
-        size = 1 << max(0, (len(copies) - 1).bit_length())
-        src = np.full(size, -1, np.int32)
-        dst = np.full(size, -1, np.int32)
-        src[: len(copies)], dst[: len(copies)] = zip(*copies, strict=True)
-        self.kv_pages = _copy_pages(self.kv_pages, src, dst)
+        return StepResult(tokens[:n].tolist(), lps[:n], ranks[:n], top_ids[:n], top_lps[:n])
 
     # -- start-up -----------------------------------------------------------
 
-    def shapes_to_compile(self) -> list[tuple[int, int]]:
-        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
-
     def warmup(self, progress: bool = True) -> int:
-        """Compiles every step shape now, so serving never compiles. Returns the count."""
-        shapes = self.shapes_to_compile()
-        sampler_variants = [
-            (sort, lp) for sort in (False, True) for lp in (0, self.ecfg.max_logprobs)
-        ]
-        # Up to max_num_seqs copies per step, padded to a power of two (see _apply_copies).
-        copy_sizes = [1 << i for i in range((self.ecfg.max_num_seqs - 1).bit_length() + 1)]
-        total = len(shapes) + len(self.seq_buckets) * len(sampler_variants) + len(copy_sizes)
-        bar = tqdm(total=total, desc="compiling step shapes", disable=not progress)
-        for t, s in shapes:
-            self.dispatch(empty_inputs(t, s, self.pages_per_seq))
-            bar.update(1)
-        for s in self.seq_buckets:
-            logits = jnp.zeros((s, self.cfg.vocab_size), jnp.float32)
-            sm = SamplingMetadata(**empty_inputs(s, s, self.pages_per_seq).sampling)
-            for sort, lp in sampler_variants:
-                sample(
-                    logits,
-                    sm,
-                    jnp.zeros(s, jnp.int32),
-                    num_out=self.ecfg.max_num_seqs,
-                    sort=sort,
-                    penalties=False,
-                    num_logprobs=lp,
-                )
+        """Compiles every program serving can reach, so serving never compiles.
+
+        Tracing runs here one program at a time; XLA compiles them in parallel
+        threads. Returns the number of programs.
+        """
+        keys = [k for k in self.program_keys() if k not in self._programs]
+        bar = tqdm(total=len(keys), desc="compiling step programs", disable=not progress)
+        workers = max(1, min(len(keys), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = {pool.submit(self.lower(k).compile): k for k in keys}
+            for fut in concurrent.futures.as_completed(futures):
+                self._programs[futures[fut]] = fut.result()
+                self.compiles += 1
                 bar.update(1)
-        for size in copy_sizes:  # copy-on-write batches; -1 = no-op
-            none = np.full(size, -1, np.int32)
-            self.kv_pages = _copy_pages(self.kv_pages, none, none)
-            bar.update(1)
-        jax.block_until_ready(self.kv_pages)
         bar.close()
-        return total
+        return len(self.program_keys())

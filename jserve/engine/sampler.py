@@ -7,34 +7,19 @@ take the argmax of the penalized logits. Each row's randomness comes from
 its own key, folded from (request seed, sample index, output position), so
 a seeded request gives the same tokens whatever else is in the batch.
 Logprobs are those of the raw model distribution.
+
+Every choice that depends on the batch (any row random, any top-k/top-p, any
+penalties, any logprobs) is a runtime flag taken by ``lax.cond``, so one
+compiled step serves every mix of parameters, and the passes nobody asked
+for do not run. Penalties read each row's token history from the device
+(``history``: the tokens the model was fed, per page-table row).
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import struct
-
-
-@struct.dataclass
-class SamplingMetadata:
-    temperature: jax.Array  # f32[R]; 0 = greedy
-    top_k: jax.Array  # i32[R]; 0 = disabled
-    top_p: jax.Array  # f32[R]; 1 = disabled
-    min_p: jax.Array  # f32[R]; 0 = disabled
-    seeds: jax.Array  # u32[R]
-    sample_index: jax.Array  # i32[R]: which of the request's n samples
-    position: jax.Array  # i32[R]: output position of the token being drawn
-    banned: jax.Array  # i32[R, B]: ids that may not be drawn now (-1 = none)
-    # Only read when the step's `penalties` flag is on:
-    repetition_penalty: jax.Array  # f32[R]
-    presence_penalty: jax.Array  # f32[R]
-    frequency_penalty: jax.Array  # f32[R]
-    history: jax.Array  # i32[R, L]: prompt then known output ids, -1 padded
-    history_is_output: jax.Array  # bool[R, L]
-    input_is_output: jax.Array  # bool[R]: the row's input token is an output not in history
 
 
 @struct.dataclass
@@ -53,86 +38,108 @@ def _token_counts(ids: jax.Array, vocab: int) -> jax.Array:
     return jnp.zeros((ids.shape[0], vocab), jnp.int32).at[rows, cols].add(1, mode="drop")
 
 
-def apply_penalties(logits: jax.Array, sm: SamplingMetadata, last_ids: jax.Array) -> jax.Array:
+def apply_penalties(
+    logits: jax.Array,  # f32[R, V]
+    f: dict[str, jax.Array],
+    history: jax.Array,  # i32[rows, L]: fed tokens by position
+) -> jax.Array:
+    """Repetition penalty on every token seen (prompt or output); presence and
+    frequency penalties on the output tokens."""
     vocab = logits.shape[-1]
-    outputs = jnp.where(sm.history_is_output, sm.history, -1)
-    extra = jnp.where(sm.input_is_output, last_ids, -1)
-    out_counts = _token_counts(jnp.concatenate([outputs, extra[:, None]], axis=1), vocab)
-    seen = (out_counts > 0) | (_token_counts(sm.history, vocab) > 0)  # [R, V]
-    rep = sm.repetition_penalty[:, None]
+    hist = history[f["history_rows"]]  # [R, L]
+    pos = jnp.arange(hist.shape[1])[None]
+    known = pos < f["history_lens"][:, None]
+    is_output = known & (pos >= f["num_prompt"][:, None])
+    out_counts = _token_counts(jnp.where(is_output, hist, -1), vocab)
+    seen = _token_counts(jnp.where(known, hist, -1), vocab) > 0  # [R, V]
+    rep = f["repetition_penalty"][:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    logits = logits - sm.frequency_penalty[:, None] * out_counts
-    return logits - sm.presence_penalty[:, None] * (out_counts > 0)
+    logits = logits - f["frequency_penalty"][:, None] * out_counts
+    return logits - f["presence_penalty"][:, None] * (out_counts > 0)
 
 
-def _filter_sorted(scaled: jax.Array, sm: SamplingMetadata) -> jax.Array:
+def _filter_sorted(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Applies top-k and top-p to temperature-scaled logits [R, V]."""
     vocab = scaled.shape[-1]
     desc = jnp.sort(scaled, axis=-1, descending=True)  # [R, V]
-    k = jnp.where(sm.top_k > 0, jnp.minimum(sm.top_k, vocab), vocab)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     # top-p: keep the smallest prefix of sorted tokens whose mass reaches p
     # (the token that crosses p is kept).
     probs = jax.nn.softmax(desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < sm.top_p[:, None]) & (jnp.arange(vocab)[None] < k[:, None])
+    keep = (mass_before < top_p[:, None]) & (jnp.arange(vocab)[None] < k[:, None])
     cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(scaled < cutoff, -jnp.inf, scaled)
 
 
-@functools.partial(jax.jit, static_argnames=("num_out", "sort", "penalties", "num_logprobs"))
-def sample(
-    logits: jax.Array,  # f32[R, V]
-    sm: SamplingMetadata,
-    last_ids: jax.Array,  # i32[R]: each row's input token this step
-    *,
-    num_out: int,
-    sort: bool,
-    penalties: bool,
-    num_logprobs: int,
-) -> SamplerOutput:
-    rows, vocab = logits.shape
-    raw_logits = logits  # logprobs are those of the model, before any processing
-    if penalties:
-        logits = apply_penalties(logits, sm, last_ids)
-    ban_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], sm.banned.shape)
-    ban_cols = jnp.where(sm.banned < 0, vocab, sm.banned)
-    logits = logits.at[ban_rows, ban_cols].set(-jnp.inf, mode="drop")
-    greedy_tokens = jnp.argmax(logits, axis=-1)
-
-    temp = jnp.where(sm.temperature > 0, sm.temperature, 1.0)[:, None]
-    scaled = logits / temp
-    if sort:
-        scaled = _filter_sorted(scaled, sm)
-    top_logit = jnp.max(scaled, axis=-1, keepdims=True)
-    # min-p: drop tokens whose probability is below min_p times the top token's.
-    min_p = sm.min_p[:, None]
-    below = scaled < top_logit + jnp.log(jnp.maximum(min_p, 1e-30))
-    scaled = jnp.where((min_p > 0) & below, -jnp.inf, scaled)
+def _draw(scaled: jax.Array, f: dict[str, jax.Array]) -> jax.Array:
+    """Gumbel-max draw, each row from its own key."""
 
     def row_key(seed: jax.Array, index: jax.Array, position: jax.Array) -> jax.Array:
         key = jax.random.fold_in(jax.random.key(seed), index)
         return jax.random.fold_in(key, position)
 
-    keys = jax.vmap(row_key)(sm.seeds, sm.sample_index, sm.position)
+    vocab = scaled.shape[-1]
+    keys = jax.vmap(row_key)(f["seeds"], f["sample_index"], f["out_position"])
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
-    drawn = jnp.argmax(scaled + gumbel, axis=-1)
-    tokens = jnp.where(sm.temperature > 0, drawn, greedy_tokens).astype(jnp.int32)
+    return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+
+
+def sample(
+    logits: jax.Array,  # f32[R, V]
+    f: dict[str, jax.Array],  # the step's sampling fields (see shapes.StepShapes.layout)
+    history: jax.Array,  # i32[rows, L]
+    *,
+    num_out: int,
+    num_logprobs: int,
+) -> SamplerOutput:
+    rows, vocab = logits.shape
+    flags = f["flags"]
+    raw_logits = logits  # logprobs are those of the model, before any processing
+    logits = jax.lax.cond(
+        flags[2] > 0, lambda x: apply_penalties(x, f, history), lambda x: x, logits
+    )
+    ban_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], f["banned"].shape)
+    ban_cols = jnp.where(f["banned"] < 0, vocab, f["banned"])
+    logits = logits.at[ban_rows, ban_cols].set(-jnp.inf, mode="drop")
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def random_tokens(logits: jax.Array) -> jax.Array:
+        temperature = f["temperature"]
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        scaled = jax.lax.cond(
+            flags[1] > 0,
+            lambda x: _filter_sorted(x, f["top_k"], f["top_p"]),
+            lambda x: x,
+            scaled,
+        )
+        # min-p: drop tokens whose probability is below min_p times the top token's.
+        top_logit = jnp.max(scaled, axis=-1, keepdims=True)
+        min_p = f["min_p"][:, None]
+        below = scaled < top_logit + jnp.log(jnp.maximum(min_p, 1e-30))
+        scaled = jnp.where((min_p > 0) & below, -jnp.inf, scaled)
+        return jnp.where(temperature > 0, _draw(scaled, f), greedy_tokens)
+
+    tokens = jax.lax.cond(flags[0] > 0, random_tokens, lambda _: greedy_tokens, logits)
+
+    def with_logprobs(raw: jax.Array) -> tuple[jax.Array, ...]:
+        raw_logp = jax.nn.log_softmax(raw, axis=-1)
+        chosen = jnp.take_along_axis(raw_logp, tokens[:, None], axis=-1)  # [R, 1]
+        ranks = 1 + jnp.sum(raw_logp > chosen, axis=-1).astype(jnp.int32)
+        top_logprobs, top_ids = jax.lax.top_k(raw_logp, num_logprobs)
+        return chosen[:, 0], ranks, top_ids.astype(jnp.int32), top_logprobs
+
+    def without(raw: jax.Array) -> tuple[jax.Array, ...]:
+        return (
+            jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows,), jnp.int32),
+            jnp.zeros((rows, num_logprobs), jnp.int32),
+            jnp.zeros((rows, num_logprobs), jnp.float32),
+        )
+
+    lps, ranks, top_ids, top_lps = jax.lax.cond(flags[3] > 0, with_logprobs, without, raw_logits)
 
     def pad(x: jax.Array) -> jax.Array:
         return jnp.pad(x, [(0, num_out - rows)] + [(0, 0)] * (x.ndim - 1))
 
-    if num_logprobs == 0:  # nobody asked: skip the passes over the vocabulary
-        zeros = jnp.zeros((num_out,), jnp.float32)
-        none = jnp.zeros((num_out, 1), jnp.int32)
-        return SamplerOutput(pad(tokens), zeros, none[:, 0], none, none.astype(jnp.float32))
-    raw_logp = jax.nn.log_softmax(raw_logits, axis=-1)
-    chosen = jnp.take_along_axis(raw_logp, tokens[:, None], axis=-1)  # [R, 1]
-    ranks = 1 + jnp.sum(raw_logp > chosen, axis=-1).astype(jnp.int32)
-    top_logprobs, top_ids = jax.lax.top_k(raw_logp, num_logprobs)
-    return SamplerOutput(
-        tokens=pad(tokens),
-        logprobs=pad(chosen[:, 0]),
-        ranks=pad(ranks),
-        top_ids=pad(top_ids.astype(jnp.int32)),
-        top_logprobs=pad(top_logprobs),
-    )
+    return SamplerOutput(pad(tokens), pad(lps), pad(ranks), pad(top_ids), pad(top_lps))

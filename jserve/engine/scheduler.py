@@ -1,97 +1,181 @@
 """Iteration-level scheduling with chunked prefill, prefix reuse and preemption.
 
+The scheduler owns every sequence's state: its tokens, pages and status.
+Each step it plans a ``SchedulerOutput`` (plain data, the one contract with
+the runner), and after the step ``update`` takes the sampled tokens back:
+it appends them, applies the token-level stops (EOS, stop token ids,
+length), registers newly full pages in the prefix cache and frees what
+finished. Requests with ``n > 1`` fork into their siblings here, when their
+prompt completes.
+
 Each step gets a token budget (``max_num_batched_tokens``) and a sequence
 limit (``max_num_seqs``). Running sequences that decode go first (one token
 each), then running sequences still in their prompt (a chunk each), then
 waiting sequences in (priority, arrival) order, starting from whatever
-prefix of their prompt is already in the prefix cache.
+prefix of their prompt is already in the prefix cache. A request with
+``n > 1`` takes n sequence slots from its admission, so its siblings always
+have room when its prompt completes.
 
 When a running sequence needs a page and none is free, the lowest-priority
 newest running sequence is preempted: its pages are freed and it goes back
 to waiting to be recomputed later (its cached full pages often survive in
 the prefix cache, so recomputation is cheap).
 
-The scheduler only counts tokens; it never needs their values, so it can
-plan step N+1 while step N's sampled tokens are still on the device.
+Planning only counts tokens; it never needs their values, so step N+1 can
+be planned while step N's sampled tokens are still on the device (they are
+*pending* and are fed to step N+1 straight from the device).
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Sequence as Seq
 
 from jserve.engine.config import EngineConfig
 from jserve.engine.kv_pool import PagePool, page_hash
-from jserve.engine.request import Sequence, Status
+from jserve.engine.request import Request, Sequence, Status
+from jserve.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass(slots=True)
-class ScheduledSeq:
-    seq: Sequence
-    start: int  # position of the first token computed this step
-    num_new: int  # tokens computed this step
-    # Row of the previous step's samples holding this entry's last input
-    # token, when that token is still on the device; -1 otherwise.
-    src_row: int = -1
-    # Page-table update for the runner: pages[page_offset:] are new or changed.
-    page_offset: int = 0
-    new_pages: list[int] = dataclasses.field(default_factory=list)
-    # Sequences that receive a sampled token from this entry's last position,
-    # with their output rows: none mid-prompt, the sequence itself usually,
-    # the sequence and its new siblings when an n > 1 prompt completes.
-    samples: list[tuple[int, Sequence]] = dataclasses.field(default_factory=list)
+class NewSeq:
+    """A sequence the runner has not seen since it last entered the running set."""
+
+    seq_id: int
+    params: SamplingParams
+    seed: int
+    index: int  # which of the request's n samples
+    num_prompt_tokens: int
+    # Every known token, given only when the runner needs the history (penalties).
+    token_ids: list[int] | None
+
+
+@dataclasses.dataclass(slots=True)
+class ScheduledEntry:
+    """One sequence's work in a step.
+
+    It computes positions [start, start + num_new). ``token_ids`` are the
+    inputs known on the host; when it is one shorter than ``num_new`` the
+    last input is the previous step's sample in row ``src_row``, still on
+    the device. The last ``num_scored`` positions are scored (0 mid-prompt,
+    1 for a decode or a completed prompt; k + 1 with speculation), each
+    giving one sample to every sequence in ``targets`` (the sequence itself,
+    plus its new siblings when an n > 1 prompt completes). Their rows are
+    ``first_row`` onwards, target-major.
+    """
+
+    seq_id: int
+    start: int
+    num_new: int
+    token_ids: list[int]
+    src_row: int
+    # Page-table update: pages[page_offset:] of this sequence are new or changed.
+    page_offset: int
+    new_pages: list[int]
+    num_scored: int
+    targets: list[int]
+    first_row: int
+    out_pos: int  # output index of the first token these samples draw
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_scored * len(self.targets)
 
 
 @dataclasses.dataclass
 class SchedulerOutput:
     """What changed this step: the one contract between scheduler and runner."""
 
-    step_id: int
-    scheduled: list[ScheduledSeq]
+    new_seqs: list[NewSeq]
+    entries: list[ScheduledEntry]
     num_tokens: int
     num_rows: int
     # Pages to copy on the device before the step (copy-on-write): (src, dst).
     copies: list[tuple[int, int]]
-    preempted: list[Sequence]
     # Sequences (by seq_id) that left the running set: their page-table rows are free.
-    released: list[int] = dataclasses.field(default_factory=list)
+    released: list[int]
 
     @property
     def empty(self) -> bool:
-        return not self.scheduled
+        return not self.entries
+
+
+@dataclasses.dataclass(slots=True)
+class SeqUpdate:
+    """Tokens a sequence received in ``Scheduler.update``, from rows ``rows``."""
+
+    seq: Sequence
+    tokens: list[int]
+    rows: list[int]
 
 
 class Scheduler:
-    def __init__(
-        self,
-        cfg: EngineConfig,
-        pool: PagePool,
-        fork: Callable[[Sequence, int], Sequence],
-    ) -> None:
+    def __init__(self, cfg: EngineConfig, pool: PagePool, eos_token_ids: Seq[int] = ()) -> None:
         self.cfg = cfg
         self.pool = pool
-        self._fork = fork  # makes sample `index` of a sequence's request
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.step_id = 0
         self.num_preemptions = 0
+        self._step_id = 0
+        self._next_seq_id = 0
+        # Sequence slots taken: one per running sequence, plus the slots reserved
+        # for the siblings of admitted n > 1 requests that have not forked yet.
+        self._slots_used = 0
         self._released: list[int] = []
+        self._new: list[NewSeq] = []
+        self._live: dict[int, Sequence] = {}  # every unfinished sequence, by id
 
     # -- queue management ---------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
+    def add_request(self, req: Request) -> Sequence:
+        """Queues a request's first sequence (its siblings come when its prompt completes)."""
+        seq = self._new_sequence(req, 0, list(req.prompt_token_ids))
+        self._enqueue(seq)
+        return seq
+
+    def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        seq = Sequence(self._next_seq_id, req, index, token_ids)
+        self._next_seq_id += 1
+        req.seqs.append(seq)
+        self._live[seq.seq_id] = seq
+        return seq
+
+    def _enqueue(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
-    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
-        """Ends a sequence and frees its pages at once."""
+    def abort_request(self, req: Request) -> None:
+        req.aborted = True
+        for seq in req.seqs:
+            self.finish(seq, "abort")
+
+    def finish(
+        self,
+        seq: Sequence,
+        reason: str,
+        stop_reason: int | str | None = None,
+        num_tokens: int | None = None,
+    ) -> None:
+        """Ends a sequence and frees its pages at once.
+
+        A stop string (found by the engine after ``update``) may end a sequence
+        that its length limit ended at the same token: the stop string wins, as
+        it would have been found first. ``num_tokens`` drops the tokens after
+        the stop (when several arrived in one step).
+        """
+        if num_tokens is not None:
+            del seq.token_ids[num_tokens:]
         if seq.finished:
+            if reason == "stop" and seq.finish_reason == "length":
+                seq.finish_reason, seq.stop_reason = reason, stop_reason
             return
         if seq.status is Status.RUNNING:
             self._release(seq)
         else:
             self.waiting.remove(seq)  # a waiting sequence holds no pages
+        del self._live[seq.seq_id]
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -127,8 +211,14 @@ class Scheduler:
             seq.pages += self.pool.allocate(grow)
         return True
 
+    def _slots_of(self, seq: Sequence) -> int:
+        """Slots a running sequence holds: n for an n > 1 request not yet forked."""
+        req = seq.request
+        return req.params.n if len(req.seqs) < req.params.n else 1
+
     def _release(self, seq: Sequence) -> None:
         """Takes a sequence out of the running set and frees its pages and table row."""
+        self._slots_used -= self._slots_of(seq)
         self.running.remove(seq)
         self._released.append(seq.seq_id)
         self.pool.free(seq.pages)
@@ -141,9 +231,9 @@ class Scheduler:
         seq.num_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.add(seq)
+        self._enqueue(seq)
 
-    def cache_full_pages(self, seq: Sequence) -> None:
+    def _cache_full_pages(self, seq: Sequence) -> None:
         """Registers each newly full page whose tokens are known and computed."""
         if not self.pool.enable_prefix_caching or seq.status is not Status.RUNNING:
             return
@@ -157,32 +247,21 @@ class Scheduler:
 
     # -- the step plan ------------------------------------------------------
 
-    def _forks_needed(self, seq: Sequence, num_new: int) -> int:
-        """Siblings to create if this chunk completes an n > 1 prompt."""
-        req = seq.request
-        if req.params.n == 1:
-            return 0
-        completes = seq.num_computed + num_new == seq.num_tokens
-        return req.params.n - len(req.seqs) if completes else 0
-
     def schedule(self) -> SchedulerOutput:
-        self.step_id += 1
+        self._step_id += 1
         budget = self.cfg.max_num_batched_tokens
         chosen: list[tuple[Sequence, int]] = []
         copies: list[tuple[Sequence, int, int]] = []
         preempted: list[Sequence] = []
-        slots = self.cfg.max_num_seqs - len(self.running)  # free sequence slots
 
         def drop(victim: Sequence) -> None:
-            nonlocal budget, slots
+            nonlocal budget
             for i, (s, n) in enumerate(chosen):
                 if s is victim:
                     budget += n
-                    slots += self._forks_needed(s, n)
                     del chosen[i]
                     break
             self._preempt(victim)
-            slots += 1
             preempted.append(victim)
 
         decoding, prefilling = [], []
@@ -193,17 +272,9 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted as a victim this step
                 continue
-            num_tokens = len(seq.token_ids) + seq.num_pending
-            if num_tokens - seq.num_prompt_tokens >= seq.request.max_output_tokens:
+            if seq.num_output_tokens >= seq.request.max_output_tokens:
                 continue  # its last token is in flight; it ends when that arrives
-            num_new = min(num_tokens - seq.num_computed, budget)
-            forks = self._forks_needed(seq, num_new)
-            if forks > slots:
-                # Not enough sequence slots for the siblings yet: hold the last token back.
-                num_new -= 1
-                forks = 0
-                if num_new == 0:
-                    continue
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
             while not self._reserve(seq, num_new, copies):
                 victim = self.running[-1]
                 drop(victim)
@@ -213,13 +284,12 @@ class Scheduler:
                 continue
             chosen.append((seq, num_new))
             budget -= num_new
-            slots -= forks
 
-        while self.waiting and budget > 0 and slots > 0:
+        while self.waiting and budget > 0:
             # A sequence preempted this step, or whose last token is still on
             # the device, waits for a later step.
             seq = next((s for s in self.waiting if s.num_pending == 0 and s not in preempted), None)
-            if seq is None:
+            if seq is None or self._slots_used + self._slots_of(seq) > self.cfg.max_num_seqs:
                 break
             # Waiting sequences hold no pages. Reuse cached ones, but always compute
             # at least one token and never write into a cached page.
@@ -228,11 +298,7 @@ class Scheduler:
             hit = len(seq.pages) * self.pool.page_size
             seq.num_computed = hit
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            forks = self._forks_needed(seq, num_new)
-            if 1 + forks > slots:
-                num_new -= 1
-                forks = 0
-            if num_new == 0 or not self._reserve(seq, num_new, copies):
+            if not self._reserve(seq, num_new, copies):
                 self.pool.free(seq.pages)
                 seq.pages, seq.page_hashes, seq.num_computed = [], [], 0
                 break
@@ -240,68 +306,152 @@ class Scheduler:
             if seq.num_output_tokens == 0 and seq.num_preemptions == 0:
                 seq.request.num_cached_tokens = hit
             self.waiting.remove(seq)
-            seq.status = Status.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+            self._start_running(seq)
             chosen.append((seq, num_new))
             budget -= num_new
-            slots -= 1 + forks
 
-        return self._finalize(chosen, copies, preempted)
+        return self._finalize(chosen, copies)
+
+    def _start_running(self, seq: Sequence, take_slots: bool = True) -> None:
+        seq.status = Status.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+        if take_slots:
+            self._slots_used += self._slots_of(seq)
+        p = seq.request.params
+        self._new.append(
+            NewSeq(
+                seq.seq_id,
+                p,
+                seq.request.seed,
+                seq.index,
+                seq.num_prompt_tokens,
+                list(seq.token_ids) if p.uses_penalties else None,
+            )
+        )
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """Creates the siblings of an n > 1 request whose prompt just completed.
+
+        They share the prompt's pages (a partly filled last page is copied when
+        a sibling first writes to it) and fill the slots reserved at admission.
+        """
+        req = seq.request
+        children = [
+            self._new_sequence(req, index, list(seq.token_ids))
+            for index in range(len(req.seqs), req.params.n)
+        ]
+        for child in children:
+            child.pages = list(seq.pages)
+            self.pool.share(child.pages)
+            child.page_hashes = list(seq.page_hashes)
+            child.num_computed = seq.num_computed
+            self._start_running(child, take_slots=False)
+        return children
 
     def _finalize(
-        self,
-        chosen: list[tuple[Sequence, int]],
-        copies: list[tuple[Sequence, int, int]],
-        preempted: list[Sequence],
+        self, chosen: list[tuple[Sequence, int]], copies: list[tuple[Sequence, int, int]]
     ) -> SchedulerOutput:
-        scheduled = []
+        entries = []
         rows = 0
         num_tokens = 0
         for seq, num_new in chosen:
-            entry = ScheduledSeq(seq, seq.num_computed, num_new)
-            entry.page_offset = seq.synced_pages
-            entry.new_pages = seq.pages[seq.synced_pages :]
+            start = seq.num_computed
+            known = min(start + num_new, len(seq.token_ids))
+            src_row = -1
+            if known < start + num_new:  # the last input is still on the device
+                step, src_row = seq.pending_row
+                assert step == self._step_id - 1, (seq, step, self._step_id)
+            offset = seq.synced_pages
+            new_pages = seq.pages[offset:]
             seq.synced_pages = len(seq.pages)
-            if seq.num_computed + num_new > len(seq.token_ids):
-                step, entry.src_row = seq.pending_row
-                assert step == self.step_id - 1, (seq, step, self.step_id)
-            forks = self._forks_needed(seq, num_new)
             seq.num_computed += num_new
             num_tokens += num_new
-            if seq.num_computed == len(seq.token_ids) + seq.num_pending:
-                targets = [seq]
-                for _ in range(forks):
-                    child = self._fork(seq, len(seq.request.seqs))
-                    child.pages = list(seq.pages)
-                    self.pool.share(child.pages)
-                    child.page_hashes = list(seq.page_hashes)
-                    child.num_computed = seq.num_computed
-                    child.status = Status.RUNNING
-                    bisect.insort(self.running, child, key=lambda s: s.sort_key)
-                    targets.append(child)
+            scored = 1 if seq.num_computed == seq.num_tokens else 0
+            targets = [seq]
+            if scored and len(seq.request.seqs) < seq.request.params.n:
+                targets += self._fork(seq)
+            entry = ScheduledEntry(
+                seq_id=seq.seq_id,
+                start=start,
+                num_new=num_new,
+                token_ids=seq.token_ids[start:known],
+                src_row=src_row,
+                page_offset=offset,
+                new_pages=new_pages,
+                num_scored=scored,
+                targets=[t.seq_id for t in targets] if scored else [],
+                first_row=rows,
+                out_pos=seq.num_output_tokens,
+            )
+            if scored:
                 for target in targets:
                     target.num_pending += 1
-                    target.pending_row = (self.step_id, rows)
-                    entry.samples.append((rows, target))
+                    target.pending_row = (self._step_id, rows)
                     rows += 1
-            scheduled.append(entry)
+            entries.append(entry)
         live = {id(seq) for seq, _ in chosen}
+        new, self._new = self._new, []
+        released: list[int] = []
+        if entries:  # an empty step never reaches the runner: keep releases for the next one
+            released, self._released = self._released, []
         return SchedulerOutput(
-            step_id=self.step_id,
-            scheduled=scheduled,
+            new_seqs=new,
+            entries=entries,
             num_tokens=num_tokens,
             num_rows=rows,
             copies=[(src, dst) for seq, src, dst in copies if id(seq) in live],
-            preempted=preempted,
-            # An empty step never reaches the runner: keep releases for the next one.
-            released=self._take_released() if scheduled else [],
+            released=released,
         )
+
+    # -- after the step -----------------------------------------------------
+
+    def update(self, so: SchedulerOutput, tokens: Seq[int]) -> list[SeqUpdate]:
+        """Takes a step's sampled tokens (one per row); returns what each sequence got.
+
+        Sequences that finished or were aborted while the step was in flight
+        get nothing. A sequence stops at its first stopping token; later rows
+        of the same entry are dropped.
+        """
+        live = self._live
+        updates = []
+        for entry in so.entries:
+            seq = live.get(entry.seq_id)
+            if seq is not None:  # before a stop frees them
+                self._cache_full_pages(seq)
+            row = entry.first_row
+            for seq_id in entry.targets:
+                seq = live.get(seq_id)
+                rows = list(range(row, row + entry.num_scored))
+                row += entry.num_scored
+                if seq is None:
+                    continue  # finished or aborted while the step was in flight
+                seq.num_pending -= len(rows)
+                got = []
+                for r in rows:
+                    token = int(tokens[r])
+                    seq.token_ids.append(token)
+                    got.append(token)
+                    if self._check_stop(seq, token):
+                        break
+                updates.append(SeqUpdate(seq, got, rows[: len(got)]))
+        return updates
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        p = seq.request.params
+        n_out = len(seq.token_ids) - seq.num_prompt_tokens  # known outputs, none pending
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                self.finish(seq, "stop")
+                return True
+            if token in p.stop_token_ids:
+                self.finish(seq, "stop", token)
+                return True
+        if n_out >= seq.request.max_output_tokens:
+            self.finish(seq, "length")
+            return True
+        return False
 
     @property
     def pending_releases(self) -> list[int]:
         """Sequences that left since the last step (their table rows free at the next one)."""
         return list(self._released)
-
-    def _take_released(self) -> list[int]:
-        released, self._released = self._released, []
-        return released

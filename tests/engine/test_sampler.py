@@ -6,32 +6,41 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jserve.engine.inputs import empty_inputs
-from jserve.engine.sampler import SamplingMetadata, sample
+from jserve.engine.config import EngineConfig
+from jserve.engine.sampler import sample
+from jserve.engine.shapes import BAN_WIDTH, StepShapes
 from jserve.sampling_params import SamplingParams
 from tests.engine.helpers import make_engine, run
 
 LOGITS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], np.float32))
+FLAGS = ("random", "sort", "penalties", "logprobs")
 
 
-def _draw(rows: int, sort: bool = False, penalties: bool = False, **fields: object) -> np.ndarray:
-    sm = empty_inputs(rows, rows, 1).sampling
+def _draw(
+    rows: int,
+    sort: bool = False,
+    penalties: bool = False,
+    history: np.ndarray | None = None,
+    **fields: object,
+) -> np.ndarray:
+    """Draws one token per row of LOGITS; ``history`` [rows, L] is each row's fed
+    tokens (``num_prompt`` of them prompt, the rest output)."""
+    ecfg = EngineConfig(max_num_seqs=rows, max_num_batched_tokens=rows, min_seq_bucket=rows)
+    _, sm = StepShapes(ecfg, 1).layout(rows, rows).new_buffer()
     sm["temperature"][:] = 1.0
     sm["seeds"][:] = 1234
-    sm["position"][:] = np.arange(rows)  # independent draws
+    sm["out_position"][:] = np.arange(rows)  # independent draws
+    sm["history_rows"][:] = np.arange(rows)
     for k, v in fields.items():
         v = np.asarray(v, sm[k].dtype)
-        sm[k] = v if v.ndim == 2 else np.broadcast_to(v, sm[k].shape).copy()
+        sm[k][...] = v if v.ndim == 2 else np.broadcast_to(v, sm[k].shape)
+    if history is None:
+        history = np.full((rows, 1), -1, np.int32)
+    sm["history_lens"][:] = history.shape[1]
+    sm["flags"][:] = [bool(np.any(sm["temperature"] > 0)), sort, penalties, False]
     logits = jnp.asarray(np.tile(LOGITS, (rows, 1)))
-    out = sample(
-        logits,
-        SamplingMetadata(**sm),
-        jnp.zeros(rows, jnp.int32),
-        num_out=rows,
-        sort=sort,
-        penalties=penalties,
-        num_logprobs=0,
-    )
+    f = {k: jnp.asarray(v) for k, v in sm.items()}
+    out = sample(logits, f, jnp.asarray(history), num_out=rows, num_logprobs=1)
     return np.asarray(out.tokens)
 
 
@@ -75,26 +84,19 @@ def test_greedy_and_top_k_one_pick_the_argmax() -> None:
 
 def test_penalties_move_probability_away_from_seen_tokens() -> None:
     rows = 4000
-    seen = np.full((rows, 4), -1, np.int32)
-    seen[:, 0] = 0
-    as_output = np.zeros((rows, 4), bool)
-    as_output[:, 0] = True
-    got = _freqs(
-        _draw(
-            rows, penalties=True, history=seen, history_is_output=as_output, frequency_penalty=2.0
-        )
-    )
+    seen = np.full((rows, 1), 0, np.int32)  # token 0 was fed once
+    got = _freqs(_draw(rows, penalties=True, history=seen, frequency_penalty=2.0))
     assert got[0] < 0.15  # was 0.4
     # In the prompt only: frequency and presence penalties do not apply ...
-    got = _freqs(_draw(rows, penalties=True, history=seen, frequency_penalty=2.0))
+    got = _freqs(_draw(rows, penalties=True, history=seen, num_prompt=1, frequency_penalty=2.0))
     np.testing.assert_allclose(got, np.exp(LOGITS), atol=4 * np.sqrt(0.25 / rows))
     # ... but the repetition penalty does.
-    got = _freqs(_draw(rows, penalties=True, history=seen, repetition_penalty=5.0))
+    got = _freqs(_draw(rows, penalties=True, history=seen, num_prompt=1, repetition_penalty=5.0))
     assert got[0] < 0.4
 
 
 def test_banned_tokens_are_never_drawn() -> None:
-    banned = np.full((N // 4, 8), -1, np.int32)
+    banned = np.full((N // 4, BAN_WIDTH), -1, np.int32)
     banned[:, :2] = [0, 2]
     got = _freqs(_draw(N // 4, banned=banned))
     assert got[0] == 0 and got[2] == 0

@@ -35,12 +35,12 @@ SCRIPT = textwrap.dedent(
     steps = []
     engine = start_engine(model, ecfg, mh, warmup=False, record=steps)
     if mh.is_leader:
-        fetch = engine.runner.runner.fetch
+        fetch = engine.runner.fetch
         def recording_fetch(handle):
             res = fetch(handle)
-            steps.append(res.tokens.tolist())
+            steps.append(res.tokens)
             return res
-        engine.runner.runner.fetch = recording_fetch
+        engine.runner.fetch = recording_fetch
         prompts = [[5, 17, 200, 3, 9], [42], list(range(1, 30))]
         sp = SamplingParams(max_tokens=10, temperature=0.7, seed=3, ignore_eos=True)
         for i, p in enumerate(prompts):

@@ -21,9 +21,6 @@ PROBE = textwrap.dedent(
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     from jserve import LLM, SamplingParams
-    from jserve.engine.inputs import empty_inputs
-    from jserve.engine.runner import _forward_jit
-    from jserve.models.attention import AttentionMetadata
 
     model_dir = sys.argv[1]
     layouts = [tuple(int(v) for v in x.split("x")) for x in sys.argv[2].split(",")]
@@ -38,12 +35,7 @@ PROBE = textwrap.dedent(
         eng = llm.engine
         hlo = ""
         if pp == 1:
-            inp = empty_inputs(16, 4, eng.runner.pages_per_seq)
-            md = AttentionMetadata(inp.positions, inp.slot_mapping, inp.kv_lens,
-                                   inp.page_indices, inp.cu_q_lens, inp.num_seqs)
-            hlo = _forward_jit.lower(eng.runner.params, eng.runner.kv_pages,
-                                     eng.runner._prev_tokens, inp.ids, inp.src_rows, md,
-                                     inp.logits_indices, cfg=eng.cfg).compile().as_text()
+            hlo = eng.runner.lower(("step", 16, 4)).compile().as_text()
         out[f"{tp}x{pp}x{mb}"] = {
             "tokens": [r.outputs[0].token_ids for r in res],
             "all_reduce": len(re.findall(r"= [^ ]+ all-reduce(?:-start)?\\(", hlo)),

@@ -1,0 +1,188 @@
+"""Step shapes, defined once: the buckets a step is padded to and the packed input layout.
+
+A step is padded to a token bucket T (flat tokens) and a row bucket R
+(sampled rows); the attention metadata always has max_num_seqs sequence
+slots, because padded sequence slots cost the kernels nothing. The input
+builder and warm-up both read this module, so warm-up compiles exactly the
+programs serving can reach: every (T, R) pair, the copy-on-write batch
+sizes and the row-write batch sizes. No width depends on the data.
+
+All of a step's host inputs travel in one int32 buffer (float fields are
+stored bit for bit), so a step is one host-to-device transfer; ``Layout``
+gives each field's place in it, as numpy views on the host and as sliced
+arrays inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jserve.engine.config import EngineConfig
+
+# Ids banned while below min_tokens (stop_token_ids plus EOS ids) per row.
+BAN_WIDTH = 32
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= n. E.g. bucket_for(5, (4, 8, 16)) == 8."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def power_of_four_buckets(low: int, high: int) -> tuple[int, ...]:
+    """E.g. (4, 64) -> (4, 16, 64); (4, 8) -> (4, 8)."""
+    out = []
+    b = low
+    while b < high:
+        out.append(b)
+        b *= 4
+    out.append(high)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "i32", "u32" or "f32"
+    fill: int | float
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class Layout:
+    """Where each input of one (T, R) step lives in the packed int32 buffer."""
+
+    def __init__(self, fields: list[tuple[str, tuple[int, ...], str, int | float]]) -> None:
+        self.fields: dict[str, Field] = {}
+        offset = 0
+        for name, shape, kind, fill in fields:
+            f = Field(name, shape, kind, fill, offset)
+            self.fields[name] = f
+            offset += f.size
+        self.size = offset
+        template = np.zeros(self.size, np.int32)
+        for f, view in self._views(template).items():
+            view[...] = self.fields[f].fill
+        self._template = template
+
+    def _views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for f in self.fields.values():
+            flat = buf[f.offset : f.offset + f.size]
+            if f.kind == "f32":
+                flat = flat.view(np.float32)
+            elif f.kind == "u32":
+                flat = flat.view(np.uint32)
+            out[f.name] = flat.reshape(f.shape)
+        return out
+
+    def new_buffer(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A buffer holding every field's padding value, and writable views of its fields."""
+        buf = self._template.copy()
+        return buf, self._views(buf)
+
+    def unpack(self, buf: jax.Array) -> dict[str, jax.Array]:
+        """Inside the jitted step: the fields of the packed buffer, typed and shaped."""
+        out = {}
+        for f in self.fields.values():
+            x = buf[f.offset : f.offset + f.size]
+            if f.kind == "f32":
+                x = jax.lax.bitcast_convert_type(x, jnp.float32)
+            elif f.kind == "u32":
+                x = jax.lax.bitcast_convert_type(x, jnp.uint32)
+            out[f.name] = x.reshape(f.shape)
+        return out
+
+
+class StepShapes:
+    """The buckets of one engine configuration."""
+
+    def __init__(self, ecfg: EngineConfig, pages_per_seq: int, num_microbatches: int = 1) -> None:
+        self.page_size = ecfg.page_size
+        self.max_num_seqs = ecfg.max_num_seqs
+        self.pages_per_seq = pages_per_seq
+        self.max_model_len = pages_per_seq * ecfg.page_size
+        self.num_microbatches = num_microbatches
+        self.num_logprobs = max(1, ecfg.max_logprobs)
+        self.token_buckets = ecfg.token_buckets()
+        low = min(ecfg.min_seq_bucket, ecfg.max_num_seqs)
+        self.row_buckets = power_of_four_buckets(low, ecfg.max_num_seqs)
+        # Copy-on-write pages and whole page-table or history rows written before
+        # a step: at most one per running sequence.
+        self.batch_sizes = power_of_four_buckets(1, ecfg.max_num_seqs)
+        if any(t % num_microbatches for t in self.token_buckets):
+            raise ValueError(
+                f"token buckets {self.token_buckets} must be multiples of the "
+                f"{num_microbatches} pipeline micro-batches"
+            )
+
+    def step_shape(self, num_tokens: int, num_rows: int) -> tuple[int, int]:
+        return bucket_for(num_tokens, self.token_buckets), bucket_for(
+            max(num_rows, 1), self.row_buckets
+        )
+
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """Every (T, R) a step can have: rows can outnumber tokens (n > 1 forks)."""
+        return [(t, r) for t in self.token_buckets for r in self.row_buckets]
+
+    def batch_size(self, n: int) -> int:
+        return bucket_for(n, self.batch_sizes)
+
+    def diff_capacity(self, num_tokens: int) -> int:
+        """Page-table entries a step can change in place: each sequence's new pages for
+        its tokens, plus one copy-on-write page per sequence. Bigger changes (a long
+        cached prefix) are written as whole rows before the step."""
+        return num_tokens // self.page_size + 2 * min(num_tokens, self.max_num_seqs)
+
+    @functools.cache  # noqa: B019 - one StepShapes per engine, a handful of layouts
+    def layout(self, num_tokens: int, num_rows: int) -> Layout:
+        t, r, s, m = num_tokens, num_rows, self.max_num_seqs, self.num_microbatches
+        d = self.diff_capacity(t)
+        pad = s  # the page table's all-zero padding row
+        seq = (s,) if m == 1 else (m, s)
+        cu = (s + 1,) if m == 1 else (m, s + 1)
+        return Layout(
+            [
+                ("ids", (t,), "i32", 0),
+                ("src_rows", (t,), "i32", -1),  # row of the previous step's samples, or -1
+                ("positions", (t,), "i32", 0),
+                ("slot_mapping", (t,), "i32", -1),
+                ("token_rows", (t,), "i32", pad),  # table row of each token's sequence
+                ("seq_rows", seq, "i32", pad),
+                ("kv_lens", seq, "i32", 0),
+                ("cu_q_lens", cu, "i32", 0),
+                ("num_seqs", (*seq[:-1], 1), "i32", 0),
+                ("diff_rows", (d,), "i32", pad + 1),  # past the table: dropped
+                ("diff_cols", (d,), "i32", 0),
+                ("diff_pages", (d,), "i32", 0),
+                ("logits_indices", (r,), "i32", 0),
+                ("temperature", (r,), "f32", 0.0),
+                ("top_k", (r,), "i32", 0),
+                ("top_p", (r,), "f32", 1.0),
+                ("min_p", (r,), "f32", 0.0),
+                ("seeds", (r,), "u32", 0),
+                ("sample_index", (r,), "i32", 0),
+                ("out_position", (r,), "i32", 0),
+                ("banned", (r, BAN_WIDTH), "i32", -1),
+                ("repetition_penalty", (r,), "f32", 1.0),
+                ("presence_penalty", (r,), "f32", 0.0),
+                ("frequency_penalty", (r,), "f32", 0.0),
+                ("history_rows", (r,), "i32", pad),
+                ("history_lens", (r,), "i32", 0),
+                ("num_prompt", (r,), "i32", 0),
+                # any row: [draws at random, uses top-k/top-p, uses penalties, wants logprobs]
+                ("flags", (4,), "i32", 0),
+            ]
+        )
