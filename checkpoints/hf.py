@@ -1,4 +1,8 @@
-"""Loading Hugging Face model directories into jserve's parameter tree."""
+"""Loading Hugging Face model directories into jserve's parameter tree.
+
+The caller passes the model's weight declarations (``specs``, a tree whose
+leaves have ``shape`` and ``source``); the result has the same structure.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,23 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from checkpoints.errors import CheckpointError
 from checkpoints.safetensors_reader import SafetensorsReader
-from jserve.config import ModelConfig
-from jserve.errors import CheckpointError
-from jserve.models import llama
-from jserve.models.params import ParamSpec, iter_leaves, iter_specs, map_specs
+from checkpoints.source import WeightSpec, named_leaves
 
 
 def check_tensors(reader: SafetensorsReader, specs: Any) -> None:
     """Every tensor the config needs is present with the shape the config implies."""
     available = reader.names()
-    missing = [
-        name for _, spec in iter_specs(specs) for name in spec.source.names if name not in available
-    ]
+    declared = named_leaves(specs)
+    missing = [name for _, spec in declared for name in spec.source.names if name not in available]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(
             f"checkpoint in {reader.model_dir} is missing tensors the config needs: "
             f"{', '.join(missing[:5])}{more}"
         )
-    for path, spec in iter_specs(specs):
+    for path, spec in declared:
         for name, want in zip(spec.source.names, spec.source.shapes, strict=False):
             got = reader.shape(name)
             if got != want:
@@ -39,13 +40,13 @@ def check_tensors(reader: SafetensorsReader, specs: Any) -> None:
                 )
 
 
-def _whole(reader: SafetensorsReader, spec: ParamSpec, dtype: Any) -> np.ndarray:
+def _whole(reader: SafetensorsReader, spec: WeightSpec, dtype: Any) -> np.ndarray:
     value = spec.source.build(*(reader.get(name) for name in spec.source.names))
     return value.astype(dtype, copy=False)
 
 
 def _piece(
-    reader: SafetensorsReader, spec: ParamSpec, index: tuple[slice, ...], dtype: Any
+    reader: SafetensorsReader, spec: WeightSpec, index: tuple[slice, ...], dtype: Any
 ) -> np.ndarray:
     """Just ``index`` of a weight, reading only the slices of the tensors it needs."""
     index = tuple(
@@ -61,7 +62,7 @@ def _piece(
 
 def load_hf_params(
     model_dir: str | os.PathLike[str],
-    cfg: ModelConfig,
+    specs: Any,
     dtype: Any,
     shardings: Any = None,
     progress: bool = False,
@@ -72,15 +73,12 @@ def load_hf_params(
     shardings, each device's slice is read straight from the files (safetensors
     slices), so no process ever holds a whole sharded tensor.
     """
-    specs = llama.param_specs(cfg)
-    flat_shardings = dict(iter_leaves(shardings)) if shardings is not None else {}
     with SafetensorsReader(model_dir) as reader:
         check_tensors(reader, specs)
-        total = sum(1 for _ in iter_specs(specs))
+        total = len(jax.tree_util.tree_leaves(specs))
         bar = tqdm(total=total, desc="loading weights", disable=not progress, unit="w")
 
-        def load(path: str, spec: ParamSpec) -> jax.Array:
-            sharding = flat_shardings.get(path)
+        def load(spec: WeightSpec, sharding: Any = None) -> jax.Array:
             if sharding is None:
                 out = jax.device_put(_whole(reader, spec, dtype))
             else:
@@ -91,6 +89,9 @@ def load_hf_params(
             bar.update(1)
             return out
 
-        params = map_specs(load, specs)
+        if shardings is None:
+            params = jax.tree_util.tree_map(load, specs)
+        else:
+            params = jax.tree_util.tree_map(load, specs, shardings)
         bar.close()
     return params

@@ -5,6 +5,10 @@ Layout of a converted directory:
   jserve_checkpoint.json                                  format marker and dtype
   params/                                                 the Orbax PyTree checkpoint
 Restoring reads, on each process, only the slices its devices hold.
+
+The caller passes the params to save, or the weight declarations to restore
+into (leaves with ``shape``); ``jserve.model_export.convert_hf_to_orbax`` ties
+loading a Hugging Face directory to saving it here.
 """
 
 from __future__ import annotations
@@ -18,11 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from checkpoints.hf import load_hf_params
-from jserve.config import ModelConfig, load_config
-from jserve.errors import CheckpointError
-from jserve.models import llama
-from jserve.models.params import iter_leaves, map_specs
+from checkpoints.errors import CheckpointError
 
 MARKER = "jserve_checkpoint.json"
 COPIED = (
@@ -38,34 +38,40 @@ def is_orbax_checkpoint(path: str | os.PathLike[str]) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
-def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Any) -> ModelConfig:
-    """Reads a Hugging Face directory and writes an Orbax checkpoint beside its config."""
-    cfg = load_config(hf_dir)
+def check_new_dir(out_dir: str | os.PathLike[str]) -> None:
+    """Refuses an output directory that holds anything (so nothing is overwritten)."""
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new output directory")
-    params = load_hf_params(hf_dir, cfg, dtype, progress=True)
+
+
+def save_orbax_checkpoint(
+    params: Any, out_dir: str, dtype: Any, copy_from: str | os.PathLike[str] | None = None
+) -> None:
+    """Writes ``params`` as an Orbax checkpoint, with the config and tokenizer files of
+    ``copy_from`` (a Hugging Face directory) beside it."""
+    check_new_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.abspath(os.path.join(out_dir, "params")), params)
     ckptr.wait_until_finished()
-    for name in COPIED:
-        src = os.path.join(hf_dir, name)
+    for name in COPIED if copy_from is not None else ():
+        src = os.path.join(copy_from, name)
         if os.path.isfile(src):
             shutil.copy(src, out_dir)
     with open(os.path.join(out_dir, MARKER), "w") as f:
         json.dump({"format": "orbax", "version": 1, "dtype": str(np.dtype(dtype))}, f)
-    return cfg
 
 
-def load_orbax_params(
-    path: str, cfg: ModelConfig, dtype: Any, shardings: Any = None
-) -> dict[str, Any]:
-    """Restores straight into ``shardings`` (or the default device), cast to ``dtype``."""
-    specs = llama.param_specs(cfg)
-    flat = dict(iter_leaves(shardings)) if shardings is not None else {}
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = map_specs(
-        lambda p, s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=flat.get(p, default)), specs
+def load_orbax_params(path: str, specs: Any, dtype: Any, shardings: Any = None) -> dict[str, Any]:
+    """Restores the weights ``specs`` declares straight into ``shardings`` (or the default
+    device), cast to ``dtype``."""
+    if shardings is None:
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: default, specs)
+    target = jax.tree_util.tree_map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding),
+        specs,
+        shardings,
     )
     params_dir = os.path.abspath(os.path.join(path, "params"))
     if not os.path.isdir(params_dir):

@@ -12,7 +12,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
 import numpy as np
 from safetensors import safe_open
 
-from jserve.errors import CheckpointError
+from checkpoints.errors import CheckpointError
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 

@@ -4,6 +4,14 @@ The config is a frozen, hashable dataclass so it can be a static argument of
 jitted functions. Only the fields the forward pass needs are kept; everything
 is validated here so that a bad checkpoint fails with a readable message
 instead of a shape error deep inside JAX.
+
+``ModelConfig`` holds what every family has (sizes, heads, RoPE, sliding
+windows, token ids); a family's own switches live in ``cfg.options``, a frozen
+``FamilyOptions`` subclass (``LlamaOptions`` for the Llama family). A new
+family plugs in at three places: its architecture in
+``SUPPORTED_ARCHITECTURES``, a parser of its fields in ``FAMILY_OPTIONS``
+(and, to be exported, a case in ``config_to_dict``), and its implementation
+in the ``jserve.models`` registry (``get_model``).
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
+from checkpoints.hf_export import dtype_name
 from jserve.errors import ConfigError
 
 # Architectures jserve implements, mapped to the family that decides the
@@ -37,6 +47,21 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class FamilyOptions:
+    """Base of the fields only some families have; each family subclasses it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaOptions(FamilyOptions):
+    """The Llama family's switches (Llama, Mistral, Qwen2 and Qwen3 differ only in these)."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     family: str
@@ -51,10 +76,6 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
     rope_scaling: RopeScaling | None = None
     # One entry per layer: the sliding window in tokens, or None for full attention.
     sliding_windows: tuple[int | None, ...] = ()
@@ -64,6 +85,8 @@ class ModelConfig:
     # Copies of each checkpoint KV head held in num_kv_heads: above 1 when tensor
     # parallelism splits more ways than the model has KV heads.
     kv_repeat: int = 1
+    # The family's own fields (see FAMILY_OPTIONS).
+    options: FamilyOptions = FamilyOptions()
 
     @property
     def source_kv_heads(self) -> int:
@@ -194,6 +217,37 @@ def _as_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def _llama_options(raw: dict[str, Any], family: str) -> LlamaOptions:
+    attention_bias = bool(raw.get("attention_bias", False))
+    return LlamaOptions(
+        # Qwen2 always has q/k/v biases; Mistral never has any; Llama and Qwen3
+        # put `attention_bias` on all four projections.
+        qkv_bias=family == "qwen2" or (attention_bias and family in ("llama", "qwen3")),
+        o_bias=attention_bias and family in ("llama", "qwen3"),
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        qk_norm=family == "qwen3",
+    )
+
+
+def llama_options(cfg: ModelConfig) -> LlamaOptions:
+    """``cfg.options`` of a Llama-family config."""
+    if not isinstance(cfg.options, LlamaOptions):
+        raise ConfigError(
+            f"family {cfg.family!r} needs LlamaOptions in ModelConfig.options, got "
+            f"{cfg.options!r}; build the config with config_from_dict or pass options="
+        )
+    return cfg.options
+
+
+# Family -> parser of its own fields from the raw config.json (into cfg.options).
+FAMILY_OPTIONS: dict[str, Callable[[dict[str, Any], str], FamilyOptions]] = {
+    "llama": _llama_options,
+    "mistral": _llama_options,
+    "qwen2": _llama_options,
+    "qwen3": _llama_options,
+}
+
+
 def config_from_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
     """Builds a ModelConfig from the parsed contents of a Hugging Face config.json."""
     archs = raw.get("architectures") or []
@@ -224,7 +278,6 @@ def config_from_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
         raise ConfigError(f"config.json has a malformed field: {e}") from None
     head_dim = raw.get("head_dim") or (hidden // heads if heads else 0)
     theta, scaling = _rope_fields(raw)
-    attention_bias = bool(raw.get("attention_bias", False))
     # The generation config's eos ids take precedence; this is the fallback.
     return ModelConfig(
         architecture=arch,
@@ -240,17 +293,12 @@ def config_from_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
         rope_theta=theta,
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        # Qwen2 always has q/k/v biases; Mistral never has any; Llama and Qwen3
-        # put `attention_bias` on all four projections.
-        qkv_bias=family == "qwen2" or (attention_bias and family in ("llama", "qwen3")),
-        o_bias=attention_bias and family in ("llama", "qwen3"),
-        mlp_bias=bool(raw.get("mlp_bias", False)),
-        qk_norm=family == "qwen3",
         rope_scaling=scaling,
         sliding_windows=_sliding_windows(raw, family, num_layers),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_as_ids(raw.get("eos_token_id")),
         name=name,
+        options=FAMILY_OPTIONS[family](raw, family),
     ).validate()
 
 
@@ -276,3 +324,102 @@ def load_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
         if eos:
             cfg = cfg.replace(eos_token_ids=eos).validate()
     return cfg
+
+
+def _check_expressible(cfg: ModelConfig) -> None:
+    """Raises ConfigError when Hugging Face's class for the family cannot hold cfg."""
+    fam = cfg.family
+    if cfg.architecture not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {cfg.architecture!r}")
+    opts = llama_options(cfg)
+    problems = []
+    if fam == "qwen2":
+        if not opts.qkv_bias or opts.o_bias:
+            problems.append("Qwen2 always has q/k/v biases and never an o_proj bias")
+    elif fam == "mistral":
+        if opts.qkv_bias or opts.o_bias:
+            problems.append("Mistral has no attention biases")
+    elif opts.qkv_bias != opts.o_bias:
+        problems.append("attention_bias covers q/k/v and o_proj together")
+    if opts.mlp_bias and fam != "llama":
+        problems.append("only Llama has mlp_bias")
+    if opts.qk_norm != (fam == "qwen3"):
+        problems.append("q/k norm exists exactly in Qwen3")
+    windows = {w for w in cfg.sliding_windows if w is not None}
+    if windows and fam == "llama":
+        problems.append("Llama has no sliding-window attention")
+    if len(windows) > 1:
+        problems.append(f"one sliding window size for all layers, got {sorted(windows)}")
+    if fam == "mistral" and windows and None in cfg.sliding_windows:
+        problems.append("Mistral slides the window in every layer or none")
+    if problems:
+        raise ConfigError(f"{cfg.architecture} cannot express this config: {'; '.join(problems)}")
+
+
+def ids_or_list(ids: tuple[int, ...]) -> int | list[int] | None:
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else list(ids)
+
+
+def config_to_dict(cfg: ModelConfig, dtype: Any = "float32") -> dict[str, Any]:
+    """The Hugging Face ``config.json`` contents for cfg (inverse of ``config_from_dict``)."""
+    _check_expressible(cfg)
+    fam = cfg.family
+    opts = llama_options(cfg)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": cfg.rope_theta,
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
+    saved_dtype = dtype_name(dtype)
+    out: dict[str, Any] = {
+        "architectures": [cfg.architecture],
+        "model_type": fam,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_q_heads,
+        "num_key_value_heads": cfg.source_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        # transformers >= 5 reads rope_parameters; older versions the top-level keys.
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": ids_or_list(cfg.eos_token_ids),
+        "pad_token_id": None,
+        "dtype": saved_dtype,
+        "torch_dtype": saved_dtype,
+    }
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = dict(rope)
+    if fam in ("llama", "qwen3"):
+        out["attention_bias"] = opts.qkv_bias
+    if fam == "llama":
+        out["mlp_bias"] = opts.mlp_bias
+    window = next((w for w in cfg.sliding_windows if w is not None), None)
+    if fam == "mistral":
+        out["sliding_window"] = window
+    elif fam in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = window is not None
+        out["sliding_window"] = window
+        first = next((i for i, w in enumerate(cfg.sliding_windows) if w is not None), None)
+        out["max_window_layers"] = cfg.num_layers if first is None else first
+        out["layer_types"] = [
+            "full_attention" if w is None else "sliding_attention" for w in cfg.sliding_windows
+        ]
+    return out

@@ -1,18 +1,25 @@
-"""Typed errors. Each says what was wrong and what to do about it."""
+"""Typed errors. Each says what was wrong and what to do about it.
+
+``JserveError`` and ``ConfigError`` are defined in ``sharding.errors`` and
+``CheckpointError`` in ``checkpoints.errors``: those packages raise them and
+must not import ``jserve``. They are re-exported here so callers catch every
+jserve error through this module (or the ``jserve`` package).
+"""
 
 from __future__ import annotations
 
+from checkpoints.errors import CheckpointError
+from sharding.errors import ConfigError, JserveError
 
-class JserveError(Exception):
-    """Base class of every error jserve raises on purpose."""
-
-
-class ConfigError(JserveError, ValueError):
-    """A model or engine configuration is invalid or unsupported."""
-
-
-class CheckpointError(JserveError, ValueError):
-    """A checkpoint is missing files or tensors, or they do not fit the config."""
+__all__ = [
+    "CapacityError",
+    "CheckpointError",
+    "ConfigError",
+    "EngineDeadError",
+    "InvalidRequestError",
+    "JserveError",
+    "RequestTooLargeError",
+]
 
 
 class InvalidRequestError(JserveError, ValueError):

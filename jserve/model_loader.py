@@ -9,9 +9,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from checkpoints import is_orbax_checkpoint, load_hf_params, load_orbax_params
 from jserve.config import ModelConfig, load_config
 from jserve.errors import ConfigError
+from jserve.models import get_model
+from jserve.models.params import init_params
+from jserve.models.presets import PRESETS, preset_config
 from jserve.tokenizer import Tokenizer
+from sharding import STAGE, make_mesh, param_shardings
+from sharding.pipeline import pipeline_param_shardings, stack_stages, uniform_stage_windows
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -29,12 +35,9 @@ class LoadedModel:
 
 def _stage_layers(params: Any, cfg: ModelConfig, mesh: Any) -> Any:
     """Under pipeline parallelism, stacks each stage's layers (see sharding.pipeline)."""
-    if mesh is None or mesh.shape["stage"] == 1:
+    if mesh is None or mesh.shape[STAGE] == 1:
         return params
-    from jserve.models import llama
-    from sharding.pipeline import stack_stages
-
-    return stack_stages(params, llama.param_specs(cfg), mesh)
+    return stack_stages(params, get_model(cfg).param_specs(cfg), mesh)
 
 
 def placement(cfg: ModelConfig, parallel: Any) -> tuple[ModelConfig, Any, Any]:
@@ -44,14 +47,10 @@ def placement(cfg: ModelConfig, parallel: Any) -> tuple[ModelConfig, Any, Any]:
     """
     if parallel is None or parallel.world_size == 1:
         return cfg, None, None
-    from jserve.models import llama
-    from sharding import make_mesh, param_shardings
-    from sharding.pipeline import pipeline_param_shardings, uniform_stage_windows
-
     parallel.validate(cfg, jax.device_count())
     cfg = cfg.with_kv_heads_for(parallel.tensor_parallel_size)
     mesh = make_mesh(parallel)
-    specs = llama.param_specs(cfg)
+    specs = get_model(cfg).param_specs(cfg)
     if parallel.pipeline_parallel_size == 1:
         return cfg, mesh, param_shardings(specs, mesh)
     uniform_stage_windows(cfg.sliding_windows, parallel.pipeline_parallel_size)
@@ -77,7 +76,6 @@ def load_model(
     With a ``sharding.ParallelConfig`` the weights are placed on a device
     mesh as they load, each device receiving only its slice.
     """
-    from checkpoints import is_orbax_checkpoint, load_hf_params, load_orbax_params
 
     path = os.fspath(model)
     if not os.path.isdir(path):
@@ -88,17 +86,7 @@ def load_model(
     cfg = load_config(path)
     dt = resolve_dtype(dtype)
     cfg, mesh, shardings = placement(cfg, parallel)
-    if is_orbax_checkpoint(path):
-        if cfg.kv_repeat > 1:
-            raise ConfigError(
-                f"tensor_parallel_size {parallel.tensor_parallel_size} needs the model's "
-                f"{cfg.source_kv_heads} KV heads replicated, which an Orbax checkpoint cannot "
-                "be restored into; serve the Hugging Face directory instead, or use a "
-                f"tensor_parallel_size of at most {cfg.source_kv_heads}"
-            )
-        params = load_orbax_params(path, cfg, dt, shardings)
-    else:
-        params = load_hf_params(path, cfg, dt, shardings)
+    params = load_params(path, cfg, dt, shardings)
     tokenizer = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         tokenizer = Tokenizer.from_dir(path, cfg.eos_token_ids)
@@ -106,6 +94,29 @@ def load_model(
             cfg = cfg.replace(eos_token_ids=tokenizer.eos_token_ids)
     params = _stage_layers(params, cfg, mesh)
     return LoadedModel(path, cfg, params, tokenizer, dt, mesh, parallel)
+
+
+def load_params(
+    path: str | os.PathLike[str],
+    cfg: ModelConfig,
+    dtype: Any,
+    shardings: Any = None,
+    progress: bool = False,
+) -> Any:
+    """The weights of an Orbax checkpoint or Hugging Face directory, as ``cfg``'s model
+    declares them, placed by ``shardings`` (a tree matching the declarations) if given."""
+    specs = get_model(cfg).param_specs(cfg)
+    if is_orbax_checkpoint(path):
+        if cfg.kv_repeat > 1:
+            # num_kv_heads was raised to the tensor-parallel size (with_kv_heads_for).
+            raise ConfigError(
+                f"tensor_parallel_size {cfg.num_kv_heads} needs the model's "
+                f"{cfg.source_kv_heads} KV heads replicated, which an Orbax checkpoint cannot "
+                "be restored into; serve the Hugging Face directory instead, or use a "
+                f"tensor_parallel_size of at most {cfg.source_kv_heads}"
+            )
+        return load_orbax_params(os.fspath(path), specs, dtype, shardings)
+    return load_hf_params(path, specs, dtype, shardings, progress=progress)
 
 
 def default_model_path() -> str:
@@ -123,10 +134,6 @@ def random_model(
     tokenizer when its ids fit the vocabulary (the weights are random, so
     only the token counts matter).
     """
-    from jserve.models import llama
-    from jserve.models.params import init_params
-    from jserve.models.presets import PRESETS, preset_config
-
     if shape in PRESETS:
         cfg = preset_config(shape)
     elif os.path.isdir(shape):
@@ -138,7 +145,8 @@ def random_model(
         )
     dt = resolve_dtype(dtype)
     cfg, mesh, shardings = placement(cfg, parallel)
-    params = init_params(llama.param_specs(cfg), jax.random.key(seed), dt, shardings=shardings)
+    specs = get_model(cfg).param_specs(cfg)
+    params = init_params(specs, jax.random.key(seed), dt, shardings=shardings)
     tokenizer = None
     embedded = default_model_path()
     if os.path.isfile(os.path.join(embedded, "tokenizer.json")):

@@ -10,17 +10,32 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jserve.config import ModelConfig
-from jserve.errors import ConfigError
+from sharding.errors import ConfigError
 
 STAGE = "stage"
 MODEL = "model"
+
+
+class ModelShape(Protocol):
+    """The model sizes a parallel layout must divide (jserve.config.ModelConfig has them)."""
+
+    @property
+    def num_q_heads(self) -> int: ...
+
+    @property
+    def num_kv_heads(self) -> int: ...
+
+    @property
+    def intermediate_size(self) -> int: ...
+
+    @property
+    def num_layers(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +53,7 @@ class ParallelConfig:
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
-    def validate(self, cfg: ModelConfig, num_devices: int) -> ParallelConfig:
+    def validate(self, cfg: ModelShape, num_devices: int) -> ParallelConfig:
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         for name, v in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp)):
             if not isinstance(v, int) or v < 1:

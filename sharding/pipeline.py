@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jserve.errors import ConfigError
+from sharding.errors import ConfigError
 from sharding.mesh import STAGE
 from sharding.rules import kv_pages_sharding, logical_to_spec, param_shardings
 

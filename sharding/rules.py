@@ -1,20 +1,32 @@
 """The only table from logical axis names to mesh axes.
 
 Model code names logical axes (``ParamSpec.axes``); this module turns them
-into ``PartitionSpec``s for a mesh. Tensor parallelism splits attention
+into ``PartitionSpec``s for a mesh. It takes the model's declarations tree as
+an argument and reads only each leaf's ``shape`` and ``axes`` (``AxesSpec``). Tensor parallelism splits attention
 heads, MLP hidden units and the vocabulary over ``model``; everything else
 is replicated.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
+import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jserve.errors import ConfigError
-from jserve.models.params import ParamSpec, map_specs
+from sharding.errors import ConfigError
 from sharding.mesh import MODEL
+
+
+class AxesSpec(Protocol):
+    """What sharding reads of a weight declaration (e.g. jserve.models.params.ParamSpec)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def axes(self) -> tuple[str | None, ...]: ...
+
 
 LOGICAL_RULES: dict[str, str | None] = {
     "vocab": MODEL,
@@ -45,7 +57,7 @@ def logical_to_spec(axes: tuple[str | None, ...]) -> PartitionSpec:
     return PartitionSpec(*mesh_axes)
 
 
-def check_divisible(path: str, spec: ParamSpec, mesh: Mesh) -> None:
+def check_divisible(path: str, spec: AxesSpec, mesh: Mesh) -> None:
     pspec = logical_to_spec(spec.axes)
     for dim, axis in zip(spec.shape, pspec, strict=False):
         if axis is not None and dim % mesh.shape[axis]:
@@ -59,11 +71,11 @@ def check_divisible(path: str, spec: ParamSpec, mesh: Mesh) -> None:
 def param_shardings(specs: Any, mesh: Mesh) -> Any:
     """A NamedSharding per weight, in the structure of the declarations."""
 
-    def one(path: str, spec: ParamSpec) -> NamedSharding:
-        check_divisible(path, spec, mesh)
+    def one(path: jax.tree_util.KeyPath, spec: AxesSpec) -> NamedSharding:
+        check_divisible(jax.tree_util.keystr(path, simple=True, separator="."), spec, mesh)
         return NamedSharding(mesh, logical_to_spec(spec.axes))
 
-    return map_specs(one, specs)
+    return jax.tree_util.tree_map_with_path(one, specs)
 
 
 def kv_pages_sharding(mesh: Mesh) -> NamedSharding:

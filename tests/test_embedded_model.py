@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from checkpoints import load_hf_params
 from jserve import LLM, SamplingParams
 from jserve.config import load_config
 from jserve.llm import default_model_path
-from jserve.models import llama
+from jserve.model_loader import load_params
+from jserve.models import get_model
 from jserve.tokenizer import Tokenizer
 from tests.hf_models import hf_greedy
 
@@ -97,8 +97,8 @@ def test_logits_match_transformers(model_dir: str) -> None:
 
     ids = Tokenizer.from_dir(model_dir).encode(EXCERPT)
     cfg = load_config(model_dir)
-    params = load_hf_params(model_dir, cfg, jnp.float32)
-    ours = np.asarray(llama.forward_dense(params, cfg, jnp.asarray([ids], jnp.int32)))[0]
+    params = load_params(model_dir, cfg, jnp.float32)
+    ours = np.asarray(get_model(cfg).forward_dense(params, cfg, jnp.asarray([ids], jnp.int32)))[0]
     with torch.no_grad():
         want = _hf_model(model_dir)(torch.tensor([ids])).logits[0].numpy()
     assert ours.shape == want.shape

@@ -24,8 +24,9 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from jserve.config import ModelConfig
-from jserve.models import llama
+from jserve.config import LlamaOptions, ModelConfig
+from jserve.model_export import save_hf_checkpoint
+from jserve.models import get_model
 from jserve.models.params import init_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +130,7 @@ def make_config(
     return ModelConfig(
         architecture="LlamaForCausalLM",
         family="llama",
+        options=LlamaOptions(),
         vocab_size=vocab_size,
         hidden_size=size.hidden,
         intermediate_size=size.intermediate,
@@ -157,7 +159,7 @@ def count_params(params: Any) -> int:
 
 def token_nll(params: Any, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """[B, L+1] tokens -> [B, L] negative log-likelihood of each next token."""
-    logits = llama.forward_dense(params, cfg, tokens[:, :-1])
+    logits = get_model(cfg).forward_dense(params, cfg, tokens[:, :-1])
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
@@ -294,7 +296,7 @@ def train_model(
 ) -> tuple[Any, dict[str, Any]]:
     """Trains from init_params(seed); returns (float32 params, training summary)."""
     key = jax.random.key(seed)
-    params = init_params(llama.param_specs(cfg), key, jnp.float32, std=0.02)
+    params = init_params(get_model(cfg).param_specs(cfg), key, jnp.float32, std=0.02)
     opt = init_opt_state(params)
     rng = np.random.default_rng(seed)
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else cfg.eos_token_ids[0]
@@ -346,8 +348,6 @@ def round_to_dtype(params: Any, dtype: str) -> Any:
 def write_model_dir(
     out_dir: str, params: Any, cfg: ModelConfig, tok: tokenizers.Tokenizer, dtype: str
 ) -> None:
-    from checkpoints.hf_export import save_hf_checkpoint
-
     save_hf_checkpoint(params, cfg, out_dir, dtype=dtype)
     save_tokenizer(tok, out_dir, cfg.max_position_embeddings)
 

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from checkpoints import convert_hf_to_orbax
+    from jserve.model_export import convert_hf_to_orbax
 
     cfg = convert_hf_to_orbax(args.hf_dir, args.out_dir, resolve_dtype(args.dtype))
     print(

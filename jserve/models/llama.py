@@ -1,7 +1,12 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) as pure functions.
 
-Weights are declared once in ``param_specs``; the forward passes are plain
-functions of (params, config, inputs). Layers are unrolled in Python: each
+This module is the family's implementation of ``jserve.models.base.Model``
+(reach it through ``jserve.models.get_model``). Weights are declared once in
+``param_specs``; the forward passes are plain functions of (params, config,
+inputs), and both run the one ``decoder_layer``, which takes the attention
+as a callable: paged attention over KV pages in ``forward``, dense causal
+attention in ``forward_dense``. The family's switches (biases, q/k norm) are
+``cfg.options``, a ``LlamaOptions``. Layers are unrolled in Python: each
 layer's weights are separate arrays and each layer's KV pages a separate
 buffer, so XLA updates the pages in place and never copies a stacked cache.
 
@@ -20,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jserve.config import ModelConfig
+from checkpoints.source import HFSource
+from jserve.config import ModelConfig, llama_options
 from jserve.models.attention import AttentionMetadata, paged_attention
-from jserve.models.params import HFSource, ParamSpec
+from jserve.models.base import Attend
+from jserve.models.params import ParamSpec
 from jserve.models.rope import apply_rope
 
 # ---------------------------------------------------------------------------
@@ -169,6 +176,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     """Declares every weight of the model (shape, logical axes, init, HF source)."""
     e, f, d, v = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
     hq, hk, g = cfg.num_q_heads, cfg.num_kv_heads, cfg.q_per_kv
+    opts = llama_options(cfg)
 
     def norm(name: str, size: int = e) -> ParamSpec:
         return ParamSpec((size,), (None,), "ones", _copy(name, (size,)))
@@ -201,22 +209,22 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
                 _linear(f"{p}.mlp.down_proj.weight", (f, e)),
             ),
         }
-        if cfg.qkv_bias:
+        if opts.qkv_bias:
             layer["bqkv"] = ParamSpec(
                 (hk, g + 2, d), ("kv_heads", None, "head_dim"), "zeros", _fused_qkv(p, cfg, "bias")
             )
-        if cfg.o_bias:
+        if opts.o_bias:
             layer["bo"] = ParamSpec(
                 (e,), (None,), "zeros", _copy(f"{p}.self_attn.o_proj.bias", (e,))
             )
-        if cfg.mlp_bias:
+        if opts.mlp_bias:
             layer["b_gate_up"] = ParamSpec(
                 (2, f), (None, "mlp"), "zeros", _gate_up(p, "bias", e, f)
             )
             layer["b_down"] = ParamSpec(
                 (e,), (None,), "zeros", _copy(f"{p}.mlp.down_proj.bias", (e,))
             )
-        if cfg.qk_norm:
+        if opts.qk_norm:
             layer["q_norm"] = norm(f"{p}.self_attn.q_norm.weight", d)
             layer["k_norm"] = norm(f"{p}.self_attn.k_norm.weight", d)
         layers.append(layer)
@@ -257,7 +265,7 @@ def _qkv(
     q = qkv[..., :g, :].reshape(*qkv.shape[:-3], cfg.num_q_heads, cfg.head_dim)
     k = qkv[..., g, :]  # [..., Hkv, D]
     v = qkv[..., g + 1, :]
-    if cfg.qk_norm:
+    if llama_options(cfg).qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     return apply_rope(q, positions, cfg), apply_rope(k, positions, cfg), v
@@ -285,22 +293,64 @@ def _mlp(lp: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
 def decoder_layer(
     lp: dict[str, jax.Array],
     cfg: ModelConfig,
-    x: jax.Array,  # [T, E]
-    kv_pages: jax.Array,  # [P, S, 2*Hkv, D]
-    md: AttentionMetadata,
-    sliding_window: int | None,
-) -> tuple[jax.Array, jax.Array]:
-    """One transformer block over a flat ragged batch; returns (x, new pages)."""
+    x: jax.Array,  # [..., E]
+    positions: jax.Array,  # i32[...]
+    attend: Attend,
+    state: Any,
+) -> tuple[jax.Array, Any]:
+    """One transformer block; returns (x, the state ``attend`` hands back)."""
     with jax.named_scope("attention"):
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = _qkv(lp, cfg, h, md.positions)
-        attn, kv_pages = paged_attention(
-            q, k, v, kv_pages, md, sm_scale=cfg.head_dim**-0.5, sliding_window=sliding_window
-        )
+        q, k, v = _qkv(lp, cfg, h, positions)
+        attn, state = attend(q, k, v, state)
         x = _attn_out(lp, x, attn)
     with jax.named_scope("mlp"):
         x = _mlp(lp, cfg, x)
-    return x, kv_pages
+    return x, state
+
+
+def paged_attend(cfg: ModelConfig, md: AttentionMetadata, sliding_window: int | None) -> Attend:
+    """Attention over a flat ragged batch [T, H, D]; the state is one layer's KV pages
+    [P, S, 2*Hkv, D], into which this step's K/V are written first."""
+
+    def attend(
+        q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        return paged_attention(
+            q, k, v, kv_pages, md, sm_scale=cfg.head_dim**-0.5, sliding_window=sliding_window
+        )
+
+    return attend
+
+
+def dense_attend(cfg: ModelConfig, sliding_window: int | None) -> Attend:
+    """Causal attention within a padded batch (q [B, L, Hq, D], k/v [B, L, Hkv, D]),
+    keys limited to the last ``sliding_window`` positions when set; the state is None."""
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, state: None) -> tuple[jax.Array, None]:
+        b, length = q.shape[:2]
+        q_pos = jnp.arange(length)[:, None]
+        k_pos = jnp.arange(length)[None, :]
+        mask = k_pos <= q_pos  # [Lq, Lk]
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        q = q.reshape(b, length, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
+        s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        s = jnp.where(mask, s * cfg.head_dim**-0.5, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", p, v).reshape(b, length, cfg.num_q_heads, -1)
+        return out, state
+
+    return attend
+
+
+def embed(params: dict[str, Any], cfg: ModelConfig, ids: jax.Array) -> jax.Array:
+    """Token ids [...] -> [..., E]."""
+    return params["embed"][ids]
+
+
+def final_norm(params: dict[str, Any], cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
 def forward(
@@ -311,13 +361,14 @@ def forward(
     md: AttentionMetadata,
 ) -> tuple[jax.Array, list[jax.Array]]:
     """One step over a flat ragged batch; returns final hidden states [T, E] and new pages."""
-    x = params["embed"][input_ids]  # [T, E]
+    x = embed(params, cfg, input_ids)  # [T, E]
     new_pages = []
     for i, lp in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
-            x, pages = decoder_layer(lp, cfg, x, kv_pages[i], md, cfg.sliding_windows[i])
+            attend = paged_attend(cfg, md, cfg.sliding_windows[i])
+            x, pages = decoder_layer(lp, cfg, x, md.positions, attend, kv_pages[i])
         new_pages.append(pages)
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_pages
+    return final_norm(params, cfg, x), new_pages
 
 
 def compute_logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
@@ -332,25 +383,15 @@ def compute_logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) 
 def forward_dense(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """Causal forward over a padded batch [B, L] -> logits [B, L, V], no cache.
 
-    Used for training and for scoring; shares every block with ``forward``.
+    Used for training and for scoring; the same blocks as ``forward`` with
+    dense attention in place of paged attention.
     """
     b, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-    x = params["embed"][tokens]  # [B, L, E]
-    q_pos = jnp.arange(length)[:, None]
-    k_pos = jnp.arange(length)[None, :]
+    x = embed(params, cfg, tokens)  # [B, L, E]
     for i, lp in enumerate(params["layers"]):
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = _qkv(lp, cfg, h, positions)
-        mask = k_pos <= q_pos
-        if cfg.sliding_windows[i] is not None:
-            mask &= k_pos > q_pos - cfg.sliding_windows[i]
-        q = q.reshape(b, length, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        s = jnp.where(mask, s * cfg.head_dim**-0.5, -jnp.inf)
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        attn = jnp.einsum("bkgqs,bskd->bqkgd", p, v).reshape(b, length, cfg.num_q_heads, -1)
-        x = _attn_out(lp, x, attn)
-        x = _mlp(lp, cfg, x)
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+        with jax.named_scope(f"layer_{i}"):
+            attend = dense_attend(cfg, cfg.sliding_windows[i])
+            x, _ = decoder_layer(lp, cfg, x, positions, attend, None)
+    x = final_norm(params, cfg, x)
     return compute_logits(params, cfg, x.reshape(b * length, -1)).reshape(b, length, -1)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jserve.config import ModelConfig
-from jserve.models import llama
+from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
 from sharding.mesh import STAGE
 from sharding.pipeline import uniform_stage_windows
@@ -37,10 +37,11 @@ def pipeline_forward(
     mesh: Mesh,
 ) -> tuple[jax.Array, list[jax.Array]]:
     """Returns final hidden states [T, E] and the new pages."""
+    model = get_model(cfg)
     pp = mesh.shape[STAGE]
     num_mb, tm = md.positions.shape  # [M, T/M]
     windows = uniform_stage_windows(cfg.sliding_windows, pp)
-    x = params["embed"][input_ids].reshape(num_mb, tm, -1)  # [M, Tm, E]
+    x = model.embed(params, cfg, input_ids).reshape(num_mb, tm, -1)  # [M, Tm, E]
 
     def stages(stage_params: list[dict], pages: list[jax.Array], x: jax.Array, md: Any):
         s = jax.lax.axis_index(STAGE)
@@ -53,7 +54,8 @@ def pipeline_forward(
             out = []
             for j, lp in enumerate(local):
                 with jax.named_scope(f"stage_layer_{j}"):
-                    h, pg = llama.decoder_layer(lp, cfg, h, pgs[j], md_mb, windows[j])
+                    attend = model.paged_attend(cfg, md_mb, windows[j])
+                    h, pg = model.decoder_layer(lp, cfg, h, md_mb.positions, attend, pgs[j])
                 out.append(pg)
             return h, out
 
@@ -82,4 +84,4 @@ def pipeline_forward(
     )
     out, kv_pages = fn(params["stages"], kv_pages, x, md)
     hidden = out.reshape(num_mb * tm, -1)
-    return llama.rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps), kv_pages
+    return model.final_norm(params, cfg, hidden), kv_pages

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from checkpoints import load_hf_params
+from checkpoints import load_hf_params, named_leaves
 from jserve import LLM, CheckpointError, ConfigError, InvalidRequestError, SamplingParams
 from jserve.config import load_config
-from jserve.models.params import iter_leaves
+from jserve.models import get_model
 from tests.hf_models import make_tiny_hf_model
 
 
@@ -51,8 +51,9 @@ def test_sharded_checkpoint_with_index_loads_identically(llama_dir: str, tmp_pat
     with open(os.path.join(sharded, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     cfg = load_config(llama_dir)
-    a = dict(iter_leaves(load_hf_params(llama_dir, cfg, jnp.float32)))
-    b = dict(iter_leaves(load_hf_params(sharded, cfg, jnp.float32)))
+    specs = get_model(cfg).param_specs(cfg)
+    a = dict(named_leaves(load_hf_params(llama_dir, specs, jnp.float32)))
+    b = dict(named_leaves(load_hf_params(sharded, specs, jnp.float32)))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
@@ -60,8 +61,8 @@ def test_sharded_checkpoint_with_index_loads_identically(llama_dir: str, tmp_pat
 
 def test_bfloat16_conversion(llama_dir: str) -> None:
     cfg = load_config(llama_dir)
-    params = load_hf_params(llama_dir, cfg, jnp.bfloat16)
-    assert {x.dtype for _, x in iter_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    params = load_hf_params(llama_dir, get_model(cfg).param_specs(cfg), jnp.bfloat16)
+    assert {x.dtype for _, x in named_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_pickle_checkpoint_is_refused(tmp_path, llama_dir: str) -> None:

@@ -7,9 +7,9 @@ import pytest
 
 from checkpoints import SafetensorsReader
 from checkpoints.hf import _piece
+from checkpoints.source import named_leaves
 from jserve.config import load_config
-from jserve.models import llama
-from jserve.models.params import iter_specs
+from jserve.models import get_model
 from sharding import logical_to_spec
 from tests.hf_models import TINY_ARCHS
 
@@ -36,7 +36,7 @@ def test_every_shard_read_equals_the_slice_of_the_whole(
             read_elements += out.size
             return out
 
-        for path, spec in iter_specs(llama.param_specs(cfg)):
+        for path, spec in named_leaves(get_model(cfg).param_specs(cfg)):
             whole = spec.source.build(*(get(n) for n in spec.source.names))
             axis = next((i for i, a in enumerate(logical_to_spec(spec.axes)) if a), None)
             if axis is None:

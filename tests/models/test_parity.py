@@ -8,7 +8,8 @@ import pytest
 
 from jserve import LLM, SamplingParams
 from jserve.config import load_config
-from jserve.models import llama
+from jserve.model_loader import load_params
+from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
 from tests.hf_models import TINY_ARCHS, hf_greedy, hf_logits
 
@@ -21,10 +22,9 @@ PROMPTS = [
 
 def jserve_prefill_logits(model_dir: str, prompts: list[list[int]]) -> list[np.ndarray]:
     """Runs all prompts as one flat ragged batch through the paged forward."""
-    from checkpoints import load_hf_params
-
     cfg = load_config(model_dir)
-    params = load_hf_params(model_dir, cfg, jnp.float32)
+    model = get_model(cfg)
+    params = load_params(model_dir, cfg, jnp.float32)
     page_size, pps = 4, 8
     # Non-contiguous pages: sequence i owns pages i, i+3, i+6, ...
     page_indices = np.array([[i + 3 * j for j in range(pps)] for i in range(len(prompts))])
@@ -48,8 +48,8 @@ def jserve_prefill_logits(model_dir: str, prompts: list[list[int]]) -> list[np.n
         jnp.full((3 * pps, page_size, 2 * cfg.num_kv_heads, cfg.head_dim), jnp.nan, jnp.float32)
         for _ in range(cfg.num_layers)
     ]
-    hidden, _ = llama.forward(params, cfg, jnp.asarray(ids + [0] * pad, jnp.int32), pages, md)
-    logits = np.asarray(llama.compute_logits(params, cfg, hidden))
+    hidden, _ = model.forward(params, cfg, jnp.asarray(ids + [0] * pad, jnp.int32), pages, md)
+    logits = np.asarray(model.compute_logits(params, cfg, hidden))
     return [logits[cu[i] : cu[i + 1]] for i in range(len(prompts))]
 
 

@@ -83,7 +83,7 @@ def test_learning_rate_schedule() -> None:
 def test_train_step_lowers_the_loss_on_a_fixed_batch() -> None:
     cfg = dt.make_config(dt.ModelSize(32, 1, 2, 1, 64), 64, 0, "t", 64)
     ids = np.asarray(np.random.default_rng(0).integers(1, 64, (2, 17)), np.int32)
-    params = dt.init_params(dt.llama.param_specs(cfg), jax.random.key(0))
+    params = dt.init_params(dt.get_model(cfg).param_specs(cfg), jax.random.key(0))
     opt = dt.init_opt_state(params)
     oc = dt.OptConfig(lr=1e-2, warmup=1, steps=20, weight_decay=0.0)
     losses = []
