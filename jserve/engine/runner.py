@@ -172,11 +172,12 @@ class ModelRunner:
                 cu_q_lens=inp.cu_q_lens,
                 num_seqs=inp.num_seqs,
                 backend=self.backend,
+                mesh=self.mesh,
             )
             stage_mesh = None
         else:
             chunks = split_microbatches(inp, self.num_microbatches)
-            md = AttentionMetadata(**chunks, backend=self.backend)
+            md = AttentionMetadata(**chunks, backend=self.backend, mesh=self.mesh)
             stage_mesh = self.mesh
         self.kv_pages, logits, last_ids = _forward_jit(
             self.params,
