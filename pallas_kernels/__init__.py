@@ -51,10 +51,11 @@ def ragged_paged_attention(
     ``block_q`` (query tokens per block) and ``block_kv`` (keys per step)
     override the tuned table; ``tuning`` passes backend-specific knobs
     (pallas_gpu: num_warps, num_stages, target_items, min_chunk; pallas_tpu:
-    vmem_limit_bytes). Masked keys always get exactly zero weight (as with the
-    default ``mask_value``); the Pallas backends accept ``mask_value`` only for
-    interface compatibility.
+    vmem_limit_bytes). ``mask_value`` is accepted only for compatibility with
+    JAX's kernel interface and ignored: every backend gives masked keys exactly
+    zero weight (what the default mask value does in JAX's reference).
     """
+    del mask_value
     validate_static(
         q,
         kv_pages,
@@ -78,7 +79,6 @@ def ragged_paged_attention(
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
-        mask_value=mask_value,
         k_scale=k_scale,
         v_scale=v_scale,
         backend=resolved,
@@ -96,7 +96,6 @@ def ragged_paged_attention(
         "sm_scale",
         "sliding_window",
         "soft_cap",
-        "mask_value",
         "k_scale",
         "v_scale",
         "backend",
@@ -116,7 +115,6 @@ def _run(
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
-    mask_value: float | None,
     k_scale: float | None,
     v_scale: float | None,
     backend: str,
@@ -134,9 +132,7 @@ def _run(
     )
     pages_per_block = None if block_kv is None else max(1, block_kv // kv_pages.shape[1])
     if backend == backends.XLA:
-        return xla_ragged_paged_attention(
-            *args, **common, mask_value=mask_value, pages_per_block=pages_per_block
-        )
+        return xla_ragged_paged_attention(*args, **common, pages_per_block=pages_per_block)
     if backend in (backends.PALLAS_GPU, backends.PALLAS_GPU_INTERPRET):
         return triton_ragged_paged_attention(
             *args,

@@ -46,16 +46,10 @@ def xla_ragged_paged_attention(
     sm_scale: float = 1.0,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    mask_value: float | None = None,
     k_scale: float | None = None,
     v_scale: float | None = None,
     pages_per_block: int | None = None,
 ) -> jax.Array:
-    # Masked keys get exactly zero weight whatever mask_value says (as in the
-    # Pallas kernels): the finite default keeps the running max NaN-free even
-    # when a whole block is masked.
-    del mask_value
-    mask_value = DEFAULT_MASK_VALUE
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -97,7 +91,10 @@ def xla_ragged_paged_attention(
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         live_b = live[:, None, None, :]
-        s = jnp.where(live_b, s, mask_value)
+        # Masked keys get exactly zero weight (as in the Pallas kernels): the
+        # finite mask value keeps the running max NaN-free even when a whole
+        # block is masked.
+        s = jnp.where(live_b, s, DEFAULT_MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(live_b, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
@@ -105,7 +102,7 @@ def xla_ragged_paged_attention(
         pv = jnp.einsum("tkgl,tlkd->tkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, l_new, alpha[..., None] * acc + pv
 
-    stats = jnp.full((num_tokens, num_kv_heads, group), mask_value, jnp.float32)
+    stats = jnp.full((num_tokens, num_kv_heads, group), DEFAULT_MASK_VALUE, jnp.float32)
     init = (stats, jnp.zeros_like(stats), jnp.zeros(qg.shape, jnp.float32))
     _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
     out = jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)

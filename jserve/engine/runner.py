@@ -38,10 +38,10 @@ from jserve.engine.inputs import InputBuilder, RowWrites, StepPlan
 from jserve.engine.sampler import SamplerOutput, sample
 from jserve.engine.scheduler import SchedulerOutput
 from jserve.engine.shapes import StepShapes
-from jserve.models import llama
+from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
 from jserve.models.pipeline import pipeline_forward
-from sharding import STAGE, kv_pages_sharding
+from sharding import STAGE, kv_pages_sharding, logical_to_spec
 from sharding.pipeline import pipeline_kv_sharding
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def _step(
     shapes: StepShapes,
     shape: tuple[int, int],
     backend: str,
-    mesh: Any,  # given only for pipeline parallelism
+    mesh: Any,  # None on one device
 ) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput]:
     f = shapes.layout(*shape).unpack(packed)
     src = f["src_rows"]
@@ -74,9 +74,11 @@ def _step(
         cu_q_lens=f["cu_q_lens"],
         num_seqs=f["num_seqs"],
         backend=backend,
+        mesh=mesh,
     )
-    if mesh is None:
-        hidden, kv_pages = llama.forward(params, cfg, ids, kv_pages, md)
+    model = get_model(cfg)
+    if mesh is None or mesh.shape[STAGE] == 1:
+        hidden, kv_pages = model.forward(params, cfg, ids, kv_pages, md)
     else:
         num_mb = shapes.num_microbatches
         md = md.replace(
@@ -84,7 +86,14 @@ def _step(
             slot_mapping=md.slot_mapping.reshape(num_mb, -1),
         )
         hidden, kv_pages = pipeline_forward(params, cfg, ids, kv_pages, md, mesh)
-    logits = llama.compute_logits(params, cfg, hidden[f["logits_indices"]])  # [R, V]
+    logits = model.compute_logits(params, cfg, hidden[f["logits_indices"]])  # [R, V]
+    if mesh is not None:
+        # The vocabulary is split over the model axis: compute each device's
+        # slice of the logits (never gathering the head's weights), then gather
+        # the rows once, so sampling runs on whole rows with no collectives.
+        split = NamedSharding(mesh, logical_to_spec((None, "vocab")))
+        logits = jax.lax.with_sharding_constraint(logits, split)
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
     out = sample(logits, f, history, num_out=shapes.max_num_seqs, num_logprobs=shapes.num_logprobs)
     return kv_pages, table, history, out
 
@@ -196,7 +205,7 @@ class ModelRunner:
                 shapes=self.shapes,
                 shape=(t, r),
                 backend=self.backend,
-                mesh=self.mesh if self.pp > 1 else None,
+                mesh=self.mesh,
             )
             packed = np.zeros(self.shapes.layout(t, r).size, np.int32)
             args = (self.params, self.kv_pages, self.table, self.history, self._prev_tokens, packed)

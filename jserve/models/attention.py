@@ -1,12 +1,23 @@
 """The attention interface the model calls: write new K/V into pages, then
-ragged paged attention over them. The backend is chosen by name."""
+ragged paged attention over them. The backend is chosen by name.
+
+Under tensor parallelism (a mesh whose head axis has more than one device)
+both steps run inside ``jax.shard_map`` over the heads: each device writes
+and attends over its own KV heads and their query heads, so no device ever
+sees another's pages. XLA cannot partition a Pallas kernel by itself (Mosaic
+refuses; Triton and the interpreters are replicated, gathering the whole
+page pool every step), and the head split needs no communication: attention
+is independent per head and the GQA ratio is the same on every shard.
+"""
 
 from __future__ import annotations
 
 import jax
 from flax import struct
+from jax.sharding import Mesh, PartitionSpec
 
 import pallas_kernels
+from sharding.rules import logical_to_spec
 
 
 @struct.dataclass
@@ -28,6 +39,24 @@ class AttentionMetadata:
     num_seqs: jax.Array  # i32[1]
     # Attention backend name (see pallas_kernels.BACKENDS); static.
     backend: str = struct.field(pytree_node=False, default="xla")
+    # The mesh the model runs on (None: one device); static. Attention is
+    # split over its head axis when that axis has more than one device.
+    mesh: Mesh | None = struct.field(pytree_node=False, default=None)
+
+
+# Shardings of the attention operands under tensor parallelism, from the one
+# table of logical axes: heads split, the token axis and metadata replicated.
+_Q_SPEC = logical_to_spec((None, "q_heads", None))  # [T, Hq, D]
+_KV_SPEC = logical_to_spec((None, "kv_heads", None))  # [T, Hkv, D]
+_PAGES_SPEC = logical_to_spec((None, None, "kv_pages_heads", None))  # [P, S, 2*Hkv, D]
+_HEAD_AXIS = _Q_SPEC[1]
+
+
+def head_shards(mesh: Mesh | None) -> int:
+    """Devices the attention heads are split over (1: no split)."""
+    if mesh is None or _HEAD_AXIS not in mesh.shape:
+        return 1
+    return mesh.shape[_HEAD_AXIS]
 
 
 def paged_attention(
@@ -41,16 +70,48 @@ def paged_attention(
     sliding_window: int | None,
 ) -> tuple[jax.Array, jax.Array]:
     """Stores this step's K/V, then attends; returns ([T, Hq, D], new kv_pages)."""
-    kv_pages = pallas_kernels.write_kv_pages(kv_pages, k, v, md.slot_mapping)
-    out = pallas_kernels.ragged_paged_attention(
-        q,
-        kv_pages,
-        md.kv_lens,
-        md.page_indices,
-        md.cu_q_lens,
-        md.num_seqs,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        backend=md.backend,
+
+    def local(q, k, v, kv_pages, md):
+        kv_pages = pallas_kernels.write_kv_pages(kv_pages, k, v, md.slot_mapping)
+        out = pallas_kernels.ragged_paged_attention(
+            q,
+            kv_pages,
+            md.kv_lens,
+            md.page_indices,
+            md.cu_q_lens,
+            md.num_seqs,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
+            backend=md.backend,
+        )
+        return out, kv_pages
+
+    shards = head_shards(md.mesh)
+    if shards == 1:
+        return local(q, k, v, kv_pages, md)
+    num_kv_heads = k.shape[1]
+    if num_kv_heads % shards or q.shape[1] % shards:
+        raise ValueError(
+            f"attention heads (q {q.shape[1]}, kv {num_kv_heads}) cannot be split over the "
+            f"{shards} devices of mesh axis {_HEAD_AXIS!r}; KV heads must be repeated up to the "
+            "tensor-parallel size (ModelConfig.with_kv_heads_for)"
+        )
+    # Inside another shard_map (the pipeline's, manual over "stage") the
+    # context mesh has that axis manual already and shard_map must be given
+    # that mesh. Axes of size 1 are made manual too (it costs nothing): the
+    # TPU interpreter's callbacks need a wholly manual computation.
+    ctx = jax.sharding.get_abstract_mesh()
+    mesh = md.mesh if ctx.empty else ctx
+    manual = {_HEAD_AXIS} | {a for a in mesh.axis_names if mesh.shape[a] == 1}
+    replicated = PartitionSpec()
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(_Q_SPEC, _KV_SPEC, _KV_SPEC, _PAGES_SPEC, replicated),
+        out_specs=(_Q_SPEC, _PAGES_SPEC),
+        axis_names=manual,
+        # The kernels are opaque to the replication checker; nothing in
+        # here communicates, so there is nothing for it to verify.
+        check_vma=False,
     )
-    return out, kv_pages
+    return fn(q, k, v, kv_pages, md)
