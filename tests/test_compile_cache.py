@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import pytest
 
 from jserve.compile_cache import (
     DEFAULT_CACHE_DIR,
@@ -101,3 +102,42 @@ def test_late_enable_and_a_second_dir_take_effect_for_later_compiles(tmp_path) -
     names_b = {p.name.split("-")[0] for p in b.iterdir()}
     assert "jit__lambda" in names_a and "jit__lambda" in names_b
     assert len(list(a.iterdir())) == out["a"] and len(list(b.iterdir())) == out["b"]
+
+
+def test_llm_enables_the_dir_it_is_given(tok_model_dir: str, tmp_path) -> None:
+    from jserve.llm import LLM
+
+    before = os.environ[ENV_VAR]  # the run's own cache, from tests/conftest.py
+    try:
+        LLM(tok_model_dir, "float32", num_pages=8, max_num_seqs=2, warmup=False,
+            max_num_batched_tokens=32, compilation_cache_dir=tmp_path / "llm")  # fmt: skip
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "llm")
+    finally:
+        enable_compilation_cache(before)
+    assert jax.config.jax_compilation_cache_dir == before
+
+
+@pytest.mark.timeout(120)
+def test_second_start_reads_every_program_from_the_cache(tok_model_dir: str, tmp_path) -> None:
+    """`jserve generate --warmup` twice in fresh processes: the first compiles and writes
+    every program, the second compiles nothing and gets the same text."""
+    cache = tmp_path / "cache"
+    script = f"""
+        import contextlib, io
+        from jserve.cli.main import main
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            rc = main(["generate", "--model", {tok_model_dir!r}, "--dtype", "float32",
+                       "--max-tokens", "4", "--temperature", "0", "--warmup",
+                       "--max-num-seqs", "2", "--max-num-batched-tokens", "32",
+                       "--num-pages", "16", "--compilation-cache-dir", {str(cache)!r}])
+        print(json.dumps({{"rc": rc, "text": text.getvalue(), **counts}}))
+    """
+    first = _run(script)
+    assert first["rc"] == 0 and first.get("cache_hits", 0) == 0
+    assert first["cache_misses"] >= 5  # step shapes, samplers, page copies
+    assert len(list(cache.iterdir())) >= first["cache_misses"]
+    second = _run(script)
+    assert second["rc"] == 0 and second["text"] == first["text"]
+    assert second.get("cache_misses", 0) == 0
+    assert second["cache_hits"] >= first["cache_misses"]
