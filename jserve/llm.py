@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from jserve.compile_cache import DEFAULT_CACHE_DIR, CacheDirArg, enable_compilation_cache
 from jserve.config import ModelConfig
 from jserve.engine.config import EngineConfig
 from jserve.engine.llm_engine import LLMEngine
@@ -24,6 +25,11 @@ class LLM:
 
     >>> llm = LLM()  # the embedded Shakespeare model
     >>> out = llm.generate("ROMEO:", SamplingParams(max_tokens=32, temperature=0))
+
+    ``compilation_cache_dir``: where JAX's persistent compilation cache keeps
+    compiled step programs, so a second start-up skips compiling them (see
+    jserve.compile_cache). The default is ``$JSERVE_COMPILATION_CACHE_DIR`` if
+    set, else ``~/.cache/jserve/jax-cache``; None or "" leaves the cache off.
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         num_microbatches: int = 0,
+        compilation_cache_dir: CacheDirArg = DEFAULT_CACHE_DIR,
     ) -> None:
         ecfg = EngineConfig(
             page_size=page_size,
@@ -61,6 +68,7 @@ class LLM:
             async_scheduling=async_scheduling,
             seed=seed,
         ).validate()
+        enable_compilation_cache(compilation_cache_dir)  # before loading compiles anything
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, num_microbatches)
         self.model: LoadedModel = load_model(model or default_model_path(), dtype, parallel)
         self.engine = LLMEngine(self.model, ecfg, warmup=warmup)

@@ -11,6 +11,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from tests.hf_models import TINY_ARCHS, make_tiny_hf_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One persistent compilation cache for the whole run, never the user's own: the
+    CLI and LLM() turn it on by default, and subprocesses inherit the variable."""
+    path = str(tmp_path_factory.mktemp("jax-cache"))
+    os.environ["JSERVE_COMPILATION_CACHE_DIR"] = path
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One saved model directory per architecture: {"llama": path, ...}."""

@@ -7,6 +7,7 @@ import dataclasses
 import time
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -85,6 +86,8 @@ def _header(args: argparse.Namespace, engine: LLMEngine, mode: str) -> dict[str,
         "num_params": engine.cfg.num_params(),
         "engine": dataclasses.asdict(engine.ecfg) | {"num_pages": engine.num_pages},
         "seed": args.seed,
+        # Start-up figures depend on it: a warm cache skips most of the compile time.
+        "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
     }
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from typing import TYPE_CHECKING
 
+from jserve.compile_cache import DEFAULT_CACHE_DIR, ENV_VAR, enable_compilation_cache
 from jserve.engine.config import EngineConfig
 from jserve.model_loader import LoadedModel, default_model_path, load_model, random_model
 from sharding import ParallelConfig
@@ -100,6 +101,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="compile every step shape at start-up; with --no-warmup each compiles on first use",
     )
+    g.add_argument(
+        "--compilation-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="JAX persistent compilation cache, so later start-ups skip compiling; '' = off "
+        f"(default: ${ENV_VAR} if set, else $XDG_CACHE_HOME/jserve/jax-cache or "
+        "~/.cache/jserve/jax-cache)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> EngineConfig:
@@ -120,7 +129,14 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
     return dataclasses.replace(cfg, **overrides).validate()
 
 
+def enable_compilation_cache_from_args(args: argparse.Namespace) -> None:
+    """Turns on the cache ``--compilation-cache-dir`` names; before anything compiles."""
+    d = args.compilation_cache_dir
+    enable_compilation_cache(DEFAULT_CACHE_DIR if d is None else d)
+
+
 def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
+    enable_compilation_cache_from_args(args)  # loading compiles (casts, random init)
     parallel = ParallelConfig(
         args.tensor_parallel_size, args.pipeline_parallel_size, args.num_microbatches
     )
@@ -140,6 +156,7 @@ def build_engine(
     fields. Loads the model unless one is given, and prints the engine's placement."""
     from jserve.engine.llm_engine import LLMEngine
 
+    enable_compilation_cache_from_args(args)
     if model is None:
         model = load_model_from_args(args)
     ecfg = engine_config_from_args(args, **overrides)
