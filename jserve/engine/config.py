@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 import pallas_kernels
 from jserve.errors import ConfigError
 
@@ -36,8 +38,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     async_scheduling: bool = True  # prepare step N+1 while the device runs step N
     seed: int = 0
-    min_token_bucket: int = 16
-    min_seq_bucket: int = 4  # smallest bucket of sampled rows
+    min_token_bucket: int | None = None  # None: 1 on CPU, 16 on accelerators
 
     def validate(self) -> EngineConfig:
         def positive(name: str) -> None:
@@ -51,6 +52,8 @@ class EngineConfig:
             positive("num_pages")
         if self.max_model_len is not None:
             positive("max_model_len")
+        if self.min_token_bucket is not None:
+            positive("min_token_bucket")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
@@ -70,5 +73,11 @@ class EngineConfig:
         return self
 
     def token_buckets(self) -> tuple[int, ...]:
-        low = min(self.min_token_bucket, self.max_num_batched_tokens)
-        return power_of_two_buckets(low, self.max_num_batched_tokens)
+        low = self.min_token_bucket
+        if low is None:
+            # On a CPU every padded token row costs compute; an accelerator reads
+            # the weights once whatever the row count, so fewer programs win.
+            low = 1 if jax.default_backend() == "cpu" else 16
+        return power_of_two_buckets(
+            min(low, self.max_num_batched_tokens), self.max_num_batched_tokens
+        )

@@ -45,8 +45,31 @@ class StepPlan:
 
 @dataclasses.dataclass(slots=True)
 class _SeqInfo:
+    """What the builder keeps about a running sequence, computed once."""
+
     row: int
     new: NewSeq
+    # (temperature, top_k, top_p, min_p, seed, sample index): one row's sampling fields.
+    fields: tuple
+    random: bool
+    sort: bool
+    logprobs: bool
+    banned: list[int]  # ids banned while below min_tokens
+
+
+def _seq_info(row: int, new: NewSeq, eos_ids: list[int]) -> _SeqInfo:
+    sp = new.params
+    fields = (sp.temperature, max(sp.top_k, 0), sp.top_p, sp.min_p, new.seed, new.index)
+    banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else eos_ids)
+    return _SeqInfo(
+        row,
+        new,
+        fields,
+        sp.temperature > 0,
+        sp.top_k > 0 or sp.top_p < 1.0,
+        sp.logprobs is not None,
+        banned[:BAN_WIDTH],
+    )
 
 
 class InputBuilder:
@@ -82,7 +105,7 @@ class InputBuilder:
                 self.free_rows.append(info.row)
         history = []
         for new in so.new_seqs:
-            info = _SeqInfo(self.free_rows.pop(), new)
+            info = _seq_info(self.free_rows.pop(), new, self.eos_ids)
             self.seqs[new.seq_id] = info
             if new.token_ids is not None:
                 history.append((info.row, new.token_ids))
@@ -108,7 +131,7 @@ class InputBuilder:
         logits_indices: list[int] = []
         hist_rows: list[int] = []
         hist_lens: list[int] = []
-        targets: list[tuple[NewSeq, int]] = []  # (sequence, output position) per row
+        targets: list[tuple[_SeqInfo, int]] = []  # (sequence, output position) per row
         seqs = self.seqs
         for e in so.entries:
             row = seqs[e.seq_id].row
@@ -145,7 +168,7 @@ class InputBuilder:
             if e.num_scored:
                 first = end - e.num_scored
                 for seq_id in e.targets:
-                    target = seqs[seq_id].new
+                    target = seqs[seq_id]
                     for k in range(e.num_scored):
                         logits_indices.append(cu[-2] + first - start + k)
                         hist_rows.append(row)  # siblings share the history when they fork
@@ -194,41 +217,35 @@ class InputBuilder:
         out[:, : len(copies)] = np.array(copies, np.int32).T
         return out
 
-    def _sampling(self, v: dict[str, np.ndarray], targets: list[tuple[NewSeq, int]]) -> bool:
+    def _sampling(self, v: dict[str, np.ndarray], targets: list[tuple[_SeqInfo, int]]) -> bool:
         """Per-row sampling parameters; rows without a target keep neutral values.
         Returns whether any row wants logprobs."""
-        temperature, top_k, top_p, min_p, seeds, index, position = [], [], [], [], [], [], []
+        n = len(targets)
+        if n == 0:
+            return False
+        cols = list(zip(*(info.fields for info, _ in targets), strict=True))
+        v["temperature"][:n] = cols[0]
+        v["top_k"][:n] = cols[1]
+        v["top_p"][:n] = cols[2]
+        v["min_p"][:n] = cols[3]
+        v["seeds"][:n] = cols[4]
+        v["sample_index"][:n] = cols[5]
+        v["out_position"][:n] = [pos for _, pos in targets]
         rand = sort = penalties = logprobs = False
         banned = v["banned"]
-        for i, (seq, out_pos) in enumerate(targets):
-            sp = seq.params
-            temperature.append(sp.temperature)
-            top_k.append(max(sp.top_k, 0))
-            top_p.append(sp.top_p)
-            min_p.append(sp.min_p)
-            seeds.append(seq.seed)
-            index.append(seq.index)
-            position.append(out_pos)
-            rand |= sp.temperature > 0
-            sort |= sp.top_k > 0 or sp.top_p < 1.0
-            logprobs |= sp.logprobs is not None
-            if sp.uses_penalties:
+        for i, (info, out_pos) in enumerate(targets):
+            rand |= info.random
+            sort |= info.sort
+            logprobs |= info.logprobs
+            sp = info.new.params
+            if info.new.token_ids is not None:  # penalties
                 penalties = True
                 v["repetition_penalty"][i] = sp.repetition_penalty
                 v["presence_penalty"][i] = sp.presence_penalty
                 v["frequency_penalty"][i] = sp.frequency_penalty
-                v["num_prompt"][i] = seq.num_prompt_tokens
-            if out_pos < sp.min_tokens:
-                ban = list(sp.stop_token_ids) + ([] if sp.ignore_eos else self.eos_ids)
-                banned[i, : len(ban)] = ban[:BAN_WIDTH]
-        n = len(targets)
-        v["temperature"][:n] = temperature
-        v["top_k"][:n] = top_k
-        v["top_p"][:n] = top_p
-        v["min_p"][:n] = min_p
-        v["seeds"][:n] = seeds
-        v["sample_index"][:n] = index
-        v["out_position"][:n] = position
+                v["num_prompt"][i] = info.new.num_prompt_tokens
+            if out_pos < sp.min_tokens and info.banned:
+                banned[i, : len(info.banned)] = info.banned
         v["flags"][:] = (rand, sort, penalties, logprobs)
         return logprobs
 

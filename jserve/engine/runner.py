@@ -46,6 +46,10 @@ from sharding.pipeline import pipeline_kv_sharding
 
 logger = logging.getLogger(__name__)
 
+# Compiled programs shared by every runner in the process (engines serving the
+# same model and configuration, as tests and benchmarks make many of).
+_COMPILED: dict[tuple, Any] = {}
+
 
 def _step(
     params: Any,
@@ -96,6 +100,13 @@ def _step(
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
     out = sample(logits, f, history, num_out=shapes.max_num_seqs, num_logprobs=shapes.num_logprobs)
     return kv_pages, table, history, out
+
+
+@functools.cache
+def _zeros(shape: tuple[int, ...], dtype: Any, sharding: Any) -> Callable[[], jax.Array]:
+    """A program that creates zeros in place on every process (no host array to spread
+    over hosts); one per shape, so each layer's pages reuse it."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 def _copy_pages(kv_pages: list[jax.Array], copies: jax.Array) -> list[jax.Array]:
@@ -169,10 +180,6 @@ class ModelRunner:
         shape = (num_pages, ecfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
         rows = ecfg.max_num_seqs + 1
 
-        def zeros(shape: tuple[int, ...], dtype: Any, sharding: Any = None) -> jax.Array:
-            # Created by every process in place (no host array to spread over hosts).
-            return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-
         self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         self._kv_sharding = None
         layers = cfg.num_layers
@@ -182,11 +189,11 @@ class ModelRunner:
             shape = (self.pp, *shape)
             self._kv_sharding = pipeline_kv_sharding(mesh)
             layers = cfg.num_layers // self.pp
-        self.kv_pages = [zeros(shape, dtype, self._kv_sharding) for _ in range(layers)]
+        self.kv_pages = [_zeros(shape, dtype, self._kv_sharding)() for _ in range(layers)]
         rep = self._replicated
-        self.table = zeros((rows, self.pages_per_seq), jnp.int32, rep)
-        self.history = zeros((rows, self.shapes.max_model_len), jnp.int32, rep)
-        self._prev_tokens = zeros((ecfg.max_num_seqs,), jnp.int32, rep)
+        self.table = _zeros((rows, self.pages_per_seq), jnp.int32, rep)()
+        self.history = _zeros((rows, self.shapes.max_model_len), jnp.int32, rep)()
+        self._prev_tokens = _zeros((ecfg.max_num_seqs,), jnp.int32, rep)()
         self._programs: dict[tuple, Any] = {}
         self.compiles = 0
         self.dispatches = 0
@@ -233,11 +240,23 @@ class ModelRunner:
         fn, args, opts = self._program_spec(key)
         return jax.jit(fn, **opts).lower(*args)
 
+    def _shared_key(self, key: tuple) -> tuple:
+        """What a program depends on: its key, the static configuration, and the
+        structure, shapes, dtypes and placements of its arguments."""
+        _, args, _ = self._program_spec(key)
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
+        return (key, self.cfg, self.shapes.key, self.backend, self.mesh, tree, sig)
+
     def _program(self, key: tuple) -> Any:
         prog = self._programs.get(key)
         if prog is None:
-            prog = self._programs[key] = self.lower(key).compile()
-            self.compiles += 1
+            shared = self._shared_key(key)
+            prog = _COMPILED.get(shared)
+            if prog is None:
+                prog = _COMPILED[shared] = self.lower(key).compile()
+                self.compiles += 1
+            self._programs[key] = prog
         return prog
 
     def program_keys(self) -> list[tuple]:
@@ -305,14 +324,20 @@ class ModelRunner:
         Tracing runs here one program at a time; XLA compiles them in parallel
         threads. Returns the number of programs.
         """
-        keys = [k for k in self.program_keys() if k not in self._programs]
-        bar = tqdm(total=len(keys), desc="compiling step programs", disable=not progress)
-        workers = max(1, min(len(keys), os.cpu_count() or 1))
+        keys = self.program_keys()
+        shared = {k: self._shared_key(k) for k in keys}
+        for k in keys:  # compiled already by another engine in this process
+            if shared[k] in _COMPILED:
+                self._programs[k] = _COMPILED[shared[k]]
+        todo = [k for k in keys if k not in self._programs]
+        bar = tqdm(total=len(todo), desc="compiling step programs", disable=not progress)
+        workers = max(1, min(len(todo), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = {pool.submit(self.lower(k).compile): k for k in keys}
+            futures = {pool.submit(self.lower(k).compile): k for k in todo}
             for fut in concurrent.futures.as_completed(futures):
-                self._programs[futures[fut]] = fut.result()
+                k = futures[fut]
+                self._programs[k] = _COMPILED[shared[k]] = fut.result()
                 self.compiles += 1
                 bar.update(1)
         bar.close()
-        return len(self.program_keys())
+        return len(keys)

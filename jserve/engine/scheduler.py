@@ -235,10 +235,12 @@ class Scheduler:
 
     def _cache_full_pages(self, seq: Sequence) -> None:
         """Registers each newly full page whose tokens are known and computed."""
-        if not self.pool.enable_prefix_caching or seq.status is not Status.RUNNING:
-            return
         s = self.pool.page_size
         full = min(seq.num_computed, len(seq.token_ids)) // s
+        if full <= len(seq.page_hashes) or not self.pool.enable_prefix_caching:
+            return
+        if seq.status is not Status.RUNNING:
+            return
         for i in range(len(seq.page_hashes), full):
             tokens = seq.token_ids[i * s : (i + 1) * s]
             key = page_hash(seq.page_hashes[-1] if seq.page_hashes else None, tokens)
@@ -354,40 +356,61 @@ class Scheduler:
         entries = []
         rows = 0
         num_tokens = 0
+        step_id = self._step_id
         for seq, num_new in chosen:
             start = seq.num_computed
-            known = min(start + num_new, len(seq.token_ids))
+            end = start + num_new
+            token_ids = seq.token_ids
+            known = len(token_ids)
             src_row = -1
-            if known < start + num_new:  # the last input is still on the device
+            if known < end:  # the last input is still on the device
                 step, src_row = seq.pending_row
-                assert step == self._step_id - 1, (seq, step, self._step_id)
+                assert step == step_id - 1, (seq, step, step_id)
+            else:
+                known = end
             offset = seq.synced_pages
-            new_pages = seq.pages[offset:]
-            seq.synced_pages = len(seq.pages)
-            seq.num_computed += num_new
+            pages = seq.pages
+            new_pages = pages[offset:] if offset < len(pages) else []
+            seq.synced_pages = len(pages)
+            seq.num_computed = end
             num_tokens += num_new
-            scored = 1 if seq.num_computed == seq.num_tokens else 0
-            targets = [seq]
-            if scored and len(seq.request.seqs) < seq.request.params.n:
-                targets += self._fork(seq)
-            entry = ScheduledEntry(
-                seq_id=seq.seq_id,
-                start=start,
-                num_new=num_new,
-                token_ids=seq.token_ids[start:known],
-                src_row=src_row,
-                page_offset=offset,
-                new_pages=new_pages,
-                num_scored=scored,
-                targets=[t.seq_id for t in targets] if scored else [],
-                first_row=rows,
-                out_pos=seq.num_output_tokens,
-            )
-            if scored:
+            total = len(token_ids) + seq.num_pending
+            if end == total:  # the last known position: it is scored
+                req = seq.request
+                targets = [seq] if len(req.seqs) >= req.params.n else [seq, *self._fork(seq)]
+                ids = []
                 for target in targets:
                     target.num_pending += 1
-                    target.pending_row = (self._step_id, rows)
-                    rows += 1
+                    target.pending_row = (step_id, rows + len(ids))
+                    ids.append(target.seq_id)
+                entry = ScheduledEntry(
+                    seq.seq_id,
+                    start,
+                    num_new,
+                    token_ids[start:known],
+                    src_row,
+                    offset,
+                    new_pages,
+                    1,
+                    ids,
+                    rows,
+                    total - seq.num_prompt_tokens,
+                )
+                rows += len(ids)
+            else:
+                entry = ScheduledEntry(
+                    seq.seq_id,
+                    start,
+                    num_new,
+                    token_ids[start:known],
+                    src_row,
+                    offset,
+                    new_pages,
+                    0,
+                    [],
+                    rows,
+                    total - seq.num_prompt_tokens,
+                )
             entries.append(entry)
         live = {id(seq) for seq, _ in chosen}
         new, self._new = self._new, []
@@ -419,13 +442,14 @@ class Scheduler:
             if seq is not None:  # before a stop frees them
                 self._cache_full_pages(seq)
             row = entry.first_row
+            k = entry.num_scored
             for seq_id in entry.targets:
                 seq = live.get(seq_id)
-                rows = list(range(row, row + entry.num_scored))
-                row += entry.num_scored
+                rows = range(row, row + k)
+                row += k
                 if seq is None:
                     continue  # finished or aborted while the step was in flight
-                seq.num_pending -= len(rows)
+                seq.num_pending -= k
                 got = []
                 for r in rows:
                     token = int(tokens[r])
@@ -433,7 +457,7 @@ class Scheduler:
                     got.append(token)
                     if self._check_stop(seq, token):
                         break
-                updates.append(SeqUpdate(seq, got, rows[: len(got)]))
+                updates.append(SeqUpdate(seq, got, list(rows[: len(got)])))
         return updates
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:

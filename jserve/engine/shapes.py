@@ -1,11 +1,14 @@
 """Step shapes, defined once: the buckets a step is padded to and the packed input layout.
 
-A step is padded to a token bucket T (flat tokens) and a row bucket R
-(sampled rows); the attention metadata always has max_num_seqs sequence
-slots, because padded sequence slots cost the kernels nothing. The input
-builder and warm-up both read this module, so warm-up compiles exactly the
-programs serving can reach: every (T, R) pair, the copy-on-write batch
-sizes and the row-write batch sizes. No width depends on the data.
+A step is padded to a token bucket T (flat tokens) and R = min(T,
+max_num_seqs) sampled rows: a step samples one row per sequence and has at
+most T sequences (a rare step that forks an n > 1 prompt into more rows than
+it has tokens pads its tokens up). The attention metadata always has
+max_num_seqs sequence slots, because padded sequence slots cost the kernels
+nothing. So there is one step program per token bucket. The input builder
+and warm-up both read this module, so warm-up compiles exactly the programs
+serving can reach: the step programs, the copy-on-write batch sizes and the
+row-write batch sizes. No width depends on the data.
 
 All of a step's host inputs travel in one int32 buffer (float fields are
 stored bit for bit), so a step is one host-to-device transfer; ``Layout``
@@ -116,26 +119,34 @@ class StepShapes:
         self.max_model_len = pages_per_seq * ecfg.page_size
         self.num_microbatches = num_microbatches
         self.num_logprobs = max(1, ecfg.max_logprobs)
-        self.token_buckets = ecfg.token_buckets()
-        low = min(ecfg.min_seq_bucket, ecfg.max_num_seqs)
-        self.row_buckets = power_of_four_buckets(low, ecfg.max_num_seqs)
+        # Under pipeline parallelism a step splits into equal micro-batches.
+        self.token_buckets = tuple(t for t in ecfg.token_buckets() if t >= num_microbatches)
         # Copy-on-write pages and whole page-table or history rows written before
         # a step: at most one per running sequence.
         self.batch_sizes = power_of_four_buckets(1, ecfg.max_num_seqs)
-        if any(t % num_microbatches for t in self.token_buckets):
+        self.key = (
+            self.page_size,
+            self.max_num_seqs,
+            pages_per_seq,
+            num_microbatches,
+            self.num_logprobs,
+            self.token_buckets,
+        )
+        if not self.token_buckets or any(t % num_microbatches for t in self.token_buckets):
             raise ValueError(
                 f"token buckets {self.token_buckets} must be multiples of the "
                 f"{num_microbatches} pipeline micro-batches"
             )
 
     def step_shape(self, num_tokens: int, num_rows: int) -> tuple[int, int]:
-        return bucket_for(num_tokens, self.token_buckets), bucket_for(
-            max(num_rows, 1), self.row_buckets
-        )
+        # A step that forks into more rows than tokens (n > 1 from a short prompt)
+        # pads its tokens up to the rows, instead of adding programs for it.
+        t = bucket_for(max(num_tokens, num_rows), self.token_buckets)
+        return t, min(t, self.max_num_seqs)
 
     def step_shapes(self) -> list[tuple[int, int]]:
-        """Every (T, R) a step can have: rows can outnumber tokens (n > 1 forks)."""
-        return [(t, r) for t in self.token_buckets for r in self.row_buckets]
+        """Every (T, R) a step can have: one per token bucket."""
+        return [(t, min(t, self.max_num_seqs)) for t in self.token_buckets]
 
     def batch_size(self, n: int) -> int:
         return bucket_for(n, self.batch_sizes)

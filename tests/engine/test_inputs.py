@@ -73,15 +73,15 @@ def test_prefill_and_decode_in_one_step() -> None:
         [new(0), new(1, temperature=0.5, top_p=0.9, min_tokens=5, stop_token_ids=[7])],
     )
     plan = b.build(so)
-    assert plan.shape == (16, 4) and plan.num_rows == 2 and not plan.want_logprobs
+    assert plan.shape == (4, 4) and plan.num_rows == 2 and not plan.want_logprobs
     f = fields(b, plan)
     r0, r1 = b.rows[0], b.rows[1]
     assert (r0, r1) == (0, 1)
     assert f["ids"][:4].tolist() == [11, 12, 13, 0]
-    assert f["src_rows"][:5].tolist() == [-1, -1, -1, 2, -1]
+    assert f["src_rows"].tolist() == [-1, -1, -1, 2]  # 4 tokens: no padding
     assert f["positions"][:4].tolist() == [0, 1, 2, 6]
-    assert f["slot_mapping"][:5].tolist() == [20, 21, 22, 9 * PAGE + 2, -1]
-    assert f["token_rows"][:5].tolist() == [r0, r0, r0, r1, 4]
+    assert f["slot_mapping"].tolist() == [20, 21, 22, 9 * PAGE + 2]
+    assert f["token_rows"].tolist() == [r0, r0, r0, r1]
     assert f["seq_rows"].tolist() == [r0, r1, 4, 4]
     assert f["kv_lens"].tolist() == [3, 7, 0, 0]
     assert f["cu_q_lens"].tolist() == [0, 3, 4, 4, 4]
@@ -148,10 +148,12 @@ def test_pipeline_microbatches_split_the_metadata() -> None:
         [entry(0, 4, list(range(6)), [0, 1, 2]), entry(1, 0, [9, 9], [3])],
         [new(0), new(1)],
     )
-    plan = b.build(so)  # 8 tokens -> bucket 16: chunks of 8
+    plan = b.build(so)  # 8 tokens -> bucket 8: chunks of 4
     f = fields(b, plan)
-    assert plan.shape[0] == 16
-    # One chunk holds both sequences; the second only padding.
-    assert f["kv_lens"].tolist() == [[10, 2, 0, 0], [0, 0, 0, 0]]
-    assert f["cu_q_lens"][0].tolist() == [0, 6, 8, 8, 8]
-    assert f["num_seqs"].tolist() == [[2], [0]]
+    assert plan.shape[0] == 8
+    # Sequence 0 (positions 4-9) is cut after its first 4 tokens; chunk 1 holds
+    # its last 2 and sequence 1's 2.
+    assert f["kv_lens"].tolist() == [[8, 0, 0, 0], [10, 2, 0, 0]]
+    assert f["seq_rows"][:, :2].tolist() == [[b.rows[0], 4], [b.rows[0], b.rows[1]]]
+    assert f["cu_q_lens"].tolist() == [[0, 4, 4, 4, 4], [0, 2, 4, 4, 4]]
+    assert f["num_seqs"].tolist() == [[1], [2]]

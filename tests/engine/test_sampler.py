@@ -25,7 +25,7 @@ def _draw(
 ) -> np.ndarray:
     """Draws one token per row of LOGITS; ``history`` [rows, L] is each row's fed
     tokens (``num_prompt`` of them prompt, the rest output)."""
-    ecfg = EngineConfig(max_num_seqs=rows, max_num_batched_tokens=rows, min_seq_bucket=rows)
+    ecfg = EngineConfig(max_num_seqs=rows, max_num_batched_tokens=rows)
     _, sm = StepShapes(ecfg, 1).layout(rows, rows).new_buffer()
     sm["temperature"][:] = 1.0
     sm["seeds"][:] = 1234

@@ -182,9 +182,17 @@ def test_a_refused_duplicate_request_id_leaves_the_running_request_alone(
 
 
 @pytest.mark.timeout(60)
-def test_deadline_frees_pages(aengine: AsyncLLMEngine) -> None:
+def test_deadline_frees_pages(aengine: AsyncLLMEngine, monkeypatch) -> None:
+    engine = aengine.engine
+    real_step = engine.step
+
+    def slow_step():  # 480 tokens take about 2 s, well past the 0.3 s deadline
+        time.sleep(0.004)
+        return real_step()
+
     async def main():
         async with serving(aengine, jetstream_params=LONG_JETSTREAM) as (_, c):
+            monkeypatch.setattr(engine, "step", slow_step)
             for start in (
                 lambda: c.generate(PROMPTS[2], max_tokens=480, ignore_eos=True, timeout=0.3),
                 lambda: c.decode(PROMPTS[3], max_tokens=480, timeout=0.3),
@@ -193,6 +201,7 @@ def test_deadline_frees_pages(aengine: AsyncLLMEngine) -> None:
                     await start()
                 assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 await wait_until_free(aengine, timeout=2.0)
+            monkeypatch.undo()
             # The server serves on.
             r = await c.generate(PROMPTS[0], max_tokens=4, temperature=0.0, ignore_eos=True)
             assert len(r.token_ids[0]) == 4

@@ -51,7 +51,16 @@ def test_stop_drains_running_streams_and_refuses_new_ones(aengine: AsyncLLMEngin
 
 
 @pytest.mark.timeout(60)
-def test_streams_past_the_grace_period_are_cancelled(aengine: AsyncLLMEngine) -> None:
+def test_streams_past_the_grace_period_are_cancelled(aengine: AsyncLLMEngine, monkeypatch) -> None:
+    engine = aengine.engine
+    real_step = engine.step
+
+    def slow_step():  # 480 tokens take about 2 s, well past the 0.3 s grace period
+        time.sleep(0.004)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+
     async def main():
         h = await start_server(aengine, port=0)
         async with Client(f"127.0.0.1:{h.port}") as c:
