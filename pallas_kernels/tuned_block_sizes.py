@@ -90,3 +90,19 @@ def tpu_block_sizes(*, num_tokens: int, max_num_seqs: int, page_size: int) -> Tp
     mode = "decode" if num_tokens <= 2 * max_num_seqs else "mixed"
     block_q = 16 if mode == "decode" else 64
     return TpuBlockSizes(block_q, max(1, 128 // page_size))
+
+
+class XlaBlockSizes(NamedTuple):
+    block_q: int  # query tokens per q-block
+    wave: int  # q-blocks processed together (batched) per outer loop step
+    pages_per_block: int  # KV pages gathered per inner loop step
+
+
+def xla_block_sizes(
+    *, num_tokens: int, max_num_seqs: int, group: int, page_size: int
+) -> XlaBlockSizes:
+    """Defaults for the plain-XLA path (xla.py), measured on CPU."""
+    mode = "decode" if num_tokens <= 2 * max_num_seqs else "mixed"
+    if mode == "decode":
+        return XlaBlockSizes(1, 16, max(1, 128 // page_size))
+    return XlaBlockSizes(64, 1, max(1, 128 // page_size))

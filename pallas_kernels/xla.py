@@ -1,11 +1,19 @@
 """Ragged paged attention in plain XLA (no Pallas): the portable path.
 
-Token-major online softmax: every query token walks the pages of its own
-sequence, a block of pages per loop iteration, keeping a running max and sum
-(as flash attention does). A decode token reads exactly its sequence's K/V
-once; a prefill chunk re-gathers its pages per token, which costs memory
-traffic but no extra FLOPs. The loop runs only as far as the longest
-sequence needs, so padding page slots are never read.
+Query-block-major online softmax. The flat token axis is cut into q-blocks of
+at most ``block_q`` consecutive tokens of one sequence (work_plan.py's plan,
+without split-KV), heaviest first. A *wave* of ``wave`` q-blocks is processed
+at a time: for each KV step the wave gathers its blocks' pages once
+([wave, block_kv, 2*Hkv, D]) and computes [block_q * group, block_kv] scores
+per KV head for all the block's queries, keeping a running max and sum (as
+flash attention does). A decode token thus reads its sequence's K/V once, a
+prefill chunk once per q-block rather than once per token.
+
+Both loops are data-dependent: the wave loop stops after the last q-block
+that has keys to visit (padding tokens form key-less blocks sorted last, so
+they cost nothing), and each wave's KV loop covers only the key range its
+blocks' causal masks (and sliding window) reach. Rows no block writes, the
+padding rows, stay zero.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import work_plan as wp
 from pallas_kernels.reference import DEFAULT_MASK_VALUE
+from pallas_kernels.tuned_block_sizes import xla_block_sizes
 
 
 def token_sequence_ids(
@@ -49,61 +59,114 @@ def xla_ragged_paged_attention(
     k_scale: float | None = None,
     v_scale: float | None = None,
     pages_per_block: int | None = None,
+    block_q: int | None = None,
+    wave: int | None = None,
 ) -> jax.Array:
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
     group = num_q_heads // num_kv_heads
-    pages_per_seq = page_indices.shape[1]
+    max_num_seqs, pages_per_seq = page_indices.shape
+    sizes = xla_block_sizes(
+        num_tokens=num_tokens, max_num_seqs=max_num_seqs, group=group, page_size=page_size
+    )
+    block_q = min(block_q or sizes.block_q, num_tokens)
+    wave = wave or sizes.wave
     if pages_per_block is None:
-        pages_per_block = max(1, min(pages_per_seq, 128 // page_size))
+        pages_per_block = sizes.pages_per_block
+    pages_per_block = max(1, min(pages_per_seq, pages_per_block))
     block = pages_per_block * page_size
+    rows_per_head = block_q * group  # score rows per KV head in a q-block
+    i32 = jnp.int32
 
-    seq, valid = token_sequence_ids(cu_q_lens, num_seqs, num_tokens)
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    kv_len = jnp.where(valid, kv_lens[seq], 0)  # [T]
-    q_pos = kv_len - q_lens[seq] + (jnp.arange(num_tokens) - cu_q_lens[seq])  # [T]
-    seq_pages = page_indices[seq]  # [T, pages_per_seq]
+    plan = wp.make_work_plan(
+        kv_lens,
+        cu_q_lens,
+        num_seqs,
+        num_tokens=num_tokens,
+        block_q=block_q,
+        block_kv=block,
+        sliding_window=sliding_window,
+        target_items=0,
+        min_chunk=block,
+    )
+    items = plan.items  # [QB, ITEM_COLS], heaviest q-block first
+    num_q_blocks = items.shape[0]
+    num_waves_max = -(-num_q_blocks // wave)
+    items = jnp.pad(items, ((0, num_waves_max * wave - num_q_blocks), (0, 0)))
+    items = items.reshape(num_waves_max, wave, wp.ITEM_COLS)
+    has_keys = (items[..., wp.ITEM_VALID] > 0) & (items[..., wp.ITEM_KV_HI] > 0)
+    # Blocks with keys come first, so the waves past the last such block are idle.
+    num_waves = jnp.sum(jnp.any(has_keys, axis=1).astype(i32))
 
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)  # [T, K, G, D]
-    max_kv = jnp.max(kv_len)
-    num_blocks = (max_kv + block - 1) // block
+    qs = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    r_tok = jnp.arange(rows_per_head, dtype=i32) // group  # token of each score row
+    l_idx = jnp.arange(block, dtype=i32)
 
-    def body(j, carry):
-        m, denom, acc = carry  # [T, K, G], [T, K, G], [T, K, G, D]
-        cols = j * pages_per_block + jnp.arange(pages_per_block)
-        pages = seq_pages[:, jnp.minimum(cols, pages_per_seq - 1)]  # [T, B]
-        kv = kv_pages[pages].reshape(num_tokens, block, combined, head_dim)  # [T, L, 2K, D]
-        k = kv[:, :, 0::2]  # [T, L, K, D]
-        v = kv[:, :, 1::2]
-        k_pos = j * block + jnp.arange(block)  # [L]
-        live = (k_pos[None] <= q_pos[:, None]) & (k_pos[None] < kv_len[:, None])  # [T, L]
-        if sliding_window is not None:
-            live &= k_pos[None] > q_pos[:, None] - sliding_window
-        if k_scale is not None:
-            k = (k.astype(jnp.float32) * k_scale).astype(q.dtype)
-        if v_scale is not None:
-            v = (v.astype(jnp.float32) * v_scale).astype(q.dtype)
-        # Unused page slots may hold anything, NaN included: zero them.
-        v = jnp.where(live[:, :, None, None], v, 0)
-        s = jnp.einsum("tkgd,tlkd->tkgl", qg, k, preferred_element_type=jnp.float32)
-        s = s * sm_scale
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        live_b = live[:, None, None, :]
-        # Masked keys get exactly zero weight (as in the Pallas kernels): the
-        # finite mask value keeps the running max NaN-free even when a whole
-        # block is masked.
-        s = jnp.where(live_b, s, DEFAULT_MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(live_b, jnp.exp(s - m_new[..., None]), 0.0)
-        alpha = jnp.exp(m - m_new)
-        l_new = alpha * denom + p.sum(axis=-1)
-        pv = jnp.einsum("tkgl,tlkd->tkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l_new, alpha[..., None] * acc + pv
+    def run_wave(w, out):
+        it = items[w]  # [W, ITEM_COLS]
+        seq = it[:, wp.ITEM_SEQ]
+        row0, rows, pos0 = it[:, wp.ITEM_ROW0], it[:, wp.ITEM_ROWS], it[:, wp.ITEM_POS0]
+        kv_lo, kv_hi = it[:, wp.ITEM_KV_LO], it[:, wp.ITEM_KV_HI]
+        live_wave = has_keys[w]
+        kv_hi = jnp.where(live_wave, kv_hi, 0)
+        kv_lo = jnp.where(live_wave, kv_lo, jnp.iinfo(i32).max)
+        kv_len = jnp.where(live_wave, kv_lens[seq], 0)  # [W]
+        tok = row0[:, None] + jnp.arange(block_q, dtype=i32)  # [W, bq]
+        tok_ok = jnp.arange(block_q)[None] < rows[:, None]
+        # Rows past the block's own may belong to another sequence or be NaN
+        # padding; they are computed (rows are independent) but not written.
+        qb = qs[jnp.minimum(tok, num_tokens - 1)]  # [W, bq, K, G, D]
+        qb = qb.transpose(0, 2, 1, 3, 4).reshape(wave, num_kv_heads, rows_per_head, head_dim)
+        q_pos = pos0[:, None] + r_tok[None]  # [W, R]
+        seq_pages = page_indices[seq]  # [W, pages_per_seq]
 
-    stats = jnp.full((num_tokens, num_kv_heads, group), DEFAULT_MASK_VALUE, jnp.float32)
-    init = (stats, jnp.zeros_like(stats), jnp.zeros(qg.shape, jnp.float32))
-    _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-    out = jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
-    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+        def kv_step(j, carry):
+            m, denom, acc = carry  # [W, K, R], [W, K, R], [W, K, R, D]
+            cols = jnp.minimum(j * pages_per_block + jnp.arange(pages_per_block), pages_per_seq - 1)
+            kv = kv_pages[seq_pages[:, cols]]  # [W, B, S, 2K, D]
+            kv = kv.reshape(wave, block, num_kv_heads, 2, head_dim)
+            k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # [W, L, K, D]
+            k_pos = j * block + l_idx  # [L]
+            key_ok = k_pos[None] < kv_len[:, None]  # [W, L]
+            if k_scale is not None:
+                k = (k.astype(jnp.float32) * k_scale).astype(q.dtype)
+            if v_scale is not None:
+                v = (v.astype(jnp.float32) * v_scale).astype(q.dtype)
+            # Unused page slots may hold anything, NaN included: zero them.
+            v = jnp.where(key_ok[:, :, None, None], v, 0)
+            s = jnp.einsum("wkrd,wlkd->wkrl", qb, k, preferred_element_type=jnp.float32)
+            s = s * sm_scale
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            live = key_ok[:, None] & (k_pos[None, None] <= q_pos[:, :, None])  # [W, R, L]
+            if sliding_window is not None:
+                live &= k_pos[None, None] > q_pos[:, :, None] - sliding_window
+            live = live[:, None]  # [W, 1, R, L]
+            # Masked keys get exactly zero weight (as in the Pallas kernels):
+            # the finite mask value keeps the running max NaN-free even when a
+            # whole block is masked.
+            s = jnp.where(live, s, DEFAULT_MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.where(live, jnp.exp(s - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            l_new = alpha * denom + p.sum(axis=-1)
+            pv = jnp.einsum(
+                "wkrl,wlkd->wkrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32
+            )
+            return m_new, l_new, alpha[..., None] * acc + pv
+
+        stats = jnp.full((wave, num_kv_heads, rows_per_head), DEFAULT_MASK_VALUE, jnp.float32)
+        init = (stats, jnp.zeros_like(stats), jnp.zeros(qb.shape, jnp.float32))
+        lo = jnp.min(kv_lo) // block
+        hi = (jnp.max(kv_hi) + block - 1) // block
+        _, denom, acc = jax.lax.fori_loop(lo, jnp.maximum(lo, hi), kv_step, init)
+        res = jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
+        res = res.reshape(wave, num_kv_heads, block_q, group, head_dim).transpose(0, 2, 1, 3, 4)
+        res = res.reshape(wave, block_q, num_q_heads, head_dim).astype(q.dtype)
+        # Drop the rows outside each block (and whole idle blocks).
+        dest = jnp.where(tok_ok & live_wave[:, None], tok, num_tokens)
+        return out.at[dest].set(res, mode="drop")
+
+    out = jnp.zeros((num_tokens, num_q_heads, head_dim), q.dtype)
+    return jax.lax.fori_loop(0, num_waves, run_wave, out)
