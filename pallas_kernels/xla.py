@@ -23,7 +23,11 @@ import jax.numpy as jnp
 
 from pallas_kernels import work_plan as wp
 from pallas_kernels.reference import DEFAULT_MASK_VALUE
-from pallas_kernels.tuned_block_sizes import xla_block_sizes
+from pallas_kernels.tuned_block_sizes import XlaBlockSizes, xla_block_sizes
+
+# In a mixed batch, sequences with at most this many query tokens get the
+# decode pass (one-token q-blocks).
+SHORT_Q_LEN = 4
 
 
 def token_sequence_ids(
@@ -62,19 +66,71 @@ def xla_ragged_paged_attention(
     block_q: int | None = None,
     wave: int | None = None,
 ) -> jax.Array:
+    """``block_q``, ``wave`` and ``pages_per_block`` override the tuned sizes.
+
+    In a mixed batch (more than 2 tokens per sequence slot on average) the
+    short sequences (q_len <= SHORT_Q_LEN: decodes, short chunks) get a pass
+    of their own with the decode sizes, so that a decode token does not fill
+    a whole prefill-sized q-block; the other sequences get the mixed sizes.
+    Each pass sees the other's sequences as key-less (kv_len 0), which makes
+    their q-blocks idle.
+    """
+    num_tokens = q.shape[0]
+    max_num_seqs = page_indices.shape[0]
+    page_size = kv_pages.shape[1]
+    sizes = xla_block_sizes(num_tokens=num_tokens, max_num_seqs=max_num_seqs, page_size=page_size)
+    sizes = sizes._replace(
+        block_q=block_q or sizes.block_q,
+        wave=wave or sizes.wave,
+        pages_per_block=pages_per_block or sizes.pages_per_block,
+    )
+    kw = dict(
+        q=q,
+        kv_pages=kv_pages,
+        page_indices=page_indices,
+        cu_q_lens=cu_q_lens,
+        num_seqs=num_seqs,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+    out = jnp.zeros(q.shape, q.dtype)
+    if sizes.block_q == 1 or block_q is not None:
+        return _attend(out, kv_lens=kv_lens, sizes=sizes, **kw)
+    short = cu_q_lens[1:] - cu_q_lens[:-1] <= SHORT_Q_LEN
+    decode = xla_block_sizes(num_tokens=1, max_num_seqs=1, page_size=page_size)
+    decode = decode._replace(pages_per_block=pages_per_block or decode.pages_per_block)
+    out = _attend(out, kv_lens=jnp.where(short, kv_lens, 0), sizes=decode, **kw)
+    return _attend(out, kv_lens=jnp.where(short, 0, kv_lens), sizes=sizes, **kw)
+
+
+def _attend(
+    out: jax.Array,  # [T, Hq, D]: rows this pass does not write are kept
+    *,
+    q: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    k_scale: float | None,
+    v_scale: float | None,
+    sizes: XlaBlockSizes,
+) -> jax.Array:
+    """Writes the rows of every q-block with keys to visit."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
     group = num_q_heads // num_kv_heads
-    max_num_seqs, pages_per_seq = page_indices.shape
-    sizes = xla_block_sizes(
-        num_tokens=num_tokens, max_num_seqs=max_num_seqs, group=group, page_size=page_size
-    )
-    block_q = min(block_q or sizes.block_q, num_tokens)
-    wave = wave or sizes.wave
-    if pages_per_block is None:
-        pages_per_block = sizes.pages_per_block
-    pages_per_block = max(1, min(pages_per_seq, pages_per_block))
+    pages_per_seq = page_indices.shape[1]
+    block_q = min(sizes.block_q, num_tokens)
+    wave = sizes.wave
+    pages_per_block = max(1, min(pages_per_seq, sizes.pages_per_block))
     block = pages_per_block * page_size
     rows_per_head = block_q * group  # score rows per KV head in a q-block
     i32 = jnp.int32
@@ -168,5 +224,4 @@ def xla_ragged_paged_attention(
         dest = jnp.where(tok_ok & live_wave[:, None], tok, num_tokens)
         return out.at[dest].set(res, mode="drop")
 
-    out = jnp.zeros((num_tokens, num_q_heads, head_dim), q.dtype)
     return jax.lax.fori_loop(0, num_waves, run_wave, out)

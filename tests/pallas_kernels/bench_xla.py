@@ -32,6 +32,7 @@ CASES = {
     "decode16": ([(1, 150)] * 16, 0, 0),
     "prefill8x64": ([(64, 64)] * 8, 0, 8),
     "prefill1x512": ([(512, 512)], 0, 15),
+    "mixed12+116": ([(1, 150)] * 12 + [(116, 116)], 0, 3),
 }
 
 
@@ -81,15 +82,25 @@ def main() -> None:
     args = p.parse_args()
     dtype = jnp.dtype(args.dtype)
     hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
-    print(f"jax {jax.__version__} {jax.default_backend()}, {hq}q/{hkv}kv heads, d {d}, "
-          f"page {args.page_size}, {args.dtype}, block_kv {args.block_kv or 'default'}")
+    print(
+        f"jax {jax.__version__} {jax.default_backend()}, {hq}q/{hkv}kv heads, d {d}, "
+        f"page {args.page_size}, {args.dtype}, block_kv {args.block_kv or 'default'}"
+    )
     print(f"{'case':<15} {'tokens':>6} {'xla ms':>8} {'dense ms':>9}")
     for name, (seqs, pad_tokens, pad_seqs) in CASES.items():
         if args.case not in ("all", name):
             continue
-        b = make_batch(seqs, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
-                       page_size=args.page_size, dtype=dtype, extra_tokens=pad_tokens,
-                       extra_seqs=pad_seqs, extra_pages=0)
+        b = make_batch(
+            seqs,
+            num_q_heads=hq,
+            num_kv_heads=hkv,
+            head_dim=d,
+            page_size=args.page_size,
+            dtype=dtype,
+            extra_tokens=pad_tokens,
+            extra_seqs=pad_seqs,
+            extra_pages=0,
+        )
 
         def fn(x, c):
             return pallas_kernels.ragged_paged_attention(
@@ -98,7 +109,7 @@ def main() -> None:
 
         ms = 1e3 * _time(fn, b.q, b.args()[1:], args.iters, args.repeats)
         dense = float("nan")
-        if not args.no_dense:
+        if not args.no_dense and len(set(seqs)) == 1:
             dfn, dq, dc = _dense(seqs, hq, hkv, d, dtype)
             dense = 1e3 * _time(dfn, dq, dc, args.iters, args.repeats)
         print(f"{name:<15} {b.q.shape[0]:>6} {ms:>8.3f} {dense:>9.3f}", flush=True)
