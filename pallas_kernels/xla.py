@@ -158,6 +158,7 @@ def _attend(
     qs = q.reshape(num_tokens, num_kv_heads, group, head_dim)
     r_tok = jnp.arange(rows_per_head, dtype=i32) // group  # token of each score row
     l_idx = jnp.arange(block, dtype=i32)
+    k_heads = 2 * jnp.arange(num_kv_heads, dtype=i32)[None, :, None]  # [1, K, 1]
 
     def run_wave(w, out):
         it = items[w]  # [W, ITEM_COLS]
@@ -180,9 +181,10 @@ def _attend(
         def kv_step(j, carry):
             m, denom, acc = carry  # [W, K, R], [W, K, R], [W, K, R, D]
             cols = jnp.minimum(j * pages_per_block + jnp.arange(pages_per_block), pages_per_seq - 1)
-            kv = kv_pages[seq_pages[:, cols]]  # [W, B, S, 2K, D]
-            kv = kv.reshape(wave, block, num_kv_heads, 2, head_dim)
-            k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # [W, L, K, D]
+            pages = seq_pages[:, cols][:, None, :]  # [W, 1, B]
+            # One gather per half straight into [W, K, B, S, D]: no de-interleave copy.
+            k = kv_pages[pages, :, k_heads].reshape(wave, num_kv_heads, block, head_dim)
+            v = kv_pages[pages, :, k_heads + 1].reshape(wave, num_kv_heads, block, head_dim)
             k_pos = j * block + l_idx  # [L]
             key_ok = k_pos[None] < kv_len[:, None]  # [W, L]
             if k_scale is not None:
@@ -190,8 +192,8 @@ def _attend(
             if v_scale is not None:
                 v = (v.astype(jnp.float32) * v_scale).astype(q.dtype)
             # Unused page slots may hold anything, NaN included: zero them.
-            v = jnp.where(key_ok[:, :, None, None], v, 0)
-            s = jnp.einsum("wkrd,wlkd->wkrl", qb, k, preferred_element_type=jnp.float32)
+            v = jnp.where(key_ok[:, None, :, None], v, 0)
+            s = jnp.einsum("wkrd,wkld->wkrl", qb, k, preferred_element_type=jnp.float32)
             s = s * sm_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -208,7 +210,7 @@ def _attend(
             alpha = jnp.exp(m - m_new)
             l_new = alpha * denom + p.sum(axis=-1)
             pv = jnp.einsum(
-                "wkrl,wlkd->wkrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32
+                "wkrl,wkld->wkrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32
             )
             return m_new, l_new, alpha[..., None] * acc + pv
 
