@@ -147,25 +147,27 @@ def _attend(
         min_chunk=block,
     )
     items = plan.items  # [QB, ITEM_COLS], heaviest q-block first
-    num_q_blocks = items.shape[0]
-    num_waves_max = -(-num_q_blocks // wave)
-    items = jnp.pad(items, ((0, num_waves_max * wave - num_q_blocks), (0, 0)))
-    items = items.reshape(num_waves_max, wave, wp.ITEM_COLS)
-    has_keys = (items[..., wp.ITEM_VALID] > 0) & (items[..., wp.ITEM_KV_HI] > 0)
-    # Blocks with keys come first, so the waves past the last such block are idle.
-    num_waves = jnp.sum(jnp.any(has_keys, axis=1).astype(i32))
+    has_keys = (items[:, wp.ITEM_VALID] > 0) & (items[:, wp.ITEM_KV_HI] > 0)
+    # Blocks with keys come first (they have work, the others none), so the
+    # live blocks are items[:num_live].
+    num_live = jnp.sum(has_keys.astype(i32))
+    items = jnp.where(has_keys[:, None], items, 0)
+    items = jnp.pad(items, ((0, wave), (0, 0)))  # slices below never run off the end
+    narrow = max(1, wave // 4)  # width of the waves for the last few blocks
+    num_wide = num_live // wave
+    wide_end = num_wide * wave
 
     qs = q.reshape(num_tokens, num_kv_heads, group, head_dim)
     r_tok = jnp.arange(rows_per_head, dtype=i32) // group  # token of each score row
     l_idx = jnp.arange(block, dtype=i32)
     k_heads = 2 * jnp.arange(num_kv_heads, dtype=i32)[None, :, None]  # [1, K, 1]
 
-    def run_wave(w, out):
-        it = items[w]  # [W, ITEM_COLS]
+    def run_wave(it, out):
+        width = it.shape[0]  # it: [width, ITEM_COLS]
         seq = it[:, wp.ITEM_SEQ]
         row0, rows, pos0 = it[:, wp.ITEM_ROW0], it[:, wp.ITEM_ROWS], it[:, wp.ITEM_POS0]
         kv_lo, kv_hi = it[:, wp.ITEM_KV_LO], it[:, wp.ITEM_KV_HI]
-        live_wave = has_keys[w]
+        live_wave = it[:, wp.ITEM_KV_HI] > 0  # idle lanes were zeroed
         kv_hi = jnp.where(live_wave, kv_hi, 0)
         kv_lo = jnp.where(live_wave, kv_lo, jnp.iinfo(i32).max)
         kv_len = jnp.where(live_wave, kv_lens[seq], 0)  # [W]
@@ -174,7 +176,7 @@ def _attend(
         # Rows past the block's own may belong to another sequence or be NaN
         # padding; they are computed (rows are independent) but not written.
         qb = qs[jnp.minimum(tok, num_tokens - 1)]  # [W, bq, K, G, D]
-        qb = qb.transpose(0, 2, 1, 3, 4).reshape(wave, num_kv_heads, rows_per_head, head_dim)
+        qb = qb.transpose(0, 2, 1, 3, 4).reshape(width, num_kv_heads, rows_per_head, head_dim)
         q_pos = pos0[:, None] + r_tok[None]  # [W, R]
         seq_pages = page_indices[seq]  # [W, pages_per_seq]
 
@@ -183,8 +185,8 @@ def _attend(
             cols = jnp.minimum(j * pages_per_block + jnp.arange(pages_per_block), pages_per_seq - 1)
             pages = seq_pages[:, cols][:, None, :]  # [W, 1, B]
             # One gather per half straight into [W, K, B, S, D]: no de-interleave copy.
-            k = kv_pages[pages, :, k_heads].reshape(wave, num_kv_heads, block, head_dim)
-            v = kv_pages[pages, :, k_heads + 1].reshape(wave, num_kv_heads, block, head_dim)
+            k = kv_pages[pages, :, k_heads].reshape(width, num_kv_heads, block, head_dim)
+            v = kv_pages[pages, :, k_heads + 1].reshape(width, num_kv_heads, block, head_dim)
             k_pos = j * block + l_idx  # [L]
             key_ok = k_pos[None] < kv_len[:, None]  # [W, L]
             if k_scale is not None:
@@ -214,16 +216,27 @@ def _attend(
             )
             return m_new, l_new, alpha[..., None] * acc + pv
 
-        stats = jnp.full((wave, num_kv_heads, rows_per_head), DEFAULT_MASK_VALUE, jnp.float32)
+        stats = jnp.full((width, num_kv_heads, rows_per_head), DEFAULT_MASK_VALUE, jnp.float32)
         init = (stats, jnp.zeros_like(stats), jnp.zeros(qb.shape, jnp.float32))
         lo = jnp.min(kv_lo) // block
         hi = (jnp.max(kv_hi) + block - 1) // block
         _, denom, acc = jax.lax.fori_loop(lo, jnp.maximum(lo, hi), kv_step, init)
         res = jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
-        res = res.reshape(wave, num_kv_heads, block_q, group, head_dim).transpose(0, 2, 1, 3, 4)
-        res = res.reshape(wave, block_q, num_q_heads, head_dim).astype(q.dtype)
+        res = res.reshape(width, num_kv_heads, block_q, group, head_dim).transpose(0, 2, 1, 3, 4)
+        res = res.reshape(width, block_q, num_q_heads, head_dim).astype(q.dtype)
         # Drop the rows outside each block (and whole idle blocks).
         dest = jnp.where(tok_ok & live_wave[:, None], tok, num_tokens)
         return out.at[dest].set(res, mode="drop")
 
-    return jax.lax.fori_loop(0, num_waves, run_wave, out)
+    # Wide waves while enough blocks remain, then narrow ones: a small batch
+    # does not pay for a wide wave's idle lanes.
+    def wide(i, out):
+        return run_wave(jax.lax.dynamic_slice_in_dim(items, i * wave, wave), out)
+
+    def tail(i, out):
+        start = wide_end + i * narrow
+        return run_wave(jax.lax.dynamic_slice_in_dim(items, start, narrow), out)
+
+    out = jax.lax.fori_loop(0, num_wide, wide, out)
+    num_tail = (num_live - wide_end + narrow - 1) // narrow
+    return jax.lax.fori_loop(0, num_tail, tail, out)
