@@ -102,13 +102,15 @@ def xla_block_sizes(*, num_tokens: int, max_num_seqs: int, page_size: int) -> Xl
     """Defaults for the plain-XLA path (xla.py), measured on a 2-core x86 CPU.
 
     At the 27M demo shape (8 q / 4 KV heads, head_dim 64, page 16, f32):
-    decode q-blocks are single tokens batched 8 at a time over 32-key steps
-    (16-wide waves waste work on a small batch's idle lanes, 4-wide ones
-    pay the loop overhead); prefill q-blocks are 64 tokens, one at a time,
-    over 64-key steps (32 or 128 keys, and 32 or 128 tokens, were slower).
-    Only the CPU was measured; a GPU or TPU runs the Pallas kernels instead.
+    decode q-blocks are single tokens batched 16 at a time over 32-key steps
+    (xla.py runs the last few blocks in waves a quarter as wide, so a small
+    batch does not pay for 16 lanes; 8-wide waves, or 64-key or 160-key
+    steps, were no faster at batch 16); prefill q-blocks are 64 tokens, one
+    at a time, over 64-key steps (32 or 128 keys, 32 or 128 tokens, and two
+    blocks at a time were slower or no faster). Only the CPU was measured; a
+    GPU or TPU runs the Pallas kernels instead.
     """
     mode = "decode" if num_tokens <= 2 * max_num_seqs else "mixed"
     if mode == "decode":
-        return XlaBlockSizes(1, 8, max(1, 32 // page_size))
+        return XlaBlockSizes(1, 16, max(1, 32 // page_size))
     return XlaBlockSizes(64, 1, max(1, 64 // page_size))
