@@ -3,17 +3,19 @@
 Query-block-major online softmax. The flat token axis is cut into q-blocks of
 at most ``block_q`` consecutive tokens of one sequence (work_plan.py's plan,
 without split-KV), heaviest first. A *wave* of ``wave`` q-blocks is processed
-at a time: for each KV step the wave gathers its blocks' pages once
-([wave, block_kv, 2*Hkv, D]) and computes [block_q * group, block_kv] scores
-per KV head for all the block's queries, keeping a running max and sum (as
-flash attention does). A decode token thus reads its sequence's K/V once, a
-prefill chunk once per q-block rather than once per token.
+at a time: for each KV step the wave gathers its blocks' keys and values once
+([wave, Hkv, block_kv, D] each) and computes [block_q * group, block_kv]
+scores per KV head for all the block's queries, keeping a running max and
+sum (as flash attention does). A decode token thus reads its sequence's K/V
+once, a prefill chunk once per q-block rather than once per token.
 
-Both loops are data-dependent: the wave loop stops after the last q-block
+Both loops are data-dependent: the wave loops stop after the last q-block
 that has keys to visit (padding tokens form key-less blocks sorted last, so
-they cost nothing), and each wave's KV loop covers only the key range its
-blocks' causal masks (and sliding window) reach. Rows no block writes, the
-padding rows, stay zero.
+they cost nothing; the last few blocks run in narrower waves), and each
+wave's KV loop covers only the key range its blocks' causal masks (and
+sliding window) reach. Rows no block writes, the padding rows, stay zero.
+K and V are gathered as two halves straight into [wave, Hkv, block_kv, D],
+so no strided de-interleave copy of the gathered pages is made.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def xla_ragged_paged_attention(
     block_q: int | None = None,
     wave: int | None = None,
 ) -> jax.Array:
-    """``block_q``, ``wave`` and ``pages_per_block`` override the tuned sizes.
+    """``block_q``, ``wave`` and ``pages_per_block`` override the tuned sizes
+    (xla_block_sizes); passing ``block_q`` runs one pass with those sizes.
 
     In a mixed batch (more than 2 tokens per sequence slot on average) the
     short sequences (q_len <= SHORT_Q_LEN: decodes, short chunks) get a pass
