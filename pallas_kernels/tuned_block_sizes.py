@@ -90,3 +90,27 @@ def tpu_block_sizes(*, num_tokens: int, max_num_seqs: int, page_size: int) -> Tp
     mode = "decode" if num_tokens <= 2 * max_num_seqs else "mixed"
     block_q = 16 if mode == "decode" else 64
     return TpuBlockSizes(block_q, max(1, 128 // page_size))
+
+
+class XlaBlockSizes(NamedTuple):
+    block_q: int  # query tokens per q-block
+    wave: int  # q-blocks computed together (one batched op) per outer loop step
+    pages_per_block: int  # KV pages gathered per inner loop step
+
+
+def xla_block_sizes(*, num_tokens: int, max_num_seqs: int, page_size: int) -> XlaBlockSizes:
+    """Defaults for the plain-XLA path (xla.py), measured on a 2-core x86 CPU.
+
+    At the 27M demo shape (8 q / 4 KV heads, head_dim 64, page 16, f32):
+    decode q-blocks are single tokens batched 16 at a time over 32-key steps
+    (xla.py runs the last few blocks in waves a quarter as wide, so a small
+    batch does not pay for 16 lanes; 8-wide waves, or 64-key or 160-key
+    steps, were no faster at batch 16); prefill q-blocks are 64 tokens, one
+    at a time, over 64-key steps (32 or 128 keys, 32 or 128 tokens, and two
+    blocks at a time were slower or no faster). Only the CPU was measured; a
+    GPU or TPU runs the Pallas kernels instead.
+    """
+    mode = "decode" if num_tokens <= 2 * max_num_seqs else "mixed"
+    if mode == "decode":
+        return XlaBlockSizes(1, 16, max(1, 32 // page_size))
+    return XlaBlockSizes(64, 1, max(1, 64 // page_size))
