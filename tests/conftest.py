@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -18,6 +20,21 @@ def _compilation_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = str(tmp_path_factory.mktemp("jax-cache"))
     os.environ["JSERVE_COMPILATION_CACHE_DIR"] = path
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_programs() -> Iterator[None]:
+    """Frees each test module's compiled programs when it ends. Every program holds
+    machine code in memory mappings, and the whole suite in one process would
+    otherwise run into the kernel's per-process limit (vm.max_map_count)."""
+    yield
+    import jax
+
+    from jserve.engine import runner
+
+    runner._COMPILED.clear()
+    gc.collect()
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="session")

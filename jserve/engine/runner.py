@@ -16,12 +16,11 @@ first use without it; ``compiles`` and ``dispatches`` count them.
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import dataclasses
 import functools
 import logging
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -47,8 +46,18 @@ from sharding.pipeline import pipeline_kv_sharding
 logger = logging.getLogger(__name__)
 
 # Compiled programs shared by every runner in the process (engines serving the
-# same model and configuration, as tests and benchmarks make many of).
-_COMPILED: dict[tuple, Any] = {}
+# same model and configuration, as tests and benchmarks make many of). Bounded:
+# each program holds machine code in memory mappings, and a process has a
+# limited number of those (vm.max_map_count); a runner keeps its own programs
+# alive however many others come and go.
+_COMPILED: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+MAX_SHARED_PROGRAMS = 64
+
+
+def _share(key: tuple, prog: Any) -> None:
+    _COMPILED[key] = prog
+    while len(_COMPILED) > MAX_SHARED_PROGRAMS:
+        _COMPILED.popitem(last=False)
 
 
 def _step(
@@ -254,8 +263,11 @@ class ModelRunner:
             shared = self._shared_key(key)
             prog = _COMPILED.get(shared)
             if prog is None:
-                prog = _COMPILED[shared] = self.lower(key).compile()
+                prog = self.lower(key).compile()
                 self.compiles += 1
+            else:
+                _COMPILED.move_to_end(shared)
+            _share(shared, prog)
             self._programs[key] = prog
         return prog
 
@@ -321,23 +333,11 @@ class ModelRunner:
     def warmup(self, progress: bool = True) -> int:
         """Compiles every program serving can reach, so serving never compiles.
 
-        Tracing runs here one program at a time; XLA compiles them in parallel
-        threads. Returns the number of programs.
+        One at a time: concurrent compiles from threads crashed the process
+        (jax 0.10.2 on CPU, in XLA's backend compile). Programs another engine
+        in this process compiled already are reused. Returns the number of programs.
         """
         keys = self.program_keys()
-        shared = {k: self._shared_key(k) for k in keys}
-        for k in keys:  # compiled already by another engine in this process
-            if shared[k] in _COMPILED:
-                self._programs[k] = _COMPILED[shared[k]]
-        todo = [k for k in keys if k not in self._programs]
-        bar = tqdm(total=len(todo), desc="compiling step programs", disable=not progress)
-        workers = max(1, min(len(todo), os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = {pool.submit(self.lower(k).compile): k for k in todo}
-            for fut in concurrent.futures.as_completed(futures):
-                k = futures[fut]
-                self._programs[k] = _COMPILED[shared[k]] = fut.result()
-                self.compiles += 1
-                bar.update(1)
-        bar.close()
+        for k in tqdm(keys, desc="compiling step programs", disable=not progress):
+            self._program(k)
         return len(keys)
