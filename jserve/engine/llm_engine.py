@@ -275,18 +275,19 @@ class LLMEngine:
         res = self.runner.fetch(handle)
         for upd in self.scheduler.update(so, res.tokens):
             req = upd.seq.request
+            kept = self._find_stop_string(upd)
             if req.params.logprobs is not None:
-                self._record_logprobs(upd, res)
-            self.stats.generation_tokens += len(upd.tokens)
-            self._find_stop_string(upd)
+                self._record_logprobs(upd, res, kept)
+            self.stats.generation_tokens += kept
             self._touched[req.request_id] = req
 
-    def _find_stop_string(self, upd: SeqUpdate) -> None:
-        """Feeds the new tokens to the detokenizer; a completed stop string ends the sequence."""
+    def _find_stop_string(self, upd: SeqUpdate) -> int:
+        """Feeds the new tokens to the detokenizer; a completed stop string ends the
+        sequence, dropping any tokens after it. Returns how many new tokens stay."""
         seq = upd.seq
         detok = self._detok(seq)
         if detok is None:
-            return
+            return len(upd.tokens)
         p = seq.request.params
         n_out = len(seq.token_ids) - len(upd.tokens) - seq.num_prompt_tokens
         for i, token in enumerate(upd.tokens):
@@ -294,12 +295,14 @@ class LLMEngine:
             stop = detok.append(token, n_out >= p.min_tokens)
             if stop is not None:
                 keep = len(seq.token_ids) - len(upd.tokens) + i + 1
-                return self.scheduler.finish(seq, "stop", stop, num_tokens=keep)
+                self.scheduler.finish(seq, "stop", stop, num_tokens=keep)
+                return i + 1
+        return len(upd.tokens)
 
-    def _record_logprobs(self, upd: SeqUpdate, res: StepResult) -> None:
+    def _record_logprobs(self, upd: SeqUpdate, res: StepResult, kept: int) -> None:
         seq = upd.seq
         k = seq.request.params.logprobs or 0
-        for row, token in zip(upd.rows, upd.tokens, strict=True):
+        for row, token in zip(upd.rows[:kept], upd.tokens[:kept], strict=True):
             lp = float(res.logprobs[row])
             entry = {token: Logprob(lp, int(res.ranks[row]), self._decode_one(token))}
             for j in range(k):
