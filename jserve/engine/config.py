@@ -10,16 +10,16 @@ import pallas_kernels
 from jserve.errors import ConfigError
 
 
-def power_of_two_buckets(low: int, high: int) -> tuple[int, ...]:
-    """Powers of two from ``low`` up to ``high``, with ``high`` itself last.
+def geometric_buckets(low: int, high: int, factor: int = 2) -> tuple[int, ...]:
+    """``low`` times powers of ``factor`` below ``high``, with ``high`` itself last.
 
-    E.g. (8, 48) -> (8, 16, 32, 48).
+    E.g. (8, 48) -> (8, 16, 32, 48); (4, 64, factor=4) -> (4, 16, 64).
     """
     out = []
     b = low
     while b < high:
         out.append(b)
-        b *= 2
+        b *= factor
     out.append(high)
     return tuple(out)
 
@@ -78,6 +78,4 @@ class EngineConfig:
             # On a CPU every padded token row costs compute; an accelerator reads
             # the weights once whatever the row count, so fewer programs win.
             low = 1 if jax.default_backend() == "cpu" else 16
-        return power_of_two_buckets(
-            min(low, self.max_num_batched_tokens), self.max_num_batched_tokens
-        )
+        return geometric_buckets(min(low, self.max_num_batched_tokens), self.max_num_batched_tokens)

@@ -249,21 +249,18 @@ class ModelRunner:
         fn, args, opts = self._program_spec(key)
         return jax.jit(fn, **opts).lower(*args)
 
-    def _shared_key(self, key: tuple) -> tuple:
-        """What a program depends on: its key, the static configuration, and the
-        structure, shapes, dtypes and placements of its arguments."""
-        _, args, _ = self._program_spec(key)
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
-        return (key, self.cfg, self.shapes.key, self.backend, self.mesh, tree, sig)
-
     def _program(self, key: tuple) -> Any:
         prog = self._programs.get(key)
         if prog is None:
-            shared = self._shared_key(key)
+            fn, args, opts = self._program_spec(key)
+            # What the program depends on: its key, the static configuration, and
+            # the structure, shapes, dtypes and placements of its arguments.
+            leaves, tree = jax.tree_util.tree_flatten(args)
+            sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
+            shared = (key, self.cfg, self.shapes.key, self.backend, self.mesh, tree, sig)
             prog = _COMPILED.get(shared)
             if prog is None:
-                prog = self.lower(key).compile()
+                prog = jax.jit(fn, **opts).lower(*args).compile()
                 self.compiles += 1
             else:
                 _COMPILED.move_to_end(shared)

@@ -375,42 +375,28 @@ class Scheduler:
             seq.num_computed = end
             num_tokens += num_new
             total = len(token_ids) + seq.num_pending
+            ids = []
             if end == total:  # the last known position: it is scored
                 req = seq.request
                 targets = [seq] if len(req.seqs) >= req.params.n else [seq, *self._fork(seq)]
-                ids = []
                 for target in targets:
                     target.num_pending += 1
                     target.pending_row = (step_id, rows + len(ids))
                     ids.append(target.seq_id)
-                entry = ScheduledEntry(
-                    seq.seq_id,
-                    start,
-                    num_new,
-                    token_ids[start:known],
-                    src_row,
-                    offset,
-                    new_pages,
-                    1,
-                    ids,
-                    rows,
-                    total - seq.num_prompt_tokens,
-                )
-                rows += len(ids)
-            else:
-                entry = ScheduledEntry(
-                    seq.seq_id,
-                    start,
-                    num_new,
-                    token_ids[start:known],
-                    src_row,
-                    offset,
-                    new_pages,
-                    0,
-                    [],
-                    rows,
-                    total - seq.num_prompt_tokens,
-                )
+            entry = ScheduledEntry(
+                seq.seq_id,
+                start,
+                num_new,
+                token_ids[start:known],
+                src_row,
+                offset,
+                new_pages,
+                1 if ids else 0,
+                ids,
+                rows,
+                total - seq.num_prompt_tokens,
+            )
+            rows += len(ids)
             entries.append(entry)
         live = {id(seq) for seq, _ in chosen}
         new, self._new = self._new, []

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jserve.engine.config import EngineConfig
+from jserve.engine.config import EngineConfig, geometric_buckets
 
 # Ids banned while below min_tokens (stop_token_ids plus EOS ids) per row.
 BAN_WIDTH = 32
@@ -38,17 +38,6 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
         if b >= n:
             return b
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-
-
-def power_of_four_buckets(low: int, high: int) -> tuple[int, ...]:
-    """E.g. (4, 64) -> (4, 16, 64); (4, 8) -> (4, 8)."""
-    out = []
-    b = low
-    while b < high:
-        out.append(b)
-        b *= 4
-    out.append(high)
-    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +112,7 @@ class StepShapes:
         self.token_buckets = tuple(t for t in ecfg.token_buckets() if t >= num_microbatches)
         # Copy-on-write pages and whole page-table or history rows written before
         # a step: at most one per running sequence.
-        self.batch_sizes = power_of_four_buckets(1, ecfg.max_num_seqs)
+        self.batch_sizes = geometric_buckets(1, ecfg.max_num_seqs, factor=4)
         self.key = (
             self.page_size,
             self.max_num_seqs,
