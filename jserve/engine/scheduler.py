@@ -17,8 +17,9 @@ prefix of their prompt is already in the prefix cache. A request with
 have room when its prompt completes.
 
 A request with prompt logprobs also scores its prompt positions, one row
-each (see ``logprobs``): its chunks are capped so a step's rows never exceed
-max_num_seqs, and its prefix-cache hits never skip positions still to score.
+each (see ``logprobs``): its chunks are capped so a step's rows (these, plus
+one per sampling sequence) never exceed max_num_seqs, and its prefix-cache
+hits never skip positions still to score.
 
 When a running sequence needs a page and none is free, the lowest-priority
 newest running sequence is preempted: its pages are freed and it goes back
@@ -267,20 +268,28 @@ class Scheduler:
         chosen: list[tuple[Sequence, int]] = []
         copies: list[tuple[Sequence, int, int]] = []
         preempted: list[Sequence] = []
-        # Rows taken by prompt-logprob positions. A step's sampled rows never
-        # exceed the sequence slots taken, so slots + prompt rows <= max_num_seqs
-        # keeps every step within its row budget.
-        prompt_rows = 0
+        # A step has max_num_seqs rows. Each sequence slot keeps a row for its
+        # sample, except the slots of sequences chosen with a chunk short of their
+        # last token (they sample nothing this step); prompt-logprob positions take
+        # what is left. `spare` is those freed rows minus the prompt rows taken.
+        spare = 0
 
         def rows_free() -> int:
-            return self.cfg.max_num_seqs - self._slots_used - prompt_rows
+            return self.cfg.max_num_seqs - self._slots_used + spare
+
+        def take(seq: Sequence, num_new: int, sign: int = 1) -> None:
+            nonlocal spare
+            rows = self._prompt_rows(seq, num_new)
+            if seq.num_computed + num_new < seq.num_tokens:
+                rows -= self._slots_of(seq)
+            spare -= sign * rows
 
         def drop(victim: Sequence) -> None:
-            nonlocal budget, prompt_rows
+            nonlocal budget
             for i, (s, n) in enumerate(chosen):
                 if s is victim:
                     budget += n
-                    prompt_rows -= self._prompt_rows(s, n)
+                    take(s, n, sign=-1)
                     del chosen[i]
                     break
             self._preempt(victim)
@@ -297,7 +306,7 @@ class Scheduler:
             if seq.num_output_tokens >= max(seq.request.max_output_tokens, 1):
                 continue  # its last token is in flight; it ends when that arrives
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            num_new = logprobs.cap_chunk(seq.request, seq.num_computed, num_new, rows_free())
+            num_new = self._fit_rows(seq, num_new, rows_free() + self._slots_of(seq))
             if num_new == 0:
                 continue  # no rows left for its prompt positions this step
             while not self._reserve(seq, num_new, copies):
@@ -309,13 +318,13 @@ class Scheduler:
                 continue
             chosen.append((seq, num_new))
             budget -= num_new
-            prompt_rows += self._prompt_rows(seq, num_new)
+            take(seq, num_new)
 
         while self.waiting and budget > 0:
             # A sequence preempted this step, or whose last token is still on
             # the device, waits for a later step.
             seq = next((s for s in self.waiting if s.num_pending == 0 and s not in preempted), None)
-            if seq is None or self._slots_of(seq) > rows_free():
+            if seq is None or self._slots_used + self._slots_of(seq) > self.cfg.max_num_seqs:
                 break
             # Waiting sequences hold no pages. Reuse cached ones, but always compute
             # at least one token and never write into a cached page.
@@ -326,8 +335,7 @@ class Scheduler:
             hit = len(seq.pages) * self.pool.page_size
             seq.num_computed = hit
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            free = rows_free() - self._slots_of(seq)
-            num_new = logprobs.cap_chunk(seq.request, hit, num_new, free)
+            num_new = self._fit_rows(seq, num_new, rows_free())
             if num_new == 0 or not self._reserve(seq, num_new, copies):
                 self.pool.free(seq.pages)
                 seq.pages, seq.page_hashes, seq.num_computed = [], [], 0
@@ -339,9 +347,21 @@ class Scheduler:
             self._start_running(seq)
             chosen.append((seq, num_new))
             budget -= num_new
-            prompt_rows += self._prompt_rows(seq, num_new)
+            take(seq, num_new)
 
         return self._finalize(chosen, copies)
+
+    def _fit_rows(self, seq: Sequence, num_new: int, rows: int) -> int:
+        """The longest chunk from num_computed (at most ``num_new`` tokens) whose rows
+        fit in ``rows``: its prompt-logprob positions, plus its samples if it reaches
+        its last token. Without prompt logprobs that is num_new, or num_new - 1 when
+        the samples do not fit (then nothing is sampled this step)."""
+        start = seq.num_computed
+        n = logprobs.cap_chunk(seq.request, start, num_new, rows)
+        samples = n > 0 and start + n == seq.num_tokens
+        if samples and self._prompt_rows(seq, n) + self._slots_of(seq) > rows:
+            n -= 1  # stop one short: nothing sampled, and its positions still fit
+        return n
 
     @staticmethod
     def _prompt_rows(seq: Sequence, num_new: int) -> int:

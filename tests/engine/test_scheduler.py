@@ -172,33 +172,46 @@ def _scored(so: SchedulerOutput, seq_id: int) -> list[int]:
 
 
 def test_prompt_logprob_chunks_fit_the_row_budget() -> None:
-    # 4 rows a step: the prompt-logprobs request takes 3 (its slot keeps the 4th for
-    # its sample), and a second request waits for rows instead of overflowing them.
+    # 4 rows a step. Mid-prompt, the prompt-logprobs request a samples nothing, so
+    # its chunk may take all 4; a request b admitted beside it gets a chunk one short
+    # of its end (no sample row) while the rows are taken.
     s = make(max_num_batched_tokens=16)
     prompt = list(range(20, 32))  # 12 tokens: positions 0..10 are scored
     a = s.add_request(request("a", prompt, max_out=2, prompt_logprobs=2))
     so = s.schedule()
-    assert plan(so) == [(a.seq_id, 0, 3, 3)] and so.num_rows == 3
+    assert plan(so) == [(a.seq_id, 0, 4, 4)] and so.num_rows == 4
     e = so.entries[0]
-    assert (e.prompt_first, e.prompt_targets, e.prompt_row) == (0, prompt[1:4], 0)
+    assert (e.prompt_first, e.prompt_targets, e.prompt_row) == (0, prompt[1:5], 0)
     assert e.num_scored == 0 and e.targets == []
     b = s.add_request(request("b", [1, 2, 3]))
     s.update(so, [0] * so.num_rows)
-    scored = [0, 1, 2]
-    for _ in range(2):
-        so = s.schedule()
-        assert plan(so) == [(a.seq_id, 3 * len(scored) // 3, 3, 3)]
-        scored += _scored(so, a.seq_id)
-        s.update(so, [9] * so.num_rows)
-        assert b.status is Status.WAITING
-    # The last chunk scores positions 9 and 10 and samples from position 11, which
-    # leaves one row: b is admitted.
     so = s.schedule()
-    assert plan(so) == [(a.seq_id, 9, 3, 3), (b.seq_id, 0, 3, 1)] and so.num_rows == 4
-    last = so.entries[0]
-    assert (last.prompt_row, last.first_row, so.entries[1].first_row) == (0, 2, 3)
+    assert plan(so) == [(a.seq_id, 4, 4, 4), (b.seq_id, 0, 2, 0)]
+    scored = [0, 1, 2, 3, *_scored(so, a.seq_id)]
+    s.update(so, [0] * so.num_rows)
+    # b samples (1 row), so a scores 8..10 (3 rows) and leaves its last token,
+    # whose sample would need a fifth row, for the next step.
+    so = s.schedule()
+    assert plan(so) == [(b.seq_id, 2, 1, 1), (a.seq_id, 8, 3, 3)] and so.num_rows == 4
+    assert (so.entries[0].first_row, so.entries[1].prompt_row) == (0, 1)
     scored += _scored(so, a.seq_id)
     assert scored == list(range(11))
+    s.update(so, [0] * so.num_rows)
+    so = s.schedule()
+    assert plan(so) == [(a.seq_id, 11, 1, 1), (b.seq_id, 3, 1, 1)]
+    assert so.entries[0].prompt_targets == [] and so.entries[0].targets == [a.seq_id]
+
+
+def test_one_row_steps_still_score_a_prompt() -> None:
+    s = make(max_num_seqs=1, max_num_batched_tokens=16)
+    a = s.add_request(request("a", [4, 5, 6], max_out=1, prompt_logprobs=0))
+    steps = []
+    while s.has_work:
+        so = s.schedule()
+        steps.append((*plan(so)[0][1:], so.entries[0].prompt_targets))
+        s.update(so, [0] * so.num_rows)
+    assert steps == [(0, 1, 1, [5]), (1, 1, 1, [6]), (2, 1, 1, [])]
+    assert a.finish_reason == "length"
 
 
 def test_prompt_logprobs_are_scored_once_across_preemption_and_cache_hits() -> None:
