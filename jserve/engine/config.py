@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
 import pallas_kernels
 from jserve.errors import ConfigError
+from jserve.spec.config import SpeculativeConfig
 
 
 def geometric_buckets(low: int, high: int, factor: int = 2) -> tuple[int, ...]:
@@ -39,6 +42,14 @@ class EngineConfig:
     async_scheduling: bool = True  # prepare step N+1 while the device runs step N
     seed: int = 0
     min_token_bucket: int | None = None  # None: 1 on CPU, 16 on accelerators
+    # Speculative decoding (jserve.spec), as vLLM's dict or a SpeculativeConfig; None: off.
+    speculative_config: SpeculativeConfig | Mapping[str, Any] | str | None = None
+
+    def __post_init__(self) -> None:
+        spec = self.speculative_config
+        if spec is not None and not isinstance(spec, SpeculativeConfig):
+            # Frozen: the one normalisation, done before anything reads the field.
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(spec))
 
     def validate(self) -> EngineConfig:
         def positive(name: str) -> None:
@@ -70,6 +81,8 @@ class EngineConfig:
             )
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if isinstance(self.speculative_config, SpeculativeConfig):
+            self.speculative_config.validate()
         return self
 
     def token_buckets(self) -> tuple[int, ...]:

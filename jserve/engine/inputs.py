@@ -138,6 +138,7 @@ class InputBuilder:
         # (sequence, output position) per row; None on a row scoring a prompt position.
         targets: list[tuple[_SeqInfo | None, int]] = []
         score_ids: list[int] = []  # per row: the prompt token scored, or -1
+        draft_ids: list[int] = []  # per row: the speculative proposal it verifies, or -1
         seqs = self.seqs
         for e in so.entries:
             row = seqs[e.seq_id].row
@@ -179,8 +180,12 @@ class InputBuilder:
                 hist_lens += [0] * k
                 targets += [(None, 0)] * k
                 score_ids += e.prompt_targets
+                draft_ids += [-1] * k
             if e.num_scored:
                 first = end - e.num_scored
+                # Row k of a speculating entry verifies proposal k (its next input);
+                # its last row has none (the bonus token).
+                drafts = [*e.draft_ids, -1]
                 for seq_id in e.targets:
                     target = seqs[seq_id]
                     for k in range(e.num_scored):
@@ -189,6 +194,7 @@ class InputBuilder:
                         hist_lens.append(first + k + 1)
                         targets.append((target, e.out_pos + k))
                         score_ids.append(-1)
+                        draft_ids.append(drafts[k])
 
         nt, ns = len(ids), len(seq_rows)
         v["ids"][:nt] = ids
@@ -213,6 +219,7 @@ class InputBuilder:
         v["history_rows"][:nr] = hist_rows
         v["history_lens"][:nr] = hist_lens
         v["score_ids"][:nr] = score_ids
+        v["draft_ids"][:nr] = draft_ids
         want_logprobs = self._sampling(v, targets)
         return StepPlan(
             shape=(t_bucket, r_bucket),

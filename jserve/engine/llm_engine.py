@@ -24,6 +24,7 @@ from jserve.model_loader import LoadedModel
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.prompts import PromptType, tokenize_prompt
 from jserve.sampling_params import SamplingParams
+from jserve.spec.speculator import Speculator
 from sharding import describe_mesh
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,15 @@ class LLMEngine:
         self.max_model_len = min(ecfg.max_model_len or limit, limit)
         self.num_pages = pages_that_fit(model, ecfg, self.max_model_len)
         self.pool = PagePool(self.num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
-        self.scheduler = Scheduler(ecfg, self.pool, self.cfg.eos_token_ids)
+        spec = self.ecfg.speculative_config
+        self.speculator = None
+        if spec is not None:
+            spec.check_draft_vocab(self.cfg.vocab_size)
+            self.speculator = Speculator(spec)
+        self.scheduler = Scheduler(ecfg, self.pool, self.cfg.eos_token_ids, self.speculator)
+        # Proposals are made from the tokens of the previous step, so a speculating
+        # engine collects each step before planning the next.
+        self._async = ecfg.async_scheduling and self.speculator is None
         self.runner = runner_cls(
             model.params,
             self.cfg,
@@ -259,7 +268,7 @@ class LLMEngine:
             self._process(*self._inflight)
             self._inflight = None
         if handle is not None:
-            if self.ecfg.async_scheduling:
+            if self._async:
                 self._inflight = (so, handle)
             else:
                 self._process(so, handle)
@@ -415,6 +424,10 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         return dataclasses.replace(self.stats)
+
+    def get_metrics(self) -> dict[str, float]:
+        """Every counter and gauge of ``get_stats`` by its ``jserve_`` name."""
+        return self.stats.as_metrics()
 
     def is_idle(self) -> bool:
         """No requests, nothing in flight, and every page free."""

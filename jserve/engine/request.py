@@ -91,6 +91,8 @@ class Sequence:
         self.logprobs: list[dict[int, Logprob]] = []
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
+        # Speculative proposals chosen for the step being planned (see Scheduler).
+        self.drafts: list[int] = []
         # Where the newest pending token is on the device: (step id, row).
         self.pending_row: tuple[int, int] | None = None
         # Outputs already handed to the caller (for deltas).

@@ -3,7 +3,9 @@
 Order of operations per row (as vLLM applies them): penalties on the raw
 logits, stop tokens banned while below ``min_tokens``, temperature, then the
 top-k, top-p and min-p filters, then a draw. Greedy rows (temperature 0)
-take the argmax of the penalized logits. Each row's randomness comes from
+take the argmax of the penalized logits. A row verifying a speculative
+proposal (``draft_ids``) keeps or replaces it by rejection sampling from the
+same processed distribution (``jserve.spec.rejection``). Each row's randomness comes from
 its own key, folded from (request seed, sample index, output position), so
 a seeded request gives the same tokens whatever else is in the batch.
 Logprobs are those of the raw model distribution: of the sampled token, or
@@ -21,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from jserve.spec import rejection
 
 
 @struct.dataclass
@@ -73,15 +77,19 @@ def _filter_sorted(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax
     return jnp.where(scaled < cutoff, -jnp.inf, scaled)
 
 
-def _draw(scaled: jax.Array, f: dict[str, jax.Array]) -> jax.Array:
-    """Gumbel-max draw, each row from its own key."""
+def _row_keys(f: dict[str, jax.Array]) -> jax.Array:
+    """Each row's key, from (request seed, sample index, output position)."""
 
     def row_key(seed: jax.Array, index: jax.Array, position: jax.Array) -> jax.Array:
         key = jax.random.fold_in(jax.random.key(seed), index)
         return jax.random.fold_in(key, position)
 
+    return jax.vmap(row_key)(f["seeds"], f["sample_index"], f["out_position"])
+
+
+def _draw(scaled: jax.Array, keys: jax.Array) -> jax.Array:
+    """Gumbel-max draw, each row from its own key."""
     vocab = scaled.shape[-1]
-    keys = jax.vmap(row_key)(f["seeds"], f["sample_index"], f["out_position"])
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
     return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
 
@@ -119,7 +127,14 @@ def sample(
         min_p = f["min_p"][:, None]
         below = scaled < top_logit + jnp.log(jnp.maximum(min_p, 1e-30))
         scaled = jnp.where((min_p > 0) & below, -jnp.inf, scaled)
-        return jnp.where(temperature > 0, _draw(scaled, f), greedy_tokens)
+        keys = _row_keys(f)
+        drawn = jax.lax.cond(  # rows verifying a proposed token (speculative decoding)
+            jnp.any(f["draft_ids"] >= 0),
+            lambda x: rejection.verify_point_mass(x, f["draft_ids"], keys, _draw),
+            lambda x: _draw(x, keys),
+            scaled,
+        )
+        return jnp.where(temperature > 0, drawn, greedy_tokens)
 
     tokens = jax.lax.cond(flags[0] > 0, random_tokens, lambda _: greedy_tokens, logits)
 

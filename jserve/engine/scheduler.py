@@ -21,6 +21,13 @@ each (see ``logprobs``): its chunks are capped so a step's rows (these, plus
 one per sampling sequence) never exceed max_num_seqs, and its prefix-cache
 hits never skip positions still to score.
 
+With speculative decoding (``jserve.spec``), a decoding sequence also takes
+up to k proposed tokens as inputs, scored in k + 1 rows; they count in the
+token, row and page budgets, and under page pressure a step sheds proposals
+before it preempts anyone. After the step ``update`` keeps the accepted
+prefix and rolls the rest back (their KV slots are written over later; pages
+that only held them are freed).
+
 When a running sequence needs a page and none is free, the lowest-priority
 newest running sequence is preempted: its pages are freed and it goes back
 to waiting to be recomputed later (its cached full pages often survive in
@@ -42,6 +49,7 @@ from jserve.engine.config import EngineConfig
 from jserve.engine.kv_pool import PagePool, page_hash
 from jserve.engine.request import Request, Sequence, Status
 from jserve.sampling_params import SamplingParams
+from jserve.spec.speculator import Speculator
 
 
 @dataclasses.dataclass(slots=True)
@@ -90,6 +98,9 @@ class ScheduledEntry:
     prompt_first: int = 0
     prompt_targets: list[int] = dataclasses.field(default_factory=list)
     prompt_row: int = 0
+    # Speculative proposals: the last len(draft_ids) inputs, verified by the first
+    # len(draft_ids) scored rows (num_scored = len(draft_ids) + 1).
+    draft_ids: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -124,9 +135,16 @@ class SeqUpdate:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, pool: PagePool, eos_token_ids: Seq[int] = ()) -> None:
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        pool: PagePool,
+        eos_token_ids: Seq[int] = (),
+        speculator: Speculator | None = None,
+    ) -> None:
         self.cfg = cfg
         self.pool = pool
+        self.speculator = speculator
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -240,6 +258,7 @@ class Scheduler:
         seq.synced_pages = 0
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.drafts = []
         self._release(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
@@ -279,10 +298,24 @@ class Scheduler:
 
         def take(seq: Sequence, num_new: int, sign: int = 1) -> None:
             nonlocal spare
-            rows = self._prompt_rows(seq, num_new)
+            rows = self._prompt_rows(seq, num_new) + len(seq.drafts)
             if seq.num_computed + num_new < seq.num_tokens:
                 rows -= self._slots_of(seq)
             spare -= sign * rows
+
+        def shed_drafts() -> bool:
+            """Frees the pages of the proposals chosen so far; False if there were none."""
+            nonlocal budget, spare
+            shed = False
+            for i, (s, n) in enumerate(chosen):
+                if s.drafts:
+                    budget += len(s.drafts)
+                    spare += len(s.drafts)
+                    chosen[i] = (s, n - len(s.drafts))
+                    s.drafts = []
+                    self._trim_pages(s, s.num_computed + 1)
+                    shed = True
+            return shed
 
         def drop(victim: Sequence) -> None:
             nonlocal budget
@@ -309,13 +342,20 @@ class Scheduler:
             num_new = self._fit_rows(seq, num_new, rows_free() + self._slots_of(seq))
             if num_new == 0:
                 continue  # no rows left for its prompt positions this step
-            while not self._reserve(seq, num_new, copies):
+            seq.drafts = self._propose(seq, num_new, budget, rows_free())
+            while not self._reserve(seq, num_new + len(seq.drafts), copies):
+                if seq.drafts:  # page pressure: fewer proposals before any preemption
+                    seq.drafts.pop()
+                    continue
+                if shed_drafts():
+                    continue
                 victim = self.running[-1]
                 drop(victim)
                 if victim is seq:
                     break
             if seq.status is not Status.RUNNING:
                 continue
+            num_new += len(seq.drafts)
             chosen.append((seq, num_new))
             budget -= num_new
             take(seq, num_new)
@@ -350,6 +390,28 @@ class Scheduler:
             take(seq, num_new)
 
         return self._finalize(chosen, copies)
+
+    def _propose(self, seq: Sequence, num_new: int, budget: int, rows: int) -> list[int]:
+        """Speculative proposals for a sequence that decodes, within the step's budgets and
+        its max_tokens (the accepted run plus its bonus token never exceeds it)."""
+        spec = self.speculator
+        if (
+            spec is None
+            or num_new != 1
+            or seq.num_pending
+            or seq.num_computed != seq.num_tokens - 1
+        ):
+            return []
+        room = seq.request.max_output_tokens - seq.num_output_tokens - 1
+        return spec.propose(seq.token_ids, min(budget - 1, rows, room))
+
+    def _trim_pages(self, seq: Sequence, num_tokens: int) -> None:
+        """Frees the pages past those positions [0, num_tokens) need."""
+        keep = -(-num_tokens // self.pool.page_size)
+        if len(seq.pages) > keep:
+            self.pool.free(seq.pages[keep:])
+            del seq.pages[keep:]
+            seq.synced_pages = min(seq.synced_pages, keep)
 
     def _fit_rows(self, seq: Sequence, num_new: int, rows: int) -> int:
         """The longest chunk from num_computed (at most ``num_new`` tokens) whose rows
@@ -413,14 +475,16 @@ class Scheduler:
         for seq, num_new in chosen:
             start = seq.num_computed
             end = start + num_new
+            drafts, seq.drafts = seq.drafts, []
+            last = end - len(drafts)  # past the last known (or pending) input
             token_ids = seq.token_ids
             known = len(token_ids)
             src_row = -1
-            if known < end:  # the last input is still on the device
+            if known < last:  # the last input is still on the device
                 step, src_row = seq.pending_row
                 assert step == step_id - 1, (seq, step, step_id)
             else:
-                known = end
+                known = last
             offset = seq.synced_pages
             pages = seq.pages
             new_pages = pages[offset:] if offset < len(pages) else []
@@ -435,30 +499,32 @@ class Scheduler:
             prompt_row = rows
             rows += num_prompt
             total = len(token_ids) + seq.num_pending
+            scored = 1 + len(drafts)
             ids = []
-            if end == total:  # the last known position: it is scored
+            if last == total:  # the last known position (and any proposals): scored
                 targets = [seq] if len(req.seqs) >= req.params.n else [seq, *self._fork(seq)]
                 for target in targets:
-                    target.num_pending += 1
-                    target.pending_row = (step_id, rows + len(ids))
+                    target.num_pending += scored
+                    target.pending_row = (step_id, rows + (len(ids) + 1) * scored - 1)
                     ids.append(target.seq_id)
             entry = ScheduledEntry(
                 seq.seq_id,
                 start,
                 num_new,
-                token_ids[start:known],
+                token_ids[start:known] + drafts,
                 src_row,
                 offset,
                 new_pages,
-                1 if ids else 0,
+                scored if ids else 0,
                 ids,
                 rows,
                 total - seq.num_prompt_tokens,
                 prompt_first,
                 req.prompt_token_ids[prompt_first + 1 : prompt_first + 1 + num_prompt],
                 prompt_row,
+                drafts,
             )
-            rows += len(ids)
+            rows += len(ids) * scored
             entries.append(entry)
         live = {id(seq) for seq, _ in chosen}
         new, self._new = self._new, []
@@ -503,14 +569,32 @@ class Scheduler:
                     updates.append(SeqUpdate(seq, [], []))
                     continue
                 got = []
-                for r in rows:
+                drafts = entry.draft_ids
+                for j, r in enumerate(rows):
                     token = int(tokens[r])
                     seq.token_ids.append(token)
                     got.append(token)
                     if self._check_stop(seq, token):
                         break
+                    if j < len(drafts) and token != drafts[j]:
+                        break  # proposal j was rejected: later rows assumed it
+                if drafts:
+                    self._after_verification(seq, entry, [int(tokens[r]) for r in rows])
                 updates.append(SeqUpdate(seq, got, list(rows[: len(got)])))
         return updates
+
+    def _after_verification(self, seq: Sequence, entry: ScheduledEntry, tokens: list[int]) -> None:
+        """Counts what was accepted, and rolls back the positions computed for rejected
+        proposals: the next step writes over their KV slots, and pages that only held
+        them go back to the pool. Pages with unverified tokens were never registered
+        in the prefix cache (only known tokens are)."""
+        assert self.speculator is not None
+        self.speculator.stats.record(
+            len(entry.draft_ids), self.speculator.num_accepted(entry.draft_ids, tokens)
+        )
+        if seq.status is Status.RUNNING:
+            seq.num_computed = len(seq.token_ids) - 1
+            self._trim_pages(seq, seq.num_computed)
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         p = seq.request.params

@@ -185,6 +185,8 @@ class StepShapes:
                 # A row that scores a prompt position: the prompt token whose logprob
                 # and rank it returns (its sample is ignored); -1 on sampling rows.
                 ("score_ids", (r,), "i32", -1),
+                # A row verifying a speculative proposal: the proposed token, else -1.
+                ("draft_ids", (r,), "i32", -1),
                 # any row: [draws at random, uses top-k/top-p, uses penalties, wants logprobs]
                 ("flags", (4,), "i32", 0),
             ]

@@ -27,6 +27,23 @@ class EngineStats:
     generation_tokens: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up
     prefix_cache_hits: int = 0  # of which found in the cache
+    # Speculative decoding (jserve.spec.stats): sequence-steps with proposals, tokens
+    # proposed, and of those accepted.
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+
+    @property
+    def spec_decode_mean_accepted_length(self) -> float:
+        """Tokens per speculating sequence-step: 1 + accepted / drafts (0 before any)."""
+        n = self.spec_decode_num_drafts
+        return 1.0 + self.spec_decode_num_accepted_tokens / n if n else 0.0
+
+    def as_metrics(self) -> dict[str, float]:
+        """Every field by its ``jserve_`` name, with the derived speculation figure."""
+        out: dict[str, float] = {f"jserve_{k}": v for k, v in dataclasses.asdict(self).items()}
+        out["jserve_spec_decode_mean_accepted_length"] = self.spec_decode_mean_accepted_length
+        return out
 
     def record_step(self, num_tokens: int) -> None:
         self.num_steps += 1
@@ -41,3 +58,8 @@ class EngineStats:
         self.pages_cached = pool.num_cached
         self.prefix_cache_queries = pool.query_tokens
         self.prefix_cache_hits = pool.hit_tokens
+        spec = getattr(scheduler, "speculator", None)
+        if spec is not None:
+            self.spec_decode_num_drafts = spec.stats.num_drafts
+            self.spec_decode_num_draft_tokens = spec.stats.num_draft_tokens
+            self.spec_decode_num_accepted_tokens = spec.stats.num_accepted_tokens
