@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -30,6 +31,10 @@ class LLM:
     compiled step programs, so a second start-up skips compiling them (see
     jserve.compile_cache). The default is ``$JSERVE_COMPILATION_CACHE_DIR`` if
     set, else ``~/.cache/jserve/jax-cache``; None or "" leaves the cache off.
+
+    ``speculative_config``: speculative decoding in vLLM's convention, e.g.
+    ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+    "prompt_lookup_max": 5}`` (see jserve.spec); checked before the model loads.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class LLM:
         pipeline_parallel_size: int = 1,
         num_microbatches: int = 0,
         compilation_cache_dir: CacheDirArg = DEFAULT_CACHE_DIR,
+        speculative_config: Mapping[str, Any] | None = None,
     ) -> None:
         ecfg = EngineConfig(
             page_size=page_size,
@@ -67,6 +73,7 @@ class LLM:
             attention_backend=attention_backend,
             async_scheduling=async_scheduling,
             seed=seed,
+            speculative_config=speculative_config,
         ).validate()
         enable_compilation_cache(compilation_cache_dir)  # before loading compiles anything
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, num_microbatches)
@@ -81,6 +88,11 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.model.tokenizer
+
+    def get_metrics(self) -> dict[str, float]:
+        """The engine's counters and gauges by name (``jserve_`` names, as the Prometheus
+        exporter gives them), e.g. ``jserve_spec_decode_mean_accepted_length``."""
+        return self.engine.get_metrics()
 
     def generate(
         self,

@@ -91,6 +91,26 @@ def _header(args: argparse.Namespace, engine: LLMEngine, mode: str) -> dict[str,
     }
 
 
+def _spec_metrics(engine: LLMEngine) -> dict[str, Any]:
+    """Speculative decoding counters of the run (empty without speculation); printed too."""
+    if engine.ecfg.speculative_config is None:
+        return {}
+    s = engine.stats
+    out = {
+        "spec_decode_num_drafts": s.spec_decode_num_drafts,
+        "spec_decode_num_draft_tokens": s.spec_decode_num_draft_tokens,
+        "spec_decode_num_accepted_tokens": s.spec_decode_num_accepted_tokens,
+        "spec_decode_mean_accepted_length": s.spec_decode_mean_accepted_length,
+    }
+    print(
+        f"Speculative decoding: {out['spec_decode_num_drafts']} drafts, "
+        f"{out['spec_decode_num_draft_tokens']} draft tokens, "
+        f"{out['spec_decode_num_accepted_tokens']} accepted, "
+        f"mean accepted length {out['spec_decode_mean_accepted_length']:.2f}"
+    )
+    return out
+
+
 def run_throughput(args: argparse.Namespace) -> int:
     model, load_s = _load_model(args)
     reqs = requests_from_args(args, model.cfg.vocab_size, model.tokenizer)
@@ -122,6 +142,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         f"{elapsed:.2f} s; start-up: load {startup['load_s']:.2f} s, "
         f"engine + compile {startup['engine_init_and_compile_s']:.2f} s"
     )
+    result.update(_spec_metrics(engine))
     if args.plot_dir:
         plot_throughput(args.plot_dir, token_times, 0.0, "jserve bench throughput")
     save_result(args, "throughput", result)
@@ -162,6 +183,7 @@ def run_latency(args: argparse.Namespace) -> int:
     for p, v in result["percentiles"].items():
         print(f"{p}% percentile latency: {v:.4f} s")
     print(f"Output tokens/s: {result['output_tokens_per_second']:.2f}")
+    result.update(_spec_metrics(engine))
     if args.plot_dir:
         plot_cdfs(args.plot_dir, {"iteration latency": latencies}, "jserve bench latency")
     save_result(args, "latency", result)

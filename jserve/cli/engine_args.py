@@ -94,6 +94,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="prepare step N+1 while the device runs step N",
     )
     g.add_argument("--max-waiting", type=int, default=d.max_waiting)
+    g.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, as vLLM\'s dict, e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}\'',
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
         "--warmup",
@@ -125,6 +132,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         attention_backend=args.attention_backend,
         async_scheduling=args.async_scheduling,
         seed=args.seed,
+        speculative_config=args.speculative_config,
     )
     return dataclasses.replace(cfg, **overrides).validate()
 

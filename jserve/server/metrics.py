@@ -95,6 +95,26 @@ class EngineCollector(Collector):
             "scheduled_tokens", "Tokens computed (prompt chunks and decodes)", s.scheduled_tokens
         )
         yield gauge("engine_step_seconds", "Host time of the last engine step", s.step_time)
+        yield counter(
+            "spec_decode_num_drafts",
+            "Speculative decoding: sequence-steps that verified proposed tokens",
+            s.spec_decode_num_drafts,
+        )
+        yield counter(
+            "spec_decode_num_draft_tokens",
+            "Speculative decoding: tokens proposed",
+            s.spec_decode_num_draft_tokens,
+        )
+        yield counter(
+            "spec_decode_num_accepted_tokens",
+            "Speculative decoding: proposed tokens the target accepted",
+            s.spec_decode_num_accepted_tokens,
+        )
+        yield gauge(
+            "spec_decode_mean_accepted_length",
+            "Speculative decoding: tokens per speculating sequence-step, 1 + accepted / drafts",
+            s.spec_decode_mean_accepted_length,
+        )
 
 
 class ServerMetrics:

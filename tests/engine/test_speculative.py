@@ -1,0 +1,212 @@
+"""Speculative decoding with n-gram proposals: the same tokens as without it (greedy),
+under chunked prefill, a tiny page pool, prefix caching, n > 1, stops and logprobs;
+no new programs; clear start-up errors for bad configurations."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from jserve.engine.llm_engine import LLMEngine
+from jserve.errors import ConfigError
+from jserve.model_loader import default_model_path
+from jserve.sampling_params import SamplingParams
+from jserve.spec.config import SpeculativeConfig
+from jserve.spec.ngram import NgramProposer
+from tests.engine.helpers import greedy, make_engine, run
+from tests.engine.test_compile_guard import no_compiles
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
+# One engine shape for the random model, so every engine here shares its programs:
+# 48 pages of 4 tokens (a tiny pool) and 16-token steps (chunked prompts).
+SMALL = dict(num_pages=48, max_num_batched_tokens=16, max_num_seqs=8, max_logprobs=2)
+
+rng = random.Random(13)
+# Repeating patterns give the lookup something to find in a random model too.
+PATTERNED = [[rng.randrange(1, 200) for _ in range(n)] * r for n, r in ((3, 4), (5, 3), (2, 9))]
+RANDOM = [[rng.randrange(1, 200) for _ in range(n)] for n in (7, 30, 2)]
+
+
+def outputs(engine: LLMEngine, reqs: list) -> dict[str, list[list[int]]]:
+    return {rid: [c.token_ids for c in out.outputs] for rid, out in run(engine, reqs).items()}
+
+
+def mixed_requests(prompts: list, max_tokens: int = 24) -> list:
+    """Arrivals spread over steps, so proposals meet prefill chunks in one step."""
+    return [(f"r{i}", p, greedy(max_tokens - i), i) for i, p in enumerate(prompts)]
+
+
+# -- the proposer and the configuration ---------------------------------------
+
+
+def test_ngram_lookup_prefers_long_and_recent_matches() -> None:
+    p = NgramProposer(1, 3)
+    assert p.propose([5, 6, 7, 8, 5, 6], 3) == [7, 8, 5]
+    assert p.propose([1, 2, 9, 1, 2, 4, 2], 2) == [4, 2]  # [2] last seen at index 4
+    assert p.propose([4, 1, 2, 3, 1, 2], 2) == [3, 1]  # [1, 2] seen at index 1
+    assert p.propose([1, 2, 3], 4) == []
+    assert NgramProposer(2, 3).propose([7, 9, 7], 2) == []  # only a 1-gram matches
+    assert p.propose([3, 3, 3, 3], 0) == []
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": -2}, "num_speculative_tokens"),
+        ({"method": "ngram", "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "exceeds"),
+        ({"method": "ngram", "prompt_lookup_min": 0}, "prompt_lookup_min"),
+        ({"method": "medusa"}, "unknown"),
+        ({"method": "ngram", "lookahead": 3}, "unknown keys"),
+        ({"method": "draft_model", "model": "/no/such/dir"}, "not a directory"),
+        ("{not json", "JSON"),
+        (["ngram"], "must be a dict"),
+    ],
+)
+def test_bad_configs_fail_at_start_up(cfg: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SpeculativeConfig.from_dict(cfg)  # type: ignore[arg-type]
+
+
+def test_a_draft_with_another_vocabulary_is_refused(llama_dir: str, tmp_path) -> None:
+    with open(f"{llama_dir}/config.json") as fh:
+        cfg = json.load(fh)
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    (draft / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
+    spec = SpeculativeConfig(method="draft_model", model=str(draft))
+    with pytest.raises(ConfigError, match="vocab_size"):
+        spec.check_draft_vocab(cfg["vocab_size"])
+
+
+# -- greedy: exactly the tokens without speculation ---------------------------
+
+
+@pytest.fixture(scope="module")
+def warm(llama_dir: str) -> LLMEngine:
+    """Warmed up, so the tests below compile nothing new (and the guard can tell)."""
+    return make_engine(llama_dir, warmup=True, speculative_config=NGRAM, **SMALL)
+
+
+def test_greedy_random_model_mixed_batch_chunked_and_tiny_pool(
+    llama_dir: str, warm: LLMEngine
+) -> None:
+    """48 pages of 4 tokens for 6 requests of up to 52 tokens: proposals are shed and
+    sequences preempted; 16-token steps chunk the prompts beside verifications."""
+    reqs = mixed_requests(PATTERNED + RANDOM, max_tokens=28)
+    want = outputs(make_engine(llama_dir, **SMALL), reqs)
+    engine = warm
+    assert outputs(engine, reqs) == want
+    s = engine.get_stats()
+    assert s.spec_decode_num_drafts > 0 and s.spec_decode_num_accepted_tokens > 0
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.is_idle()
+
+
+def test_greedy_embedded_model_with_prefix_cache_n_and_stops() -> None:
+    model = default_model_path()
+    prompts = [
+        "ROMEO:\nI will, I will, I will",
+        "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.",
+        "KING RICHARD III:\nA horse! a horse! my kingdom for a horse!",
+    ]
+    reqs = mixed_requests(prompts, max_tokens=40)
+    # The same prompt again (a prefix-cache hit), n = 2, and a stop id and string.
+    reqs.append(("again", prompts[1], greedy(30), 6))
+    reqs.append(("n2", prompts[0], SamplingParams(max_tokens=20, temperature=0, n=2), 7))
+    reqs.append(("stop", prompts[2], greedy(40, stop=[" horse"], stop_token_ids=[13]), 8))
+    reqs.append(("lp", prompts[1], greedy(25, logprobs=2), 9))
+    kw = dict(max_num_batched_tokens=16, max_num_seqs=8, page_size=8, max_logprobs=2)
+    base = run(make_engine(model, **kw), reqs)
+    engine = make_engine(model, speculative_config=NGRAM, **kw)
+    got = run(engine, reqs)
+    for rid, out in base.items():
+        for a, b in zip(out.outputs, got[rid].outputs, strict=True):
+            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+            if a.logprobs is not None:
+                for x, y in zip(a.logprobs, b.logprobs, strict=True):
+                    assert list(x) == list(y)
+                    for t in x:
+                        assert y[t].logprob == pytest.approx(x[t].logprob, abs=1e-4)
+                        assert y[t].rank == x[t].rank
+    assert len(got["r0"].outputs[0].token_ids) == 40  # max_tokens, never more
+    s = engine.get_stats()
+    assert s.spec_decode_mean_accepted_length > 1.3, s
+    assert got["again"].num_cached_tokens > 0
+    assert engine.is_idle()
+
+
+def test_abort_mid_speculation_frees_everything(warm: LLMEngine) -> None:
+    engine = warm
+    drafts = engine.get_stats().spec_decode_num_drafts
+    for i, p in enumerate(PATTERNED):
+        engine.add_request(str(i), p, greedy(40))
+    for _ in range(6):
+        engine.step()
+    assert engine.get_stats().spec_decode_num_drafts > drafts
+    for i in range(len(PATTERNED)):
+        engine.abort_request(str(i))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.is_idle()
+
+
+def test_speculation_compiles_nothing_after_warm_up(warm: LLMEngine) -> None:
+    engine = warm
+    drafts = engine.get_stats().spec_decode_num_drafts
+    reqs = mixed_requests(PATTERNED + RANDOM, max_tokens=20)
+    reqs += [
+        ("t", PATTERNED[0], SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9), 3),
+        ("p", PATTERNED[2], SamplingParams(max_tokens=12, presence_penalty=0.5, seed=1), 4),
+        ("l", PATTERNED[1], SamplingParams(max_tokens=12, logprobs=2, top_k=4), 5),
+    ]
+    with no_compiles():
+        run(engine, reqs)
+    assert engine.get_stats().spec_decode_num_drafts > drafts
+    assert engine.is_idle()
+
+
+# -- the interfaces: LLM, the CLI flag, metrics -------------------------------
+
+
+def test_llm_takes_the_config_and_reports_metrics(llama_dir: str, warm: LLMEngine) -> None:
+    from jserve import LLM
+
+    llm = LLM(llama_dir, warmup=False, compilation_cache_dir=None, speculative_config=NGRAM,
+              page_size=4, **SMALL)  # fmt: skip
+    out = llm.generate([PATTERNED[0]], greedy(16), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 16
+    m = llm.get_metrics()
+    assert m["jserve_spec_decode_num_drafts"] > 0
+    assert m["jserve_spec_decode_num_draft_tokens"] >= m["jserve_spec_decode_num_accepted_tokens"]
+    assert m["jserve_spec_decode_mean_accepted_length"] == pytest.approx(
+        1 + m["jserve_spec_decode_num_accepted_tokens"] / m["jserve_spec_decode_num_drafts"]
+    )
+    with pytest.raises(ConfigError, match="num_speculative_tokens"):
+        LLM(llama_dir, warmup=False, speculative_config={"num_speculative_tokens": 0})
+
+
+def test_the_cli_flag_and_the_prometheus_exporter(warm: LLMEngine) -> None:
+    import argparse
+    import types
+
+    from jserve.cli.engine_args import add_engine_arguments, engine_config_from_args
+    from jserve.server.metrics import EngineCollector
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    args = parser.parse_args(["--speculative-config", json.dumps(NGRAM)])
+    assert engine_config_from_args(args).speculative_config == SpeculativeConfig(**NGRAM)
+    with pytest.raises(ConfigError, match="exceeds"):
+        bad = {"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}
+        engine_config_from_args(parser.parse_args(["--speculative-config", json.dumps(bad)]))
+
+    run(warm, [("m", PATTERNED[1], greedy(12), 0)])
+    aengine = types.SimpleNamespace(get_stats=warm.get_stats, dead=False)
+    metrics = {m.name: m.samples[0].value for m in EngineCollector(aengine).collect()}
+    s = warm.get_stats()
+    assert metrics["jserve_spec_decode_num_drafts"] == s.spec_decode_num_drafts > 0
+    assert metrics["jserve_spec_decode_num_accepted_tokens"] == s.spec_decode_num_accepted_tokens
+    assert metrics["jserve_spec_decode_mean_accepted_length"] == s.spec_decode_mean_accepted_length
