@@ -139,6 +139,10 @@ class InputBuilder:
         targets: list[tuple[_SeqInfo | None, int]] = []
         score_ids: list[int] = []  # per row: the prompt token scored, or -1
         draft_ids: list[int] = []  # per row: the speculative proposal it verifies, or -1
+        # Draft-model lanes (proposed on the device): (table row, index of the last known
+        # input, its position, first verifying row, proposals); and (input index, row).
+        lanes: list[tuple[int, int, int, int, int]] = []
+        device_inputs: list[tuple[int, int]] = []
         seqs = self.seqs
         for e in so.entries:
             row = seqs[e.seq_id].row
@@ -169,6 +173,12 @@ class InputBuilder:
                     ids.append(0)
                     src.append(e.src_row)
                 token_rows += [row] * n
+            if e.draft_ids and e.draft_ids[0] < 0:  # a draft model proposes them on the device
+                k = len(e.draft_ids)
+                at = cu[-1] + n - k - 1  # the last known input
+                ids[at + 1 : at + 1 + k] = [0] * k
+                lanes.append((row, at, end - k - 1, e.first_row, k))
+                device_inputs += [(at + 1 + j, e.first_row + j) for j in range(k)]
             seq_rows.append(row)
             kv_lens.append(end)
             cu.append(cu[-1] + n)
@@ -184,7 +194,8 @@ class InputBuilder:
             if e.num_scored:
                 first = end - e.num_scored
                 # Row k of a speculating entry verifies proposal k (its next input);
-                # its last row has none (the bonus token).
+                # its last row has none (the bonus token). Proposals of a draft model
+                # (-1 here) are filled in on the device.
                 drafts = [*e.draft_ids, -1]
                 for seq_id in e.targets:
                     target = seqs[seq_id]
@@ -220,6 +231,18 @@ class InputBuilder:
         v["history_lens"][:nr] = hist_lens
         v["score_ids"][:nr] = score_ids
         v["draft_ids"][:nr] = draft_ids
+        if lanes:
+            cols = list(zip(*lanes, strict=True))
+            nl = len(lanes)
+            for name, col in zip(
+                ("lane_rows", "lane_token", "lane_start", "lane_first_row", "lane_k"),
+                cols,
+                strict=True,
+            ):
+                v[name][:nl] = col
+            v["num_lanes"][0] = nl
+            at, rows = zip(*device_inputs, strict=True)
+            v["token_draft_row"][list(at)] = rows
         want_logprobs = self._sampling(v, targets)
         return StepPlan(
             shape=(t_bucket, r_bucket),

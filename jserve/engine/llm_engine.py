@@ -24,6 +24,7 @@ from jserve.model_loader import LoadedModel
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.prompts import PromptType, tokenize_prompt
 from jserve.sampling_params import SamplingParams
+from jserve.spec.draft import load_draft
 from jserve.spec.speculator import Speculator
 from sharding import describe_mesh
 
@@ -95,8 +96,10 @@ class LLMEngine:
         self.pool = PagePool(self.num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
         spec = self.ecfg.speculative_config
         self.speculator = None
+        draft = None
         if spec is not None:
-            spec.check_draft_vocab(self.cfg.vocab_size)
+            if spec.method == "draft_model":
+                spec, draft = load_draft(spec, model, self.max_model_len)
             self.speculator = Speculator(spec)
         self.scheduler = Scheduler(ecfg, self.pool, self.cfg.eos_token_ids, self.speculator)
         # Proposals are made from the tokens of the previous step, so a speculating
@@ -111,6 +114,8 @@ class LLMEngine:
             num_pages=self.num_pages,
             mesh=model.mesh,
             parallel=model.parallel,
+            draft_model=draft,
+            num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0,
         )
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(ecfg.seed)
@@ -289,7 +294,7 @@ class LLMEngine:
         for e in so.entries:  # before update: a sample there may end the sequence
             if e.prompt_targets:
                 self._record_prompt_logprobs(e, res)
-        for upd in self.scheduler.update(so, res.tokens):
+        for upd in self.scheduler.update(so, res.tokens, res.drafts):
             req = upd.seq.request
             kept = self._find_stop_string(upd)
             if req.params.logprobs is not None:

@@ -40,6 +40,7 @@ from jserve.engine.shapes import StepShapes
 from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
 from jserve.models.pipeline import pipeline_forward
+from jserve.spec import draft as spec_draft
 from sharding import STAGE, kv_pages_sharding, logical_to_spec
 from sharding.pipeline import pipeline_kv_sharding
 
@@ -67,18 +68,26 @@ def _step(
     history: jax.Array,  # i32[max_num_seqs + 1, max_model_len]
     prev_tokens: jax.Array,  # i32[max_num_seqs]: the previous step's samples
     packed: jax.Array,  # i32[layout size]
+    draft_params: Any = None,  # a draft model's (speculative decoding), or None
+    draft_kv: list[jax.Array] | None = None,  # its KV pool, with the target's page ids
     *,
     cfg: ModelConfig,
     shapes: StepShapes,
     shape: tuple[int, int],
     backend: str,
     mesh: Any,  # None on one device
-) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput]:
+    draft: DraftSpec | None = None,
+) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput, list[jax.Array], jax.Array]:
     f = shapes.layout(*shape).unpack(packed)
     src = f["src_rows"]
     ids = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], f["ids"])
     table = table.at[f["diff_rows"], f["diff_cols"]].set(f["diff_pages"], mode="drop")
     history = history.at[f["token_rows"], f["positions"]].set(ids, mode="drop")
+    draft_probs = None
+    if draft is not None:
+        draft_kv, history, ids, f, draft_probs = _propose(
+            draft, draft_params, draft_kv, table, history, ids, f, shapes.page_size, backend, mesh
+        )
     md = AttentionMetadata(
         positions=f["positions"],
         slot_mapping=f["slot_mapping"],
@@ -107,8 +116,61 @@ def _step(
         split = NamedSharding(mesh, logical_to_spec((None, "vocab")))
         logits = jax.lax.with_sharding_constraint(logits, split)
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
-    out = sample(logits, f, history, num_out=shapes.max_num_seqs, num_logprobs=shapes.num_logprobs)
-    return kv_pages, table, history, out
+    out = sample(
+        logits,
+        f,
+        history,
+        num_out=shapes.max_num_seqs,
+        num_logprobs=shapes.num_logprobs,
+        draft_probs=draft_probs,
+    )
+    if draft is not None:
+        draft_kv = spec_draft.catch_up(draft_params, draft.cfg, draft_kv, ids, md)
+    return kv_pages, table, history, out, draft_kv or [], f["draft_ids"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftSpec:
+    """The static side of a draft model (speculative decoding) in the step program."""
+
+    cfg: ModelConfig
+    num_speculative_tokens: int
+
+
+def _propose(
+    draft: DraftSpec,
+    params: Any,
+    kv: list[jax.Array],
+    table: jax.Array,
+    history: jax.Array,
+    ids: jax.Array,
+    f: dict[str, jax.Array],
+    page_size: int,
+    backend: str,
+    mesh: Any,
+) -> tuple[list[jax.Array], jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
+    """The draft's proposals, placed as the step's inputs and as the rows' drafts."""
+    kv, history, row_drafts, row_probs = spec_draft.propose(
+        params,
+        draft.cfg,
+        kv,
+        table,
+        history,
+        ids,
+        f,
+        num_speculative_tokens=draft.num_speculative_tokens,
+        page_size=page_size,
+        backend=backend,
+        mesh=mesh,
+    )
+    tdr = f["token_draft_row"]
+    ids = jnp.where(tdr >= 0, row_drafts[jnp.maximum(tdr, 0)], ids)
+    history = history.at[f["token_rows"], f["positions"]].set(ids, mode="drop")
+    from_model = row_drafts >= 0
+    draft_ids = jnp.where(from_model, row_drafts, f["draft_ids"])
+    # N-gram rows (none when a draft model is configured) would be point masses.
+    probs = jnp.where(from_model[:, None], row_probs, jax.nn.one_hot(draft_ids, row_probs.shape[1]))
+    return kv, history, ids, {**f, "draft_ids": draft_ids}, probs
 
 
 @functools.cache
@@ -146,6 +208,7 @@ class StepHandle:
     out: SamplerOutput
     num_rows: int
     with_logprobs: bool
+    drafts: jax.Array | None = None  # i32[R]: each row's draft-model proposal, or -1
 
 
 @dataclasses.dataclass
@@ -155,6 +218,7 @@ class StepResult:
     ranks: np.ndarray | None
     top_ids: np.ndarray | None  # i32[rows, K]
     top_logprobs: np.ndarray | None
+    drafts: list[int] | None = None  # per row: the draft model's proposal it verified, or -1
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
@@ -174,6 +238,8 @@ class ModelRunner:
         num_pages: int,
         mesh: Any = None,
         parallel: Any = None,
+        draft_model: Any = None,  # a LoadedModel proposing tokens (speculative decoding)
+        num_speculative_tokens: int = 0,
     ) -> None:
         self.params = params
         self.cfg = cfg
@@ -199,6 +265,17 @@ class ModelRunner:
             self._kv_sharding = pipeline_kv_sharding(mesh)
             layers = cfg.num_layers // self.pp
         self.kv_pages = [_zeros(shape, dtype, self._kv_sharding)() for _ in range(layers)]
+        self.draft_params = None
+        self.draft_kv: list[jax.Array] = []
+        self._draft: DraftSpec | None = None
+        if draft_model is not None:  # its own pool, with the target's page ids
+            d = draft_model.cfg
+            dshape = (num_pages, ecfg.page_size, 2 * d.num_kv_heads, d.head_dim)
+            self.draft_params = draft_model.params
+            self.draft_kv = [
+                _zeros(dshape, dtype, self._kv_sharding)() for _ in range(d.num_layers)
+            ]
+            self._draft = DraftSpec(d, num_speculative_tokens)
         rep = self._replicated
         self.table = _zeros((rows, self.pages_per_seq), jnp.int32, rep)()
         self.history = _zeros((rows, self.shapes.max_model_len), jnp.int32, rep)()
@@ -222,20 +299,32 @@ class ModelRunner:
                 shape=(t, r),
                 backend=self.backend,
                 mesh=self.mesh,
+                draft=self._draft,
             )
             packed = np.zeros(self.shapes.layout(t, r).size, np.int32)
-            args = (self.params, self.kv_pages, self.table, self.history, self._prev_tokens, packed)
-            opts: dict[str, Any] = dict(donate_argnums=(1, 2, 3))
+            args = (
+                self.params,
+                self.kv_pages,
+                self.table,
+                self.history,
+                self._prev_tokens,
+                packed,
+                self.draft_params,
+                self.draft_kv,
+            )
+            opts: dict[str, Any] = dict(donate_argnums=(1, 2, 3, 7))
             if self.mesh is not None:
                 kv = [self._kv_sharding] * len(self.kv_pages)
-                opts["out_shardings"] = (kv, rep, rep, rep)
+                dkv = [self._kv_sharding] * len(self.draft_kv)
+                opts["out_shardings"] = (kv, rep, rep, rep, dkv, rep)
             return fn, args, opts
         (n,) = size
-        if kind == "copy":
-            args = (self.kv_pages, np.full((2, n), -1, np.int32))
+        if kind == "copy":  # both pools: the draft's pages mirror the target's
+            pools = self.kv_pages + self.draft_kv
+            args = (pools, np.full((2, n), -1, np.int32))
             opts = dict(donate_argnums=(0,))
             if self.mesh is not None:
-                opts["out_shardings"] = [self._kv_sharding] * len(self.kv_pages)
+                opts["out_shardings"] = [self._kv_sharding] * len(pools)
             return _copy_pages, args, opts
         target = self.table if kind == "table" else self.history
         args = (target, np.zeros(n, np.int32), np.zeros((n, target.shape[1]), np.int32))
@@ -257,7 +346,16 @@ class ModelRunner:
             # the structure, shapes, dtypes and placements of its arguments.
             leaves, tree = jax.tree_util.tree_flatten(args)
             sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
-            shared = (key, self.cfg, self.shapes.key, self.backend, self.mesh, tree, sig)
+            shared = (
+                key,
+                self.cfg,
+                self.shapes.key,
+                self.backend,
+                self.mesh,
+                self._draft,
+                tree,
+                sig,
+            )
             prog = _COMPILED.get(shared)
             if prog is None:
                 prog = jax.jit(fn, **opts).lower(*args).compile()
@@ -290,12 +388,16 @@ class ModelRunner:
     def dispatch(self, plan: StepPlan) -> StepHandle:
         """Issues the plan's device calls; returns before they finish."""
         if plan.copies is not None:
-            self.kv_pages = self._call(("copy", plan.copies.shape[1]), self.kv_pages, plan.copies)
+            pools = self._call(
+                ("copy", plan.copies.shape[1]), self.kv_pages + self.draft_kv, plan.copies
+            )
+            n = len(self.kv_pages)
+            self.kv_pages, self.draft_kv = pools[:n], pools[n:]
         if plan.table_writes is not None:
             self.table = self._write(("table",), self.table, plan.table_writes)
         if plan.history_writes is not None:
             self.history = self._write(("history",), self.history, plan.history_writes)
-        self.kv_pages, self.table, self.history, out = self._call(
+        self.kv_pages, self.table, self.history, out, self.draft_kv, drafts = self._call(
             ("step", *plan.shape),
             self.params,
             self.kv_pages,
@@ -303,9 +405,13 @@ class ModelRunner:
             self.history,
             self._prev_tokens,
             plan.packed,
+            self.draft_params,
+            self.draft_kv,
         )
         self._prev_tokens = out.tokens
-        return StepHandle(out, plan.num_rows, plan.want_logprobs)
+        return StepHandle(
+            out, plan.num_rows, plan.want_logprobs, drafts if self._draft is not None else None
+        )
 
     def _write(self, kind: tuple, target: jax.Array, w: RowWrites) -> jax.Array:
         return self._call((*kind, len(w.rows)), target, w.rows, w.values)
@@ -318,12 +424,13 @@ class ModelRunner:
         """Blocks until the step is done and copies its samples to the host."""
         n = handle.num_rows
         o = handle.out
+        drafts = None if handle.drafts is None else np.asarray(handle.drafts)[:n].tolist()
         if not handle.with_logprobs:
-            return StepResult(np.asarray(o.tokens)[:n].tolist(), None, None, None, None)
+            return StepResult(np.asarray(o.tokens)[:n].tolist(), None, None, None, None, drafts)
         tokens, lps, ranks, top_ids, top_lps = jax.device_get(
             (o.tokens, o.logprobs, o.ranks, o.top_ids, o.top_logprobs)
         )
-        return StepResult(tokens[:n].tolist(), lps[:n], ranks[:n], top_ids[:n], top_lps[:n])
+        return StepResult(tokens[:n].tolist(), lps[:n], ranks[:n], top_ids[:n], top_lps[:n], drafts)
 
     # -- start-up -----------------------------------------------------------
 

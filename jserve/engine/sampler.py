@@ -77,7 +77,7 @@ def _filter_sorted(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax
     return jnp.where(scaled < cutoff, -jnp.inf, scaled)
 
 
-def _row_keys(f: dict[str, jax.Array]) -> jax.Array:
+def row_keys(f: dict[str, jax.Array]) -> jax.Array:
     """Each row's key, from (request seed, sample index, output position)."""
 
     def row_key(seed: jax.Array, index: jax.Array, position: jax.Array) -> jax.Array:
@@ -87,11 +87,45 @@ def _row_keys(f: dict[str, jax.Array]) -> jax.Array:
     return jax.vmap(row_key)(f["seeds"], f["sample_index"], f["out_position"])
 
 
-def _draw(scaled: jax.Array, keys: jax.Array) -> jax.Array:
+def draw(scaled: jax.Array, keys: jax.Array) -> jax.Array:
     """Gumbel-max draw, each row from its own key."""
     vocab = scaled.shape[-1]
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
     return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+
+
+def penalized_logits(
+    logits: jax.Array,  # f32[R, V]
+    f: dict[str, jax.Array],
+    history: jax.Array,  # i32[rows, L]
+) -> jax.Array:
+    """Penalties, then the stop ids banned while below min_tokens: what greedy rows
+    take the argmax of."""
+    rows, vocab = logits.shape
+    logits = jax.lax.cond(
+        f["flags"][2] > 0, lambda x: apply_penalties(x, f, history), lambda x: x, logits
+    )
+    ban_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], f["banned"].shape)
+    ban_cols = jnp.where(f["banned"] < 0, vocab, f["banned"])
+    return logits.at[ban_rows, ban_cols].set(-jnp.inf, mode="drop")
+
+
+def scaled_logits(logits: jax.Array, f: dict[str, jax.Array]) -> jax.Array:
+    """Penalized logits -> what random rows draw from: temperature, top-k, top-p, min-p
+    (-inf where filtered out)."""
+    temperature = f["temperature"]
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = jax.lax.cond(
+        f["flags"][1] > 0,
+        lambda x: _filter_sorted(x, f["top_k"], f["top_p"]),
+        lambda x: x,
+        scaled,
+    )
+    # min-p: drop tokens whose probability is below min_p times the top token's.
+    top_logit = jnp.max(scaled, axis=-1, keepdims=True)
+    min_p = f["min_p"][:, None]
+    below = scaled < top_logit + jnp.log(jnp.maximum(min_p, 1e-30))
+    return jnp.where((min_p > 0) & below, -jnp.inf, scaled)
 
 
 def sample(
@@ -101,38 +135,26 @@ def sample(
     *,
     num_out: int,
     num_logprobs: int,
+    draft_probs: jax.Array | None = None,  # f32[R, V]: a draft model's proposal distributions
 ) -> SamplerOutput:
-    rows, vocab = logits.shape
+    rows = logits.shape[0]
     flags = f["flags"]
     raw_logits = logits  # logprobs are those of the model, before any processing
-    logits = jax.lax.cond(
-        flags[2] > 0, lambda x: apply_penalties(x, f, history), lambda x: x, logits
-    )
-    ban_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], f["banned"].shape)
-    ban_cols = jnp.where(f["banned"] < 0, vocab, f["banned"])
-    logits = logits.at[ban_rows, ban_cols].set(-jnp.inf, mode="drop")
+    logits = penalized_logits(logits, f, history)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def random_tokens(logits: jax.Array) -> jax.Array:
         temperature = f["temperature"]
-        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        scaled = jax.lax.cond(
-            flags[1] > 0,
-            lambda x: _filter_sorted(x, f["top_k"], f["top_p"]),
-            lambda x: x,
-            scaled,
-        )
-        # min-p: drop tokens whose probability is below min_p times the top token's.
-        top_logit = jnp.max(scaled, axis=-1, keepdims=True)
-        min_p = f["min_p"][:, None]
-        below = scaled < top_logit + jnp.log(jnp.maximum(min_p, 1e-30))
-        scaled = jnp.where((min_p > 0) & below, -jnp.inf, scaled)
-        keys = _row_keys(f)
+        scaled = scaled_logits(logits, f)
+        keys = row_keys(f)
+
+        def verify(x: jax.Array) -> jax.Array:
+            if draft_probs is None:  # proposals without a distribution (n-gram)
+                return rejection.verify_point_mass(x, f["draft_ids"], keys, draw)
+            return rejection.verify(x, draft_probs, f["draft_ids"], keys, draw)
+
         drawn = jax.lax.cond(  # rows verifying a proposed token (speculative decoding)
-            jnp.any(f["draft_ids"] >= 0),
-            lambda x: rejection.verify_point_mass(x, f["draft_ids"], keys, _draw),
-            lambda x: _draw(x, keys),
-            scaled,
+            jnp.any(f["draft_ids"] >= 0), verify, lambda x: draw(x, keys), scaled
         )
         return jnp.where(temperature > 0, drawn, greedy_tokens)
 

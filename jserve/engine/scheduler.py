@@ -542,8 +542,12 @@ class Scheduler:
 
     # -- after the step -----------------------------------------------------
 
-    def update(self, so: SchedulerOutput, tokens: Seq[int]) -> list[SeqUpdate]:
+    def update(
+        self, so: SchedulerOutput, tokens: Seq[int], drafts: Seq[int] | None = None
+    ) -> list[SeqUpdate]:
         """Takes a step's sampled tokens (one per row); returns what each sequence got.
+        ``drafts``: per row, the draft model's proposal it verified (proposals made on
+        the device are -1 in the plan).
 
         Sequences that finished or were aborted while the step was in flight
         get nothing. A sequence stops at its first stopping token; later rows
@@ -569,16 +573,19 @@ class Scheduler:
                     updates.append(SeqUpdate(seq, [], []))
                     continue
                 got = []
-                drafts = entry.draft_ids
+                if entry.draft_ids and entry.draft_ids[0] < 0:
+                    assert drafts is not None, "a step with device proposals returns them"
+                    entry.draft_ids = list(drafts[rows[0] : rows[-1]])
+                drafts_j = entry.draft_ids
                 for j, r in enumerate(rows):
                     token = int(tokens[r])
                     seq.token_ids.append(token)
                     got.append(token)
                     if self._check_stop(seq, token):
                         break
-                    if j < len(drafts) and token != drafts[j]:
+                    if j < len(drafts_j) and token != drafts_j[j]:
                         break  # proposal j was rejected: later rows assumed it
-                if drafts:
+                if drafts_j:
                     self._after_verification(seq, entry, [int(tokens[r]) for r in rows])
                 updates.append(SeqUpdate(seq, got, list(rows[: len(got)])))
         return updates

@@ -187,6 +187,18 @@ class StepShapes:
                 ("score_ids", (r,), "i32", -1),
                 # A row verifying a speculative proposal: the proposed token, else -1.
                 ("draft_ids", (r,), "i32", -1),
+                # Proposals of a draft model, made on the device at the start of the step
+                # (jserve.spec.draft), one lane per speculating sequence: its table row,
+                # the index in `ids` of its last known token, that token's position, its
+                # first verifying row and its number of proposals.
+                ("lane_rows", (s,), "i32", pad),
+                ("lane_token", (s,), "i32", 0),
+                ("lane_start", (s,), "i32", 0),
+                ("lane_first_row", (s,), "i32", r),  # past the rows: dropped
+                ("lane_k", (s,), "i32", 0),
+                ("num_lanes", (1,), "i32", 0),
+                # An input that is a draft model's proposal: the row verifying it, else -1.
+                ("token_draft_row", (t,), "i32", -1),
                 # any row: [draws at random, uses top-k/top-p, uses penalties, wants logprobs]
                 ("flags", (4,), "i32", 0),
             ]

@@ -14,9 +14,9 @@ from typing import Any
 
 from jserve.errors import ConfigError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 # Named by vLLM's convention but not built here yet: refused with a clear error.
-PLANNED_METHODS = ("draft_model", "eagle")
+PLANNED_METHODS = ("eagle",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
-    model: str | None = None  # the draft (draft_model, eagle)
+    # The draft (draft_model): a Hugging Face directory; None = the embedded model's
+    # shipped draft, for the embedded model.
+    model: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | SpeculativeConfig | str) -> SpeculativeConfig:
@@ -76,6 +78,8 @@ class SpeculativeConfig:
                 f"speculative_config prompt_lookup_min ({lo}) exceeds prompt_lookup_max ({hi}); "
                 "the lookup tries n-grams from max down to min"
             )
+        if self.method == "draft_model":
+            self._check_model_dir()
         return self
 
     def _check_model_dir(self) -> None:

@@ -45,3 +45,32 @@ def verify_point_mass(
     cols = jnp.where(has, draft_ids, vocab)  # rows without a proposal mask nothing
     residual = scaled.at[jnp.arange(rows), cols].set(-jnp.inf, mode="drop")
     return jnp.where(has & (u < p_draft), draft_ids, draw(residual, keys))
+
+
+def verify(
+    scaled: jax.Array,  # f32[R, V]: processed target logits
+    draft_probs: jax.Array,  # f32[R, V]: the distribution each proposal was drawn from
+    draft_ids: jax.Array,  # i32[R]: the proposed token, or -1 (draw normally)
+    keys: jax.Array,  # key[R]
+    draw: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """As ``verify_point_mass`` for proposals drawn from ``draft_probs``: keep d with
+    probability min(1, p(d) / q(d)), else draw from max(0, p - q) renormalised (from p
+    itself in the measure-zero case where that is all zero)."""
+    rows = scaled.shape[0]
+    has = draft_ids >= 0
+    d = jnp.maximum(draft_ids, 0)[:, None]
+    p = jax.nn.softmax(scaled, axis=-1)
+    p_d = jnp.take_along_axis(p, d, axis=-1)[:, 0]
+    q_d = jnp.take_along_axis(draft_probs, d, axis=-1)[:, 0]
+    accept_keys = jax.vmap(lambda k: jax.random.fold_in(k, _ACCEPT_STREAM))(keys)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(accept_keys)
+    accept = has & (u * q_d < p_d)
+    residual = jnp.maximum(p - draft_probs, 0.0)
+    # The residual gives d no mass: it is only drawn from when p(d) < q(d).
+    residual = residual.at[jnp.arange(rows), jnp.where(has, d[:, 0], p.shape[1])].set(
+        0.0, mode="drop"
+    )
+    empty = jnp.sum(residual, axis=-1, keepdims=True) <= 0
+    logits = jnp.where(has[:, None] & ~empty, jnp.log(residual), scaled)
+    return jnp.where(accept, draft_ids, draw(logits, keys))

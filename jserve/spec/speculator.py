@@ -13,13 +13,19 @@ class Speculator:
     def __init__(self, cfg: SpeculativeConfig) -> None:
         self.cfg = cfg
         self.num_speculative_tokens = cfg.num_speculative_tokens
+        # A draft model proposes on the device, inside the step (see ``draft``).
+        self.on_device = cfg.method == "draft_model"
         self.proposer = NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
         self.stats = SpecStats()
 
     def propose(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
         """Up to min(k, max_tokens) proposed next tokens for a sequence with these tokens."""
         k = min(self.num_speculative_tokens, max_tokens)
-        return self.proposer.propose(token_ids, k) if k > 0 else []
+        if k <= 0:
+            return []
+        if self.on_device:  # placeholders: the step fills them in
+            return [-1] * k
+        return self.proposer.propose(token_ids, k)
 
     @staticmethod
     def num_accepted(drafts: Sequence[int], tokens: Sequence[int]) -> int:

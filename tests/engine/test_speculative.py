@@ -61,6 +61,8 @@ def test_ngram_lookup_prefers_long_and_recent_matches() -> None:
         ({"method": "medusa"}, "unknown"),
         ({"method": "ngram", "lookahead": 3}, "unknown keys"),
         ({"method": "draft_model", "model": "/no/such/dir"}, "not a directory"),
+        ({"method": "eagle", "model": "/no/such/dir"}, "not a directory"),
+        ({"method": "eagle"}, "not available"),
         ("{not json", "JSON"),
         (["ngram"], "must be a dict"),
     ],
@@ -76,9 +78,12 @@ def test_a_draft_with_another_vocabulary_is_refused(llama_dir: str, tmp_path) ->
     draft = tmp_path / "draft"
     draft.mkdir()
     (draft / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
-    spec = SpeculativeConfig(method="draft_model", model=str(draft))
+    spec = {"method": "draft_model", "model": str(draft)}
     with pytest.raises(ConfigError, match="vocab_size"):
-        spec.check_draft_vocab(cfg["vocab_size"])
+        make_engine(llama_dir, speculative_config=spec)
+    # Only the embedded model has a default draft.
+    with pytest.raises(ConfigError, match="needs"):
+        make_engine(llama_dir, speculative_config={"method": "draft_model"})
 
 
 # -- greedy: exactly the tokens without speculation ---------------------------
@@ -90,14 +95,33 @@ def warm(llama_dir: str) -> LLMEngine:
     return make_engine(llama_dir, warmup=True, speculative_config=NGRAM, **SMALL)
 
 
+@pytest.fixture(scope="module")
+def random_draft(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A draft for the random model: its weights with one layer fewer."""
+    from tests.hf_models import make_tiny_hf_model
+
+    out = str(tmp_path_factory.mktemp("draft") / "m")
+    return make_tiny_hf_model("llama", out, num_hidden_layers=1)
+
+
+@pytest.fixture(scope="module")
+def warm_draft(llama_dir: str, random_draft: str) -> LLMEngine:
+    """With a draft model, warmed up; its own programs, so a pool tighter still."""
+    spec = {"method": "draft_model", "model": random_draft, "num_speculative_tokens": 4}
+    return make_engine(
+        llama_dir, warmup=True, speculative_config=spec, **{**SMALL, "num_pages": 32}
+    )
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_greedy_random_model_mixed_batch_chunked_and_tiny_pool(
-    llama_dir: str, warm: LLMEngine
+    llama_dir: str, warm: LLMEngine, warm_draft: LLMEngine, method: str
 ) -> None:
     """48 pages of 4 tokens for 6 requests of up to 52 tokens: proposals are shed and
     sequences preempted; 16-token steps chunk the prompts beside verifications."""
     reqs = mixed_requests(PATTERNED + RANDOM, max_tokens=28)
     want = outputs(make_engine(llama_dir, **SMALL), reqs)
-    engine = warm
+    engine = warm if method == "ngram" else warm_draft
     assert outputs(engine, reqs) == want
     s = engine.get_stats()
     assert s.spec_decode_num_drafts > 0 and s.spec_decode_num_accepted_tokens > 0
@@ -105,7 +129,13 @@ def test_greedy_random_model_mixed_batch_chunked_and_tiny_pool(
     assert engine.is_idle()
 
 
-def test_greedy_embedded_model_with_prefix_cache_n_and_stops() -> None:
+@pytest.mark.parametrize(
+    "spec",
+    # The shipped draft is the embedded model's default.
+    [NGRAM, {"method": "draft_model", "num_speculative_tokens": 4}],
+    ids=["ngram", "draft_model"],
+)
+def test_greedy_embedded_model_with_prefix_cache_n_and_stops(spec: dict) -> None:
     model = default_model_path()
     prompts = [
         "ROMEO:\nI will, I will, I will",
@@ -118,9 +148,11 @@ def test_greedy_embedded_model_with_prefix_cache_n_and_stops() -> None:
     reqs.append(("n2", prompts[0], SamplingParams(max_tokens=20, temperature=0, n=2), 7))
     reqs.append(("stop", prompts[2], greedy(40, stop=[" horse"], stop_token_ids=[13]), 8))
     reqs.append(("lp", prompts[1], greedy(25, logprobs=2), 9))
-    kw = dict(max_num_batched_tokens=16, max_num_seqs=8, page_size=8, max_logprobs=2)
+    kw = dict(
+        max_num_batched_tokens=16, max_num_seqs=8, page_size=8, max_logprobs=2, min_token_bucket=8
+    )
     base = run(make_engine(model, **kw), reqs)
-    engine = make_engine(model, speculative_config=NGRAM, **kw)
+    engine = make_engine(model, speculative_config=spec, **kw)
     got = run(engine, reqs)
     for rid, out in base.items():
         for a, b in zip(out.outputs, got[rid].outputs, strict=True):
@@ -153,8 +185,11 @@ def test_abort_mid_speculation_frees_everything(warm: LLMEngine) -> None:
     assert engine.is_idle()
 
 
-def test_speculation_compiles_nothing_after_warm_up(warm: LLMEngine) -> None:
-    engine = warm
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculation_compiles_nothing_after_warm_up(
+    warm: LLMEngine, warm_draft: LLMEngine, method: str
+) -> None:
+    engine = warm if method == "ngram" else warm_draft
     drafts = engine.get_stats().spec_decode_num_drafts
     reqs = mixed_requests(PATTERNED + RANDOM, max_tokens=20)
     reqs += [
@@ -210,3 +245,54 @@ def test_the_cli_flag_and_the_prometheus_exporter(warm: LLMEngine) -> None:
     assert metrics["jserve_spec_decode_num_drafts"] == s.spec_decode_num_drafts > 0
     assert metrics["jserve_spec_decode_num_accepted_tokens"] == s.spec_decode_num_accepted_tokens
     assert metrics["jserve_spec_decode_mean_accepted_length"] == s.spec_decode_mean_accepted_length
+
+
+TP_PROBE = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from jserve import LLM, SamplingParams
+
+model, draft, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+specs = {
+    "none": None,
+    "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
+    "draft": {"method": "draft_model", "model": draft, "num_speculative_tokens": 3},
+}
+out = {}
+for tp in (1, 2):
+    for name, spec in specs.items():
+        if tp == 1 and name != "none":
+            continue
+        llm = LLM(model, dtype="float32", page_size=4, max_num_seqs=4, max_num_batched_tokens=16,
+                  tensor_parallel_size=tp, warmup=False, compilation_cache_dir=None,
+                  speculative_config=spec)
+        res = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0,
+                           ignore_eos=True), use_tqdm=False)
+        m = llm.get_metrics()
+        out[f"{tp}-{name}"] = [[r.outputs[0].token_ids for r in res],
+                               m["jserve_spec_decode_num_accepted_tokens"]]
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_tensor_parallel_speculation_matches_one_device(llama_dir: str, random_draft: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", TP_PROBE, llama_dir, random_draft, json.dumps(PATTERNED)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    res = json.loads(line[len("RESULT") :])
+    want = res["1-none"][0]
+    for name in ("none", "ngram", "draft"):
+        assert res[f"2-{name}"][0] == want, name
+    assert res["2-ngram"][1] > 0 and res["2-draft"][1] > 0

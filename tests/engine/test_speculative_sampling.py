@@ -56,6 +56,28 @@ def test_rejection_sampling_gives_the_target_distribution(params: dict, draft: i
     assert chi.pvalue > 1e-3, (counts / N, want)
 
 
+def test_rejection_sampling_against_a_draft_distribution() -> None:
+    """Proposals drawn from q, kept with min(1, p/q), else redrawn from max(0, p - q):
+    the output follows p."""
+    import jax
+    import jax.numpy as jnp
+
+    from jserve.engine.sampler import draw
+    from jserve.spec import rejection
+
+    q = np.array([0.1, 0.5, 0.05, 0.3, 0.05, 0.0])
+    rng = np.random.default_rng(0)
+    drafts = rng.choice(len(q), size=N, p=q).astype(np.int32)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(N))
+    scaled = jnp.asarray(np.tile(np.log(P), (N, 1)), jnp.float32)
+    probs = jnp.asarray(np.tile(q, (N, 1)), jnp.float32)
+    tokens = np.asarray(rejection.verify(scaled, probs, jnp.asarray(drafts), keys, draw))
+    counts = np.bincount(tokens, minlength=len(P))
+    assert stats.chisquare(counts, P / P.sum() * counts.sum()).pvalue > 1e-3, counts / N
+    # Accepted exactly when the output is the proposal: at rate sum(min(p, q)).
+    assert np.mean(tokens == drafts) == pytest.approx(np.minimum(P, q).sum(), abs=0.015)
+
+
 def test_greedy_rows_ignore_proposals() -> None:
     assert set(_draw(64, temperature=0.0, draft_ids=3)) == {0}
 
@@ -71,11 +93,20 @@ def peaky_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_hf_model("llama", out, seed=3, scale=0.5, vocab_size=16)
 
 
+@pytest.fixture(scope="module")
+def peaky_draft(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The same weights with one layer fewer: a draft that agrees with the target only
+    sometimes."""
+    out = str(tmp_path_factory.mktemp("peaky-draft") / "m")
+    return make_tiny_hf_model("llama", out, seed=3, scale=0.5, vocab_size=16, num_hidden_layers=1)
+
+
 def _first_tokens(model: str, spec: dict | None, **sp: float) -> list[tuple[int, ...]]:
     engine = make_engine(
         model,
         max_num_seqs=64,
-        max_num_batched_tokens=256,
+        max_num_batched_tokens=64,
+        min_token_bucket=16,  # three step programs
         num_pages=1024,
         max_logprobs=4,  # below the 16-token vocabulary
         speculative_config=spec,
@@ -111,9 +142,20 @@ def _same_distribution(a: list, b: list) -> float:
     return stats.chi2_contingency(np.array(table)).pvalue
 
 
-@pytest.mark.parametrize("sp", [dict(temperature=1.0), dict(temperature=1.0, top_p=0.9)])
-def test_first_tokens_match_sampling_without_speculation(peaky_model: str, sp: dict) -> None:
-    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+@pytest.mark.parametrize(
+    "method, sp",
+    [
+        ("ngram", dict(temperature=1.0)),
+        ("ngram", dict(temperature=1.0, top_p=0.9)),
+        ("draft_model", dict(temperature=1.0)),
+        pytest.param("draft_model", dict(temperature=1.0, top_p=0.9), marks=pytest.mark.slow),
+    ],
+)
+def test_first_tokens_match_sampling_without_speculation(
+    peaky_model: str, peaky_draft: str, sp: dict, method: str
+) -> None:
+    spec: dict = {"method": method, "num_speculative_tokens": 3}
+    spec |= {"prompt_lookup_min": 1} if method == "ngram" else {"model": peaky_draft}
     base = _first_tokens(peaky_model, None, **sp)
     got = _first_tokens(peaky_model, spec, **sp)
     for pos in range(1, 4):  # the first token is a prefill's: positions 2-4 are verified

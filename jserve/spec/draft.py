@@ -1,0 +1,166 @@
+"""Draft-model proposals on the device, at the start of the fused step.
+
+The draft keeps its own paged KV pool with the target's page ids: page p of
+the draft pool holds the draft's K/V for the same tokens as page p of the
+target's, so one page table, one allocator and one prefix cache serve both,
+and a page freed or copied for the target is freed or copied for the draft
+(the copy-on-write program copies both pools).
+
+Each step the draft first proposes: one lane per speculating sequence, k
+single-token forwards in a loop, lane l feeding its last known token at
+position start_l, then its proposals. Each proposal is drawn from the draft's
+distribution processed exactly as the target row that verifies it will be
+(penalties over the same history, banned ids, temperature, top-k, top-p,
+min-p), and that distribution goes to the verification (``rejection.verify``).
+After the target's forward the draft runs over the step's tokens too (its
+catch-up), so its pool holds every token the target computed, prompts and
+accepted proposals included; positions of rejected proposals are written
+over later, as in the target's pool.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jserve.engine import sampler
+from jserve.models import get_model
+from jserve.models.attention import AttentionMetadata
+
+# Per-row sampling fields, gathered for the row that verifies each proposal.
+ROW_FIELDS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seeds",
+    "sample_index",
+    "out_position",
+    "banned",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "history_rows",
+    "history_lens",
+    "num_prompt",
+)
+_DRAFT_STREAM = 0xD7  # folded into a row's key for the draft's own draw
+
+
+def propose(
+    params: Any,
+    cfg: Any,  # the draft's ModelConfig
+    kv_pages: list[jax.Array],  # the draft's pool, per layer [P, S, 2*Hkv, D]
+    table: jax.Array,  # i32[max_num_seqs + 1, pages_per_seq]
+    history: jax.Array,  # i32[max_num_seqs + 1, max_model_len]
+    ids: jax.Array,  # i32[T]: the step's inputs
+    f: dict[str, jax.Array],
+    *,
+    num_speculative_tokens: int,
+    page_size: int,
+    backend: str,
+    mesh: Any,
+) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
+    """Returns (draft pool, history with the proposals, i32[R] the proposal each row
+    verifies or -1, f32[R, V] the distribution it was drawn from)."""
+    model = get_model(cfg)
+    lanes = f["lane_rows"].shape[0]
+    rows = f["temperature"].shape[0]
+    vocab = cfg.vocab_size
+    n = f["num_lanes"]
+    lane_rows, start, lane_k = f["lane_rows"], f["lane_start"], f["lane_k"]
+    active = jnp.arange(lanes) < n[0]
+    pages = table[lane_rows]  # [lanes, pages_per_seq]
+    cu = jnp.minimum(jnp.arange(lanes + 1), n[0]).astype(jnp.int32)
+    pad_row = history.shape[0]
+
+    def body(j: int, carry: tuple) -> tuple:
+        kv, hist, tok, row_drafts, row_probs = carry
+        pos = start + j
+        live = active & (j < lane_k)
+        col = jnp.minimum(pos // page_size, pages.shape[1] - 1)
+        slot = jnp.take_along_axis(pages, col[:, None], axis=1)[:, 0] * page_size
+        md = AttentionMetadata(
+            positions=pos,
+            slot_mapping=jnp.where(live, slot + pos % page_size, -1),
+            kv_lens=jnp.where(active, pos + 1, 0),
+            page_indices=pages,
+            cu_q_lens=cu,
+            num_seqs=n,
+            backend=backend,
+            mesh=mesh,
+        )
+        hidden, kv = model.forward(params, cfg, tok, kv, md)
+        logits = model.compute_logits(params, cfg, hidden)  # [lanes, V]
+        if mesh is not None:
+            logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
+        row = jnp.where(live, f["lane_first_row"] + j, rows)  # the row verifying it
+        g = {name: f[name][jnp.minimum(row, rows - 1)] for name in ROW_FIELDS}
+        g["flags"] = f["flags"]
+        logits = sampler.penalized_logits(logits, g, hist)
+        scaled = sampler.scaled_logits(logits, g)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, _DRAFT_STREAM))(sampler.row_keys(g))
+        drawn = sampler.draw(scaled, keys)
+        nxt = jnp.where(g["temperature"] > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+        hist = hist.at[jnp.where(live, lane_rows, pad_row), pos + 1].set(nxt, mode="drop")
+        row_drafts = row_drafts.at[row].set(nxt, mode="drop")
+        row_probs = row_probs.at[row].set(jax.nn.softmax(scaled, axis=-1), mode="drop")
+        return kv, hist, nxt, row_drafts, row_probs
+
+    init = (
+        kv_pages,
+        history,
+        ids[f["lane_token"]],
+        jnp.full((rows,), -1, jnp.int32),
+        jnp.zeros((rows, vocab), jnp.float32),
+    )
+    kv_pages, history, _, row_drafts, row_probs = jax.lax.fori_loop(
+        0, num_speculative_tokens, body, init
+    )
+    return kv_pages, history, row_drafts, row_probs
+
+
+def catch_up(
+    params: Any, cfg: Any, kv_pages: list[jax.Array], ids: jax.Array, md: AttentionMetadata
+) -> list[jax.Array]:
+    """The draft's forward over the step's tokens, for its K/V only."""
+    _, kv_pages = get_model(cfg).forward(params, cfg, ids, kv_pages, md)
+    return kv_pages
+
+
+def load_draft(spec: Any, target: Any, max_model_len: int) -> tuple[Any, Any]:
+    """(the config with its draft resolved, the loaded draft model) for ``draft_model``:
+    the embedded model's shipped draft when none is named; ConfigError for a draft the
+    target cannot use."""
+    import dataclasses
+
+    from jserve.errors import ConfigError
+    from jserve.model_loader import default_model_path, load_model
+
+    if spec.model is None:
+        embedded = default_model_path()
+        if not os.path.exists(target.path) or not os.path.samefile(target.path, embedded):
+            raise ConfigError(
+                'speculative_config method "draft_model" needs "model": the draft\'s '
+                "directory (only the embedded model has a default draft)"
+            )
+        spec = dataclasses.replace(spec, model=DEFAULT_DRAFT).validate()
+    spec.check_draft_vocab(target.cfg.vocab_size)
+    if target.mesh is not None and target.mesh.shape["stage"] > 1:
+        raise ConfigError("a draft model does not run under pipeline parallelism; use tp only")
+    draft = load_model(spec.model, target.dtype, target.parallel)
+    if draft.cfg.max_position_embeddings < max_model_len:
+        raise ConfigError(
+            f"the draft {spec.model!r} handles {draft.cfg.max_position_embeddings} positions, "
+            f"fewer than max_model_len {max_model_len}; lower max_model_len"
+        )
+    return spec, draft
+
+
+DEFAULT_DRAFT = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "assets", "shakespeare-llama-draft"
+)
