@@ -296,3 +296,27 @@ def test_tensor_parallel_speculation_matches_one_device(llama_dir: str, random_d
     for name in ("none", "ngram", "draft"):
         assert res[f"2-{name}"][0] == want, name
     assert res["2-ngram"][1] > 0 and res["2-draft"][1] > 0
+
+
+def test_a_draft_identical_to_the_target_is_always_accepted(llama_dir: str) -> None:
+    """The draft's pool mirrors the target's and its proposals are drawn from the very
+    distribution the target's rows sample (penalties, bans, temperature, filters): with the
+    target as its own draft, nothing is ever rejected, greedy or not."""
+    spec = {"method": "draft_model", "model": llama_dir, "num_speculative_tokens": 3}
+    engine = make_engine(llama_dir, speculative_config=spec, **{**SMALL, "min_token_bucket": 8})
+    reqs = [
+        ("g", PATTERNED[0], greedy(20), 0),
+        ("t", RANDOM[1], SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=1), 1),
+        ("p", RANDOM[0], SamplingParams(max_tokens=20, presence_penalty=1.5, top_k=8, seed=2), 2),
+        (
+            "m",
+            RANDOM[2],
+            SamplingParams(max_tokens=20, min_tokens=6, stop_token_ids=[3], seed=3),
+            2,
+        ),
+    ]
+    out = run(engine, reqs)
+    assert all(len(o.outputs[0].token_ids) > 0 for o in out.values())
+    s = engine.get_stats()
+    assert s.spec_decode_num_draft_tokens > 20
+    assert s.spec_decode_num_accepted_tokens == s.spec_decode_num_draft_tokens
