@@ -41,6 +41,7 @@ from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
 from jserve.models.pipeline import pipeline_forward
 from jserve.spec import draft as spec_draft
+from jserve.spec.draft import DraftSpec
 from sharding import STAGE, kv_pages_sharding, logical_to_spec
 from sharding.pipeline import pipeline_kv_sharding
 
@@ -85,7 +86,7 @@ def _step(
     history = history.at[f["token_rows"], f["positions"]].set(ids, mode="drop")
     draft_probs = None
     if draft is not None:
-        draft_kv, history, ids, f, draft_probs = _propose(
+        draft_kv, history, ids, f, draft_probs = spec_draft.propose_in_step(
             draft, draft_params, draft_kv, table, history, ids, f, shapes.page_size, backend, mesh
         )
     md = AttentionMetadata(
@@ -127,50 +128,6 @@ def _step(
     if draft is not None:
         draft_kv = spec_draft.catch_up(draft_params, draft.cfg, draft_kv, ids, md)
     return kv_pages, table, history, out, draft_kv or [], f["draft_ids"]
-
-
-@dataclasses.dataclass(frozen=True)
-class DraftSpec:
-    """The static side of a draft model (speculative decoding) in the step program."""
-
-    cfg: ModelConfig
-    num_speculative_tokens: int
-
-
-def _propose(
-    draft: DraftSpec,
-    params: Any,
-    kv: list[jax.Array],
-    table: jax.Array,
-    history: jax.Array,
-    ids: jax.Array,
-    f: dict[str, jax.Array],
-    page_size: int,
-    backend: str,
-    mesh: Any,
-) -> tuple[list[jax.Array], jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
-    """The draft's proposals, placed as the step's inputs and as the rows' drafts."""
-    kv, history, row_drafts, row_probs = spec_draft.propose(
-        params,
-        draft.cfg,
-        kv,
-        table,
-        history,
-        ids,
-        f,
-        num_speculative_tokens=draft.num_speculative_tokens,
-        page_size=page_size,
-        backend=backend,
-        mesh=mesh,
-    )
-    tdr = f["token_draft_row"]
-    ids = jnp.where(tdr >= 0, row_drafts[jnp.maximum(tdr, 0)], ids)
-    history = history.at[f["token_rows"], f["positions"]].set(ids, mode="drop")
-    from_model = row_drafts >= 0
-    draft_ids = jnp.where(from_model, row_drafts, f["draft_ids"])
-    # N-gram rows (none when a draft model is configured) would be point masses.
-    probs = jnp.where(from_model[:, None], row_probs, jax.nn.one_hot(draft_ids, row_probs.shape[1]))
-    return kv, history, ids, {**f, "draft_ids": draft_ids}, probs
 
 
 @functools.cache

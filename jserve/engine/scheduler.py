@@ -395,14 +395,17 @@ class Scheduler:
         """Speculative proposals for a sequence that decodes, within the step's budgets and
         its max_tokens (the accepted run plus its bonus token never exceeds it)."""
         spec = self.speculator
+        req = seq.request
         if (
             spec is None
             or num_new != 1
             or seq.num_pending
             or seq.num_computed != seq.num_tokens - 1
+            or seq.num_tokens <= seq.num_prompt_tokens  # its prompt's last token (n > 1 forks)
+            or len(req.seqs) < req.params.n
         ):
             return []
-        room = seq.request.max_output_tokens - seq.num_output_tokens - 1
+        room = req.max_output_tokens - seq.num_output_tokens - 1
         return spec.propose(seq.token_ids, min(budget - 1, rows, room))
 
     def _trim_pages(self, seq: Sequence, num_tokens: int) -> None:

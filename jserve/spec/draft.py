@@ -20,6 +20,7 @@ over later, as in the target's pool.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jserve.config import ModelConfig
 from jserve.engine import sampler
 from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
@@ -124,6 +126,51 @@ def propose(
     return kv_pages, history, row_drafts, row_probs
 
 
+@dataclasses.dataclass(frozen=True)
+class DraftSpec:
+    """The static side of a draft model (speculative decoding) in the step program."""
+
+    cfg: ModelConfig
+    num_speculative_tokens: int
+
+
+def propose_in_step(
+    draft: DraftSpec,
+    params: Any,
+    kv: list[jax.Array],
+    table: jax.Array,
+    history: jax.Array,
+    ids: jax.Array,
+    f: dict[str, jax.Array],
+    page_size: int,
+    backend: str,
+    mesh: Any,
+) -> tuple[list[jax.Array], jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
+    """The draft's proposals, placed as the step's inputs and as the rows' drafts, with
+    the distributions the verification needs."""
+    kv, history, row_drafts, row_probs = propose(
+        params,
+        draft.cfg,
+        kv,
+        table,
+        history,
+        ids,
+        f,
+        num_speculative_tokens=draft.num_speculative_tokens,
+        page_size=page_size,
+        backend=backend,
+        mesh=mesh,
+    )
+    tdr = f["token_draft_row"]
+    ids = jnp.where(tdr >= 0, row_drafts[jnp.maximum(tdr, 0)], ids)
+    history = history.at[f["token_rows"], f["positions"]].set(ids, mode="drop")
+    from_model = row_drafts >= 0
+    draft_ids = jnp.where(from_model, row_drafts, f["draft_ids"])
+    # N-gram rows (none when a draft model is configured) would be point masses.
+    probs = jnp.where(from_model[:, None], row_probs, jax.nn.one_hot(draft_ids, row_probs.shape[1]))
+    return kv, history, ids, {**f, "draft_ids": draft_ids}, probs
+
+
 def catch_up(
     params: Any, cfg: Any, kv_pages: list[jax.Array], ids: jax.Array, md: AttentionMetadata
 ) -> list[jax.Array]:
@@ -136,8 +183,6 @@ def load_draft(spec: Any, target: Any, max_model_len: int) -> tuple[Any, Any]:
     """(the config with its draft resolved, the loaded draft model) for ``draft_model``:
     the embedded model's shipped draft when none is named; ConfigError for a draft the
     target cannot use."""
-    import dataclasses
-
     from jserve.errors import ConfigError
     from jserve.model_loader import default_model_path, load_model
 

@@ -109,7 +109,7 @@ def warm_draft(llama_dir: str, random_draft: str) -> LLMEngine:
     """With a draft model, warmed up; its own programs, so a pool tighter still."""
     spec = {"method": "draft_model", "model": random_draft, "num_speculative_tokens": 4}
     return make_engine(
-        llama_dir, warmup=True, speculative_config=spec, **{**SMALL, "num_pages": 32}
+        llama_dir, warmup=True, speculative_config=spec, **{**SMALL, "num_pages": 28}
     )
 
 
@@ -120,6 +120,8 @@ def test_greedy_random_model_mixed_batch_chunked_and_tiny_pool(
     """48 pages of 4 tokens for 6 requests of up to 52 tokens: proposals are shed and
     sequences preempted; 16-token steps chunk the prompts beside verifications."""
     reqs = mixed_requests(PATTERNED + RANDOM, max_tokens=28)
+    # A one-token prompt forking into two samples when it completes.
+    reqs.append(("one", [7], SamplingParams(max_tokens=12, temperature=0, n=2), 3))
     want = outputs(make_engine(llama_dir, **SMALL), reqs)
     engine = warm if method == "ngram" else warm_draft
     assert outputs(engine, reqs) == want
