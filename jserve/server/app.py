@@ -4,6 +4,10 @@
     ...                                    # serve; handle.port is the bound port
     await handle.stop()                    # graceful: drains running requests
 
+With ``http_port`` set, the OpenAI-compatible HTTP API (jserve.server.openai_api)
+is served too, from the same event loop, engine, TLS files and token; both
+stop accepting together on shutdown and share its grace period.
+
 or, for a process that serves until SIGTERM/SIGINT:
 
     await serve(aengine, ServerConfig(port=50051, metrics_port=9090))
@@ -61,6 +65,8 @@ class ServerConfig:
     port: int = 50051  # 0: any free port (see ServerHandle.port)
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     metrics_host: str | None = None  # None: same as host
+    http_port: int | None = None  # None: no HTTP API; 0: any free port
+    chat_template: str | None = None  # a Jinja file overriding the model's chat template
     tls_cert: str | None = None  # PEM files; both or neither
     tls_key: str | None = None
     auth_token: str | None = None  # require "authorization: Bearer <token>" (health exempt)
@@ -78,6 +84,8 @@ class ServerConfig:
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"TLS file {path!r} does not exist")
+        if self.chat_template is not None and not os.path.isfile(self.chat_template):
+            raise ConfigError(f"chat template file {self.chat_template!r} does not exist")
         if self.auth_token is not None and not self.auth_token:
             raise ConfigError("the auth token is empty")
         if self.max_request_bytes < 1024:
@@ -148,9 +156,11 @@ class ServerHandle:
         self.core = ServingCore(aengine, self.metrics, model_name, js_params, self._engine_died)
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self.ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: MetricsHTTPServer | None = None
+        self._http: Any = None  # openai_api.http_server.HTTPServer
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Task[None] | None = None
@@ -184,8 +194,13 @@ class ServerHandle:
             await asyncio.sleep(0.5)
         self._engine_died()
 
+    @property
+    def http_url(self) -> str | None:
+        return self._http.url if self._http is not None else None
+
     async def start(self) -> None:
         cfg = self.config
+        http_app = self._http_app() if cfg.http_port is not None else None
         await self._set_health(NOT_SERVING)
         interceptors = []
         if cfg.auth_token is not None:
@@ -235,12 +250,33 @@ class ServerHandle:
                 logger.warning("serving on %s without TLS: traffic is plaintext", cfg.host)
         await server.start()
         self._server = server
+        if http_app is not None:
+            from jserve.server.openai_api.http_server import HTTPServer
+
+            assert cfg.http_port is not None
+            http = HTTPServer(
+                http_app, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key, cfg.grace_period
+            )
+            await http.start()
+            self._http = http
+            self.http_port = http.port
         if cfg.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(
                 self.metrics.registry, cfg.metrics_host or cfg.host, cfg.metrics_port
             )
             self.metrics_port = self._metrics_http.port
         self._tasks.append(asyncio.create_task(self._watch_engine()))
+
+    def _http_app(self) -> Any:
+        """The OpenAI-compatible API's app (ConfigError for an unusable chat template)."""
+        from jserve.server.openai_api.app import build_app
+        from jserve.server.openai_api.chat_template import ChatTemplate
+        from jserve.server.openai_api.state import APIState
+
+        cfg = self.config
+        template = ChatTemplate.load(self.aengine.engine.model.path, cfg.chat_template)
+        state = APIState(self.core, template, cfg.auth_token, cfg.max_request_bytes)
+        return build_app(state)
 
     async def warm_up_and_serve(self) -> None:
         """Marks the server ready (health SERVING) after the warm-up request."""
@@ -271,6 +307,8 @@ class ServerHandle:
         grace = self.config.grace_period if grace is None else grace
         self.core.shutting_down = True
         await self.health.enter_graceful_shutdown()
+        if self._http is not None:  # no new connections; open ones get the grace period
+            self._http.begin_shutdown(grace)
         stopping = None
         if self._server is not None:
             # No new RPCs from here on; after `grace` gRPC cancels what is left.
@@ -288,6 +326,8 @@ class ServerHandle:
             task.cancel()
         if stopping is not None:
             await stopping
+        if self._http is not None:
+            await self._http.wait_closed()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
