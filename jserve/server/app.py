@@ -270,12 +270,17 @@ class ServerHandle:
     def _http_app(self) -> Any:
         """The OpenAI-compatible API's app (ConfigError for an unusable chat template)."""
         from jserve.server.openai_api.app import build_app
-        from jserve.server.openai_api.chat_template import ChatTemplate
+        from jserve.server.openai_api.chat_template import ChatTemplate, special_tokens
         from jserve.server.openai_api.state import APIState
 
         cfg = self.config
-        template = ChatTemplate.load(self.aengine.engine.model.path, cfg.chat_template)
-        state = APIState(self.core, template, cfg.auth_token, cfg.max_request_bytes)
+        engine = self.aengine.engine
+        template = ChatTemplate.load(engine.model.path, cfg.chat_template)
+        bos, eos = special_tokens(engine.model.path)
+        tok = engine.tokenizer
+        if eos is None and tok is not None and engine.cfg.eos_token_ids:
+            eos = tok.id_to_token(engine.cfg.eos_token_ids[0])
+        state = APIState(self.core, template, cfg.auth_token, cfg.max_request_bytes, bos, eos)
         return build_app(state)
 
     async def warm_up_and_serve(self) -> None:

@@ -4,7 +4,8 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /v1/models``, ``GET /health`` (200 once warmed up, 503 while warming up,
 draining or after an engine failure), ``GET /metrics`` (the server's
 Prometheus registry, the one the gRPC server's ``--metrics-port`` serves),
-``POST /tokenize`` and ``POST /detokenize`` (vLLM's shapes). With a token set,
+``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` (vLLM's
+shapes, which lm-evaluation-harness's ``local-completions`` tokenizes with). With a token set,
 every route but ``/health`` needs ``Authorization: Bearer <token>``.
 """
 
@@ -185,6 +186,22 @@ def build_app(state: APIState) -> FastAPI:
             )
         return JSONResponse(
             {"count": len(ids), "max_model_len": state.core.engine.max_model_len, "tokens": ids}
+        )
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        # vLLM's endpoint, which lm-evaluation-harness uses to tokenize through the server.
+        state.need_tokenizer("model")
+        template = state.chat_template
+        return JSONResponse(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": state.bos_token,
+                "eos_token": state.eos_token,
+                "pad_token": None,
+                "chat_template": template.source if template is not None else None,
+                "model_max_length": state.core.engine.max_model_len,
+            }
         )
 
     @app.post("/detokenize")

@@ -57,6 +57,12 @@ def _read(path: str, what: str) -> str:
         raise ConfigError(f"cannot read the {what} {path!r}: {e}") from None
 
 
+def special_tokens(model_dir: str | None) -> tuple[str | None, str | None]:
+    """(bos, eos) token texts from the model's tokenizer_config.json, where it names them."""
+    cfg = _tokenizer_config(model_dir) if model_dir and os.path.isdir(model_dir) else {}
+    return _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+
+
 class ChatTemplate:
     """A compiled chat template and the special tokens it is rendered with."""
 
@@ -72,8 +78,8 @@ class ChatTemplate:
     @classmethod
     def load(cls, model_dir: str | None, override: str | None = None) -> ChatTemplate | None:
         """The model's template (or ``override``, a file); None when it has none."""
-        cfg = _tokenizer_config(model_dir) if model_dir else {}
-        bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+        cfg = _tokenizer_config(model_dir) if model_dir and os.path.isdir(model_dir) else {}
+        bos, eos = special_tokens(model_dir)
         if override is not None:
             return cls(_read(override, "chat template file (--chat-template)"), bos, eos)
         source = cfg.get("chat_template")

@@ -136,7 +136,11 @@ class EngineRun:
         """Starts every prompt's request and waits for each to be admitted (its first
         output), raising an APIError for the first one refused."""
         if not self.core.live:
-            raise self._not_live()
+            err = self._not_live()
+            self.core.metrics.recorder(self.api).finish(
+                "error" if err.status == 500 else "rejected"
+            )
+            raise err
         for i, prompt in enumerate(self.prompts):
             self._tasks.append(asyncio.create_task(self._pump(i, prompt)))
         self._open = len(self._tasks)

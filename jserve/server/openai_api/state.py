@@ -18,6 +18,8 @@ class APIState:
     chat_template: ChatTemplate | None
     auth_token: str | None = None
     max_request_bytes: int = 4 * 1024 * 1024
+    bos_token: str | None = None  # texts of the special tokens, for /tokenizer_info
+    eos_token: str | None = None
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @property
