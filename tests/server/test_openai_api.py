@@ -604,3 +604,69 @@ def test_40_streaming_clients_a_third_leaving(server: ServeProcess) -> None:
 @pytest.mark.slow
 def test_200_streaming_clients_a_third_leaving(server: ServeProcess) -> None:
     _many_clients(server, 200)
+
+
+# -- lm-evaluation-harness --------------------------------------------------------
+
+LM_EVAL_DATA = [
+    {"q": "First Citizen:", "a": "Speak", "choices": ["Speak, speak.", "Resolved."], "label": 0},
+    {"q": "All:", "a": "Resolved", "choices": ["Resolved.", "Before we proceed"], "label": 1},
+]
+
+
+def lm_eval_task(tmp_path, output_type: str) -> str:
+    """A local lm-eval task over LM_EVAL_DATA (no download)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in LM_EVAL_DATA))
+    name = f"jserve_tiny_{output_type}"
+    lines = [
+        f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+        f"    test: {data}", "test_split: test", f"output_type: {output_type}",
+        'doc_to_text: "{{q}}"',
+    ]  # fmt: skip
+    if output_type == "generate_until":
+        lines += ['doc_to_target: "{{a}}"', "generation_kwargs:", '  until: ["\\n\\n"]',
+                  "  max_gen_toks: 8", "metric_list:", "  - metric: exact_match"]  # fmt: skip
+    else:
+        lines += ['doc_to_choice: "{{choices}}"', 'doc_to_target: "{{label}}"', "metric_list:",
+                  "  - metric: acc"]  # fmt: skip
+    (tmp_path / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+    return name
+
+
+def run_lm_eval(server: ServeProcess, tmp_path, monkeypatch, output_type: str) -> list:
+    """lm-eval's ``local-completions`` model on a local task; each sample's responses."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional test dependency")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity")
+    from lm_eval.tasks import TaskManager
+
+    task = lm_eval_task(tmp_path, output_type)
+    res = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": f"{server.url}/v1/completions",
+            "model": MODEL,
+            "tokenizer_backend": "remote",
+            "max_retries": 1,
+        },
+        tasks=[task],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )
+    return [s["resps"] for s in sorted(res["samples"][task], key=lambda s: s["doc_id"])]
+
+
+@pytest.mark.timeout(180)
+def test_lm_eval_generates_through_the_api(
+    server: ServeProcess, client: openai.OpenAI, tmp_path, monkeypatch
+) -> None:
+    resps = run_lm_eval(server, tmp_path, monkeypatch, "generate_until")
+    for doc, resp in zip(LM_EVAL_DATA, resps, strict=True):
+        want = client.completions.create(
+            model=MODEL, prompt=doc["q"], max_tokens=8, temperature=0,
+            stop=["\n\n", "<|endoftext|>"], seed=1234,
+        )  # fmt: skip
+        assert resp == [[want.choices[0].text]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Iterator
 
@@ -48,6 +49,10 @@ class HTTPServer:
             server_header=False,
             timeout_graceful_shutdown=grace_period,
         )
+        # uvicorn's start and stop lines repeat what `jserve serve` announces itself.
+        uv_logger = logging.getLogger("uvicorn.error")
+        if uv_logger.level == logging.NOTSET:
+            uv_logger.setLevel(logging.WARNING)
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
