@@ -52,9 +52,11 @@ class CompletionCall:
                 state.check_prompt_size(p, "prompt")
         self.prompts = prompts
         self.params = sampling_params(req, req.max_tokens, req.logprobs)
+        # echo with logprobs scores the prompt's own tokens (lm-eval's loglikelihood);
+        # echo with max_tokens 0 only returns the prompt, which the engine runs as scoring.
         self.echo_logprobs = req.echo and req.logprobs is not None
-        if self.echo_logprobs:
-            self.params = state.with_prompt_logprobs(self.params, req.logprobs)
+        if self.echo_logprobs or (req.echo and req.max_tokens == 0):
+            self.params = state.with_prompt_logprobs(self.params, req.logprobs or 0)
         self.run = EngineRun(state.core, API, prompts, self.params, req.priority, FIELDS)
         self.id = fmt.new_id("cmpl")
         self.created = fmt.now()
