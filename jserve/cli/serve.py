@@ -1,4 +1,5 @@
-"""``jserve serve``: the gRPC service (jserve.v1 and JetStream APIs) on a model.
+"""``jserve serve``: the gRPC service (jserve.v1 and JetStream APIs) on a model, and with
+``--http-port`` the OpenAI-compatible HTTP API beside it on the same engine.
 
 With ``--num-processes N`` the model spans several hosts: every process runs
 ``jserve serve`` with the same options and its own ``--process-id``; process
