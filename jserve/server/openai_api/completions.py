@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -182,10 +181,8 @@ class CompletionCall:
                             "usage": fmt.usage(prompt_tokens, completion),
                         }
                     )
-            except APIError as e:
+            except APIError as e:  # after the 200: the error goes in the stream
                 yield fmt.sse(e.body())
-            except asyncio.CancelledError:
-                raise
             finally:
                 await self.run.close()
         yield fmt.DONE
