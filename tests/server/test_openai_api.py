@@ -10,7 +10,6 @@ give the same tokens, and leaving a field out changes them.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +19,6 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
-from jserve.sampling_params import SamplingParams
 from jserve.server.client import Client
 from tests.server.helpers import metric
 from tests.server.openai_process import ENGINE_ARGS, ServeProcess
@@ -425,6 +423,7 @@ def error_of(r: httpx.Response, status: int) -> dict:
         ({"seed": "x"}, "seed"),
         ({"seed": 2**70}, "seed"),
         ({"logprobs": 100}, "logprobs"),
+        ({"logprobs": 100, "echo": True}, "logprobs"),
         ({"stop": [""]}, "stop"),
         ({"stop": 5}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
@@ -678,13 +677,6 @@ def test_lm_eval_generates_through_the_api(
 
 # -- echo with logprobs: the prompt's own logprobs ------------------------------
 
-# Until the engine's prompt logprobs (SamplingParams.prompt_logprobs) are merged, the API
-# answers echo with logprobs with a 400 (test_completion_field_errors would not notice).
-needs_prompt_logprobs = pytest.mark.skipif(
-    not any(f.name == "prompt_logprobs" for f in dataclasses.fields(SamplingParams)),
-    reason="the engine has no prompt logprobs yet (SamplingParams.prompt_logprobs)",
-)
-
 
 def hf_prompt_logprobs(model_dir: str, ids: list[int]):
     """[L-1] logprobs of prompt tokens 1.. and [L-1] most likely ids, from transformers."""
@@ -697,7 +689,6 @@ def hf_prompt_logprobs(model_dir: str, ids: list[int]):
     return [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], logp[:-1].argmax(-1)
 
 
-@needs_prompt_logprobs
 def test_echo_logprobs_equal_a_full_forward(
     client: openai.OpenAI, model_dir: str, tok: Tokenizer
 ) -> None:
@@ -738,7 +729,6 @@ def test_max_tokens_0_without_echo_is_refused(http: httpx.Client) -> None:
     assert err["param"] == "max_tokens"
 
 
-@needs_prompt_logprobs
 @pytest.mark.timeout(180)
 def test_lm_eval_loglikelihood_equals_a_full_forward(
     server: ServeProcess, model_dir: str, tok: Tokenizer, tmp_path, monkeypatch

@@ -23,7 +23,7 @@ from jserve.server.openai_api.state import APIState
 
 API = "completions"
 # SamplingParams names that differ from this endpoint's fields (for error messages).
-FIELDS: dict[str, str] = {}
+FIELDS = {"prompt_logprobs": "logprobs"}  # echo's prompt scoring takes logprobs' count
 
 
 class _Choice:

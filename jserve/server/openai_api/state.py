@@ -70,10 +70,4 @@ class APIState:
 
     def with_prompt_logprobs(self, params: SamplingParams, k: int) -> SamplingParams:
         """``params`` that also score the prompt's own tokens (echo with logprobs)."""
-        if not any(f.name == "prompt_logprobs" for f in dataclasses.fields(params)):
-            raise bad_request(
-                "echo with logprobs needs the prompt's logprobs, which this engine cannot "
-                "compute yet; send echo or logprobs, not both",
-                "echo",
-            )
         return dataclasses.replace(params, prompt_logprobs=k)
