@@ -64,7 +64,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         default=None,
         help="with --random-weights: a shape name (llama3-8b, llama3-3b, llama3-1b, "
-        "mistral-7b, qwen2-7b, qwen3-8b, qwen3-0.6b) or a directory with config.json",
+        "mistral-7b, qwen2-7b, qwen3-8b, qwen3-0.6b, mixtral-8x7b, qwen3-30b-a3b) or a "
+        "directory with config.json",
     )
 
 
