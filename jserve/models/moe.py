@@ -479,9 +479,9 @@ def expert_placement(cfg: ModelConfig, mesh: Mesh | None) -> str:
         return f"{head}; all on each device"
     if o.expert_parallel:
         per = x // n
-        where = ", ".join(
-            f"device {d} holds experts {d * per}-{(d + 1) * per - 1}" for d in range(n)
-        )
+        held = [f"{d * per}-{(d + 1) * per - 1}" if per > 1 else f"{d}" for d in range(n)]
+        kind = "experts" if per > 1 else "expert"
+        where = ", ".join(f"device {d} holds {kind} {h}" for d, h in enumerate(held))
         return f"{head}; expert parallel over {_MODEL_AXIS}={n}: {where}"
     return (
         f"{head}; tensor parallel over {_MODEL_AXIS}={n}: every device holds all {x} experts, "

@@ -4,6 +4,7 @@ engine, expert counts, export round trips, and the grouped expert matmul itself.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -215,3 +216,41 @@ def test_config_refusals() -> None:
     cfg = config_from_dict({**base, "decoder_sparse_step": 2})
     assert cfg.options.moe_layers == (False, True)
     assert config_to_dict(cfg)["mlp_only_layers"] == [0]
+
+
+def test_bench_throughput_reports_tokens_per_expert(moe_dirs: dict[str, str], tmp_path) -> None:
+    from jserve.cli.main import main
+
+    out = tmp_path / "t.json"
+    args = ["bench", "throughput", "--random-weights", "--config", moe_dirs["mixtral"]]
+    args += ["--num-prompts", "3", "--random-input-len", "6", "--random-output-len", "3"]
+    args += ["--max-num-seqs", "4", "--max-num-batched-tokens", "16", "--disable-tqdm"]
+    assert main([*args, "--no-warmup", "--result-filename", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert len(r["expert_tokens"]) == 4 and sum(r["expert_tokens"]) > 0
+    assert r["expert_load_imbalance"] >= 1.0
+
+
+def test_prometheus_exports_tokens_per_expert() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from jserve.engine.stats import EngineStats
+    from jserve.server.metrics import EngineCollector
+
+    stats = EngineStats(num_pages=4)
+    stats.record_experts(np.array([[3, 1], [2, 2]], np.int32))
+    stats.record_experts(np.array([[1, 1], [0, 2]], np.int32))
+
+    class Engine:
+        dead = False
+
+        def get_stats(self) -> EngineStats:
+            return stats
+
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(Engine()))
+    text = generate_latest(registry).decode()
+    assert 'jserve_expert_tokens_total{expert="0"} 6.0' in text
+    assert 'jserve_expert_tokens_total{expert="1"} 6.0' in text
+    # Layer 0 has [4, 2]: the busiest expert took 4 / mean 3.
+    assert "jserve_expert_load_imbalance 1.3333" in text
