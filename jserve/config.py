@@ -33,6 +33,17 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+
+# Mixture-of-experts families: attention exactly as the dense family named here,
+# the MLP replaced by routed experts (see jserve.models.moe).
+MOE_ATTENTION_FAMILY: dict[str, str] = {
+    "mixtral": "mistral",
+    "qwen2_moe": "qwen2",
+    "qwen3_moe": "qwen3",
 }
 
 
@@ -59,6 +70,25 @@ class LlamaOptions(FamilyOptions):
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeOptions(LlamaOptions):
+    """A mixture-of-experts family's fields (Mixtral, Qwen2-MoE, Qwen3-MoE): Llama attention,
+    and in the layers ``moe_layers`` marks, ``num_experts`` routed MLPs of which each token
+    uses ``top_k`` (softmax over all experts, then top-k, renormalised when
+    ``norm_topk_prob``), plus a shared MLP behind a sigmoid gate when
+    ``shared_expert_size`` > 0 (Qwen2-MoE)."""
+
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_size: int = 0
+    moe_layers: tuple[bool, ...] = ()
+    # Experts split over the tensor-parallel devices (each holds whole experts)
+    # instead of every expert's hidden units; set by the parallel layout.
+    expert_parallel: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +146,15 @@ class ModelConfig:
     def num_params(self) -> int:
         e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = e * (self.num_q_heads + 2 * self.source_kv_heads) * d + self.num_q_heads * d * e
-        mlp = 3 * e * f
-        per_layer = attn + mlp + 2 * e
+        mlp = 3 * e * f * self.num_layers
+        if isinstance(self.options, MoeOptions):  # routed experts, router, shared expert
+            o = self.options
+            moe = o.num_experts * (3 * e * o.moe_intermediate_size + e)
+            moe += 3 * e * o.shared_expert_size + (e if o.shared_expert_size else 0)
+            mlp = sum(moe if m else 3 * e * f for m in o.moe_layers)
+        per_layer = attn + 2 * e
         head = 0 if self.tie_word_embeddings else self.vocab_size * e
-        return self.vocab_size * e + self.num_layers * per_layer + e + head
+        return self.vocab_size * e + self.num_layers * per_layer + mlp + e + head
 
     def validate(self) -> ModelConfig:
         positive = {
@@ -183,6 +218,7 @@ def _rope_fields(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 def _sliding_windows(raw: dict[str, Any], family: str, num_layers: int) -> tuple[int | None, ...]:
+    family = MOE_ATTENTION_FAMILY.get(family, family)
     window = raw.get("sliding_window")
     layer_types = raw.get("layer_types")
     if layer_types is not None:
@@ -229,6 +265,50 @@ def _llama_options(raw: dict[str, Any], family: str) -> LlamaOptions:
     )
 
 
+def _moe_options(raw: dict[str, Any], family: str) -> MoeOptions:
+    base = MOE_ATTENTION_FAMILY[family]
+    attn = _llama_options(raw, base)
+    if family == "qwen2_moe":  # Qwen2-MoE's q/k/v biases are a config switch
+        attn = dataclasses.replace(attn, qkv_bias=bool(raw.get("qkv_bias", True)))
+    num_layers = int(raw["num_hidden_layers"])
+    if family == "mixtral":
+        experts, inter, norm = raw.get("num_local_experts", 8), raw["intermediate_size"], True
+        sparse = [True] * num_layers
+    else:
+        experts = raw.get("num_experts", raw.get("num_local_experts"))
+        inter, norm = raw.get("moe_intermediate_size"), bool(raw.get("norm_topk_prob", False))
+        step = int(raw.get("decoder_sparse_step", 1) or 1)
+        dense = set(raw.get("mlp_only_layers") or [])
+        sparse = [i not in dense and (i + 1) % step == 0 for i in range(num_layers)]
+    top_k = raw.get("num_experts_per_tok", 2)
+    shared = int(raw.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0
+    for key, value in (
+        ("num_experts", experts),
+        ("num_experts_per_tok", top_k),
+        ("moe_intermediate_size", inter),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"config.json: {key} must be a positive integer, got {value!r}")
+    if top_k > experts:
+        raise ConfigError(
+            f"config.json: num_experts_per_tok ({top_k}) exceeds the {experts} experts"
+        )
+    if not any(sparse):
+        raise ConfigError(
+            f"config.json: {family} config has no expert layers (decoder_sparse_step / "
+            "mlp_only_layers leave every layer dense); serve it as the dense family"
+        )
+    return MoeOptions(
+        **dataclasses.asdict(attn),
+        num_experts=experts,
+        top_k=top_k,
+        moe_intermediate_size=inter,
+        norm_topk_prob=norm,
+        shared_expert_size=shared,
+        moe_layers=tuple(sparse),
+    )
+
+
 def llama_options(cfg: ModelConfig) -> LlamaOptions:
     """``cfg.options`` of a Llama-family config."""
     if not isinstance(cfg.options, LlamaOptions):
@@ -245,6 +325,9 @@ FAMILY_OPTIONS: dict[str, Callable[[dict[str, Any], str], FamilyOptions]] = {
     "mistral": _llama_options,
     "qwen2": _llama_options,
     "qwen3": _llama_options,
+    "mixtral": _moe_options,
+    "qwen2_moe": _moe_options,
+    "qwen3_moe": _moe_options,
 }
 
 
@@ -328,13 +411,14 @@ def load_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
 
 def _check_expressible(cfg: ModelConfig) -> None:
     """Raises ConfigError when Hugging Face's class for the family cannot hold cfg."""
-    fam = cfg.family
+    fam = MOE_ATTENTION_FAMILY.get(cfg.family, cfg.family)
     if cfg.architecture not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(f"unknown architecture {cfg.architecture!r}")
     opts = llama_options(cfg)
     problems = []
     if fam == "qwen2":
-        if not opts.qkv_bias or opts.o_bias:
+        # Qwen2 always has q/k/v biases; Qwen2-MoE has a switch for them.
+        if (not opts.qkv_bias and cfg.family == "qwen2") or opts.o_bias:
             problems.append("Qwen2 always has q/k/v biases and never an o_proj bias")
     elif fam == "mistral":
         if opts.qkv_bias or opts.o_bias:
@@ -365,7 +449,7 @@ def ids_or_list(ids: tuple[int, ...]) -> int | list[int] | None:
 def config_to_dict(cfg: ModelConfig, dtype: Any = "float32") -> dict[str, Any]:
     """The Hugging Face ``config.json`` contents for cfg (inverse of ``config_from_dict``)."""
     _check_expressible(cfg)
-    fam = cfg.family
+    fam = MOE_ATTENTION_FAMILY.get(cfg.family, cfg.family)
     opts = llama_options(cfg)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
@@ -381,7 +465,7 @@ def config_to_dict(cfg: ModelConfig, dtype: Any = "float32") -> dict[str, Any]:
     saved_dtype = dtype_name(dtype)
     out: dict[str, Any] = {
         "architectures": [cfg.architecture],
-        "model_type": fam,
+        "model_type": cfg.family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -422,4 +506,33 @@ def config_to_dict(cfg: ModelConfig, dtype: Any = "float32") -> dict[str, Any]:
         out["layer_types"] = [
             "full_attention" if w is None else "sliding_attention" for w in cfg.sliding_windows
         ]
+    if isinstance(cfg.options, MoeOptions):
+        out.update(_moe_fields(cfg, cfg.options))
+    return out
+
+
+def _moe_fields(cfg: ModelConfig, o: MoeOptions) -> dict[str, Any]:
+    """The config.json keys of a mixture-of-experts family (inverse of ``_moe_options``)."""
+    out: dict[str, Any] = {"num_experts_per_tok": o.top_k, "output_router_logits": False}
+    if cfg.family == "mixtral":
+        if o.moe_intermediate_size != cfg.intermediate_size or not o.norm_topk_prob:
+            raise ConfigError(
+                "MixtralForCausalLM cannot express this config: its experts are "
+                "intermediate_size wide and their top-k weights are always renormalised"
+            )
+        return {**out, "num_local_experts": o.num_experts, "router_jitter_noise": 0.0}
+    dense = [i for i, m in enumerate(o.moe_layers) if not m]
+    out.update(
+        num_experts=o.num_experts,
+        moe_intermediate_size=o.moe_intermediate_size,
+        norm_topk_prob=o.norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=dense,
+    )
+    if cfg.family == "qwen2_moe":
+        if not o.shared_expert_size:
+            raise ConfigError("Qwen2MoeForCausalLM cannot express a config without a shared expert")
+        out.update(shared_expert_intermediate_size=o.shared_expert_size, qkv_bias=o.qkv_bias)
+    elif o.shared_expert_size:
+        raise ConfigError(f"{cfg.architecture} has no shared expert")
     return out

@@ -52,6 +52,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         num_microbatches: int = 0,
+        enable_expert_parallel: bool = False,
         compilation_cache_dir: CacheDirArg = DEFAULT_CACHE_DIR,
     ) -> None:
         ecfg = EngineConfig(
@@ -69,7 +70,9 @@ class LLM:
             seed=seed,
         ).validate()
         enable_compilation_cache(compilation_cache_dir)  # before loading compiles anything
-        parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, num_microbatches)
+        parallel = ParallelConfig(
+            tensor_parallel_size, pipeline_parallel_size, num_microbatches, enable_expert_parallel
+        )
         self.model: LoadedModel = load_model(model or default_model_path(), dtype, parallel)
         self.engine = LLMEngine(self.model, ecfg, warmup=warmup)
         self._counter = 0

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from checkpoints import is_orbax_checkpoint, load_hf_params, load_orbax_params
 from jserve.config import ModelConfig, load_config
 from jserve.errors import ConfigError
-from jserve.models import get_model
+from jserve.models import get_model, moe
 from jserve.models.params import init_params
 from jserve.models.presets import PRESETS, preset_config
 from jserve.tokenizer import Tokenizer
@@ -45,7 +45,12 @@ def placement(cfg: ModelConfig, parallel: Any) -> tuple[ModelConfig, Any, Any]:
 
     The config may come back with KV heads replicated (see ModelConfig.with_kv_heads_for).
     """
-    if parallel is None or parallel.world_size == 1:
+    if parallel is None:
+        return cfg, None, None
+    cfg = moe.with_expert_parallel(
+        cfg, parallel.enable_expert_parallel, parallel.tensor_parallel_size
+    )
+    if parallel.world_size == 1:
         return cfg, None, None
     parallel.validate(cfg, jax.device_count())
     cfg = cfg.with_kv_heads_for(parallel.tensor_parallel_size)
@@ -54,6 +59,7 @@ def placement(cfg: ModelConfig, parallel: Any) -> tuple[ModelConfig, Any, Any]:
     if parallel.pipeline_parallel_size == 1:
         return cfg, mesh, param_shardings(specs, mesh)
     uniform_stage_windows(cfg.sliding_windows, parallel.pipeline_parallel_size)
+    moe.check_pipeline(cfg, parallel.pipeline_parallel_size)
     return cfg, mesh, pipeline_param_shardings(specs, mesh)
 
 

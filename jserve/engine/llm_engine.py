@@ -21,6 +21,7 @@ from jserve.engine.shapes import BAN_WIDTH
 from jserve.engine.stats import EngineStats
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError, RequestTooLargeError
 from jserve.model_loader import LoadedModel
+from jserve.models.moe import expert_placement
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.prompts import PromptType, tokenize_prompt
 from jserve.sampling_params import SamplingParams
@@ -277,6 +278,8 @@ class LLMEngine:
 
     def _process(self, so: SchedulerOutput, handle: StepHandle) -> None:
         res = self.runner.fetch(handle)
+        if "expert_tokens" in res.stats:
+            self.stats.record_experts(res.stats["expert_tokens"])
         for e in so.entries:  # before update: a sample there may end the sequence
             if e.prompt_targets:
                 self._record_prompt_logprobs(e, res)
@@ -406,11 +409,13 @@ class LLMEngine:
         where = "1 device" if self.model.mesh is None else describe_mesh(self.model.mesh)
         tp = 1 if self.model.mesh is None else self.model.mesh.shape["model"]
         kv_dev = self.num_pages * _page_bytes_per_device(self.model, self.ecfg.page_size)
+        experts = expert_placement(self.cfg, self.model.mesh)
         return (
             f"{self.cfg.name or self.model.path}: {self.cfg.num_params() / 1e6:.1f}M params on "
             f"{where}; parameters {_size(param_dev)} per device (tp={tp}), KV pool "
             f"{self.num_pages} pages x {self.ecfg.page_size} tokens = {_size(kv_dev)} per "
             f"device, {self.max_model_len} max tokens/sequence"
+            + (f"; {experts}" if experts else "")
         )
 
     def get_stats(self) -> EngineStats:

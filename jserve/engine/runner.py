@@ -73,7 +73,7 @@ def _step(
     shape: tuple[int, int],
     backend: str,
     mesh: Any,  # None on one device
-) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput]:
+) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput, dict[str, jax.Array]]:
     f = shapes.layout(*shape).unpack(packed)
     src = f["src_rows"]
     ids = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], f["ids"])
@@ -91,14 +91,14 @@ def _step(
     )
     model = get_model(cfg)
     if mesh is None or mesh.shape[STAGE] == 1:
-        hidden, kv_pages = model.forward(params, cfg, ids, kv_pages, md)
+        hidden, kv_pages, stats = model.forward(params, cfg, ids, kv_pages, md)
     else:
         num_mb = shapes.num_microbatches
         md = md.replace(
             positions=md.positions.reshape(num_mb, -1),
             slot_mapping=md.slot_mapping.reshape(num_mb, -1),
         )
-        hidden, kv_pages = pipeline_forward(params, cfg, ids, kv_pages, md, mesh)
+        hidden, kv_pages, stats = pipeline_forward(params, cfg, ids, kv_pages, md, mesh)
     logits = model.compute_logits(params, cfg, hidden[f["logits_indices"]])  # [R, V]
     if mesh is not None:
         # The vocabulary is split over the model axis: compute each device's
@@ -108,7 +108,7 @@ def _step(
         logits = jax.lax.with_sharding_constraint(logits, split)
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
     out = sample(logits, f, history, num_out=shapes.max_num_seqs, num_logprobs=shapes.num_logprobs)
-    return kv_pages, table, history, out
+    return kv_pages, table, history, out, stats
 
 
 @functools.cache
@@ -146,6 +146,7 @@ class StepHandle:
     out: SamplerOutput
     num_rows: int
     with_logprobs: bool
+    stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # the model's
 
 
 @dataclasses.dataclass
@@ -155,6 +156,8 @@ class StepResult:
     ranks: np.ndarray | None
     top_ids: np.ndarray | None  # i32[rows, K]
     top_logprobs: np.ndarray | None
+    # The model's step statistics on the host (e.g. "expert_tokens" i32[layers, experts]).
+    stats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
@@ -228,7 +231,7 @@ class ModelRunner:
             opts: dict[str, Any] = dict(donate_argnums=(1, 2, 3))
             if self.mesh is not None:
                 kv = [self._kv_sharding] * len(self.kv_pages)
-                opts["out_shardings"] = (kv, rep, rep, rep)
+                opts["out_shardings"] = (kv, rep, rep, rep, rep)
             return fn, args, opts
         (n,) = size
         if kind == "copy":
@@ -295,7 +298,7 @@ class ModelRunner:
             self.table = self._write(("table",), self.table, plan.table_writes)
         if plan.history_writes is not None:
             self.history = self._write(("history",), self.history, plan.history_writes)
-        self.kv_pages, self.table, self.history, out = self._call(
+        self.kv_pages, self.table, self.history, out, stats = self._call(
             ("step", *plan.shape),
             self.params,
             self.kv_pages,
@@ -305,7 +308,7 @@ class ModelRunner:
             plan.packed,
         )
         self._prev_tokens = out.tokens
-        return StepHandle(out, plan.num_rows, plan.want_logprobs)
+        return StepHandle(out, plan.num_rows, plan.want_logprobs, stats)
 
     def _write(self, kind: tuple, target: jax.Array, w: RowWrites) -> jax.Array:
         return self._call((*kind, len(w.rows)), target, w.rows, w.values)
@@ -319,11 +322,12 @@ class ModelRunner:
         n = handle.num_rows
         o = handle.out
         if not handle.with_logprobs:
-            return StepResult(np.asarray(o.tokens)[:n].tolist(), None, None, None, None)
-        tokens, lps, ranks, top_ids, top_lps = jax.device_get(
-            (o.tokens, o.logprobs, o.ranks, o.top_ids, o.top_logprobs)
+            tokens, stats = jax.device_get((o.tokens, handle.stats))
+            return StepResult(tokens[:n].tolist(), None, None, None, None, stats)
+        tokens, lps, ranks, top_ids, top_lps, stats = jax.device_get(
+            (o.tokens, o.logprobs, o.ranks, o.top_ids, o.top_logprobs, handle.stats)
         )
-        return StepResult(tokens[:n].tolist(), lps[:n], ranks[:n], top_ids[:n], top_lps[:n])
+        return StepResult(tokens[:n].tolist(), lps[:n], ranks[:n], top_ids[:n], top_lps[:n], stats)
 
     # -- start-up -----------------------------------------------------------
 

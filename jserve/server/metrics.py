@@ -95,6 +95,20 @@ class EngineCollector(Collector):
             "scheduled_tokens", "Tokens computed (prompt chunks and decodes)", s.scheduled_tokens
         )
         yield gauge("engine_step_seconds", "Host time of the last engine step", s.step_time)
+        if s.expert_tokens is not None:  # mixture-of-experts models
+            experts = CounterMetricFamily(
+                "jserve_expert_tokens",
+                "Tokens routed to each expert, summed over the expert layers",
+                labels=["expert"],
+            )
+            for x, n in enumerate(s.expert_tokens.sum(axis=0).tolist()):
+                experts.add_metric([str(x)], n)
+            yield experts
+            yield gauge(
+                "expert_load_imbalance",
+                "Busiest expert's tokens / mean tokens per expert, worst layer, since start",
+                s.expert_load_imbalance(),
+            )
 
 
 class ServerMetrics:
