@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import tuned_block_sizes as tuned
+from pallas_kernels.cost import attention_cost
 
 # Lanes used to store per-row softmax statistics (one full vreg row).
 _LANES = 128
@@ -275,6 +276,16 @@ def _attention_kernel(
         o_ref[h] = out.reshape(group, block_q, head_dim).astype(o_ref.dtype)
 
 
+def tpu_generation() -> str | None:
+    """The chip generation being compiled for ("v5e", "v6e", ...): the context
+    mesh's device (ahead-of-time compiles) or the default device; None on a
+    machine without a TPU (interpret mode)."""
+    try:
+        return str(pltpu.get_tpu_info().chip_version)
+    except (ValueError, AttributeError, RuntimeError):
+        return None
+
+
 def _hbm_table_kernel(
     kernel,
     kv_lens_ref,
@@ -351,8 +362,13 @@ def tpu_ragged_paged_attention(
     group = num_q_heads // num_kv_heads
     max_num_seqs, pages_per_seq = page_indices.shape
     defaults = tuned.tpu_block_sizes(
-        num_tokens=num_tokens, max_num_seqs=max_num_seqs, page_size=page_size
+        num_tokens=num_tokens,
+        max_num_seqs=max_num_seqs,
+        page_size=page_size,
+        generation=tpu_generation(),
     )
+    if vmem_limit_bytes is None:
+        vmem_limit_bytes = defaults.vmem_limit_bytes
     block_q = defaults.block_q if block_q is None else block_q
     # Rows of a q tile are g-major ([G, block_q] collapsed), which is a free
     # reshape only when block_q fills whole sublane tiles: 8 rows of 32-bit,
@@ -427,6 +443,7 @@ def tpu_ragged_paged_attention(
             dimension_semantics=("arbitrary",), vmem_limit_bytes=vmem_limit_bytes
         ),
         interpret=pltpu.InterpretParams() if interpret else False,
+        cost_estimate=attention_cost(q, kv_pages, page_indices, kv_lens, cu_q_lens, num_seqs),
         name="ragged_paged_attention_tpu",
     )(*operands)
     out = out_t[:, :, :num_tokens].transpose(2, 0, 1, 3)  # [T, Hkv, G, D]

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import work_plan as wp
+from pallas_kernels.cost import merge_cost
 
 
 def _merge_kernel(
@@ -95,5 +96,6 @@ def merge_partials(
         input_output_aliases={3: 0},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
+        cost_estimate=merge_cost(merges, part_o, part_lse, out=out),
         name="ragged_paged_attention_merge_triton",
     )(merges, part_o, part_lse, out)
