@@ -18,11 +18,11 @@ import pytest
 
 pytest.importorskip("libtpu")
 
-from pallas_kernels import tuned_block_sizes as tuned  # noqa: E402
-from pallas_kernels.cost import attention_cost  # noqa: E402
-from pallas_kernels.targets import tpu_mesh  # noqa: E402
-from pallas_kernels.tpu_attention import tpu_generation, tpu_ragged_paged_attention  # noqa: E402
-from tests.pallas_kernels.test_attention import CASES, LARGE  # noqa: E402
+from pallas_kernels import tuned_block_sizes as tuned
+from pallas_kernels.cost import attention_cost
+from pallas_kernels.targets import tpu_mesh
+from pallas_kernels.tpu_attention import tpu_generation, tpu_ragged_paged_attention
+from tests.pallas_kernels.test_attention import CASES, LARGE
 
 # One device of each generation.
 TARGETS = {"v5e": "v5e-1", "v6e": "v6e-1", "v5p": "v5p-8", "7x": "tpu7x-2"}
