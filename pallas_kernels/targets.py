@@ -74,3 +74,48 @@ def tpu_mesh(target: str, shape: tuple[int, ...] | None = None, axes: tuple[str,
     if n > len(devices):
         raise ValueError(f"{target} has {len(devices)} devices; a {shape} mesh needs {n}")
     return Mesh(np.asarray(devices[:n]).reshape(shape), axes)
+
+
+# XLA's description of an H100 SXM (GpuTargetConfigProto in text form), from
+# NVIDIA's published figures: 132 SMs, 228 KiB shared memory and 64K
+# registers per SM, 3.35 TB/s, 50 MiB L2, compute capability 9.0.
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84942979072
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+H100_REGISTERS_PER_SM = 65536
+
+
+def h100_mesh(num_gpus: int = 1, axes: tuple[str, ...] = ("x",)):
+    """A mesh of H100s for a deviceless compile (needs the CUDA plugin and
+    ptxas, no GPU; run with JAX_PLATFORMS=cpu). XLA's own matmuls get
+    untuned defaults (no autotuning without a device); Pallas kernels are
+    compiled exactly as on the GPU."""
+    from jax.experimental import topologies
+
+    desc = topologies.get_topology_desc(
+        "h100", "cuda", target_config=H100_TARGET_CONFIG, topology=f"1x1x{num_gpus}"
+    )
+    devices = list(desc.devices)[:num_gpus]
+    return Mesh(np.asarray(devices).reshape(len(devices), *([1] * (len(axes) - 1))), axes)

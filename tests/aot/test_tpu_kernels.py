@@ -4,7 +4,7 @@ Ahead of time, with no TPU attached: libtpu compiles for a described slice
 (pallas_kernels/targets.py), enforcing each chip's own VMEM and SMEM limits,
 which interpret mode and lowering never check. Needs libtpu, so the default
 test venv skips this module; ``bin/test-aot`` runs it in a venv with
-``.[aot-tpu]`` (``.ci/run`` does on every run).
+``.[aot]`` (``.ci/run`` does on every run).
 """
 
 from __future__ import annotations
