@@ -201,14 +201,19 @@ class ModelRunner:
             shape = (self.pp, *shape)
             self._kv_sharding = pipeline_kv_sharding(mesh)
             layers = cfg.num_layers // self.pp
-        self.kv_pages = [_zeros(shape, dtype, self._kv_sharding)() for _ in range(layers)]
+        zeros = self._device_zeros
+        self.kv_pages = [zeros(shape, dtype, self._kv_sharding) for _ in range(layers)]
         rep = self._replicated
-        self.table = _zeros((rows, self.pages_per_seq), jnp.int32, rep)()
-        self.history = _zeros((rows, self.shapes.max_model_len), jnp.int32, rep)()
-        self._prev_tokens = _zeros((ecfg.max_num_seqs,), jnp.int32, rep)()
+        self.table = zeros((rows, self.pages_per_seq), jnp.int32, rep)
+        self.history = zeros((rows, self.shapes.max_model_len), jnp.int32, rep)
+        self._prev_tokens = zeros((ecfg.max_num_seqs,), jnp.int32, rep)
         self._programs: dict[tuple, Any] = {}
         self.compiles = 0
         self.dispatches = 0
+
+    def _device_zeros(self, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Any:
+        """A device array of zeros (jserve.aot's runner makes only its shape)."""
+        return _zeros(shape, dtype, sharding)()
 
     # -- programs -------------------------------------------------------------
 
