@@ -62,3 +62,36 @@ def test_full_context_compiles_on_one_chip() -> None:
     assert runner.pages_per_seq == 8192
     report = compile_step("llama3-8b", "v6e-1", shape=(16, 16), runner=runner)
     assert report.pages_aliased
+
+
+@pytest.mark.skipif(not HAS_TPU, reason="needs libtpu: run bin/test-aot")
+def test_bench_estimate_prints_a_row_per_bucket(tmp_path, capsys) -> None:
+    from jserve.cli.main import main
+
+    out = tmp_path / "estimate.json"
+    rc = main(
+        [
+            "bench",
+            "estimate",
+            "--config",
+            "qwen3-0.6b",
+            "--target",
+            "v5e-1",
+            "--max-model-len",
+            "256",
+            "--max-num-seqs",
+            "16",
+            "--max-num-batched-tokens",
+            "64",
+            "--buckets",
+            "16x16",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc in (0, None)
+    text = capsys.readouterr().out
+    assert "compile-time estimates, not measurements" in text
+    row = __import__("json").loads(out.read_text())["rows"][0]
+    assert row["bucket"] == "16x16" and row["xla_flops"] > 0
+    assert row["bound"] == "memory" and row["decode_tokens_per_second_bound"] > 0
