@@ -4,8 +4,11 @@ TPU slice (or an H100) that is not attached.
 For each step bucket the engine compiles (tokens, rows), the step is
 compiled for the target (jserve.aot) and reported beside a roofline:
 
-  * the compiler's cost model: flops, bytes accessed and, on TPU, its
-    ``optimal_seconds`` estimate of the step's time;
+  * the compiler's cost model: flops and bytes accessed (every operation's
+    operands and results, so more than the weights and KV alone), the time
+    those counts take at the chip's peak rates, and its own
+    ``optimal_seconds`` where it gives a positive one (libtpu 0.0.42 gives a
+    negative value for the whole step, i.e. none);
   * the roofline: per device, the weights plus the KV cache the batch reads
     (every row's sequence at ``--context`` tokens) over the chip's HBM
     bandwidth, against 2 flops per weight per token over its peak bf16
@@ -130,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     rows_out = []
     print(f"{args.config} on {args.target}, tp {tp}: compile-time estimates, not measurements")
     print(
-        f"{'bucket':>10} {'compile s':>9} {'GFLOP':>9} {'GB read':>8} {'XLA est ms':>10} "
-        f"{'roofline ms':>11} {'bound':>7} {'decode tok/s <=':>15}"
+        f"{'bucket':>10} {'compile s':>9} {'XLA GFLOP':>9} {'XLA GB':>8} {'XLA ms':>8} "
+        f"{'XLA opt ms':>10} {'roofline ms':>11} {'bound':>7} {'decode tok/s <=':>15}"
     )
     for shape in shapes:
         rep = compile_step(args.config, args.target, shape=shape, runner=runner)
@@ -145,13 +148,16 @@ def run(args: argparse.Namespace) -> int:
             "collectives": rep.collectives,
             **roofline(runner, shape, context, hbm, peak),
         }
+        counts = max((rep.bytes_accessed or 0) / hbm, (rep.flops or 0) / peak)
+        line["xla_counts_seconds"] = counts if rep.flops else None
         rows_out.append(line)
         est = rep.optimal_seconds
         est_s = f"{est * 1e3:10.3f}" if est is not None and est > 0 else f"{'n/a':>10}"
         flops = f"{rep.flops / 1e9:9.1f}" if rep.flops else f"{'n/a':>9}"
         read = f"{rep.bytes_accessed / 1e9:8.2f}" if rep.bytes_accessed else f"{'n/a':>8}"
+        at_peak = f"{counts * 1e3:8.3f}" if rep.flops else f"{'n/a':>8}"
         print(
-            f"{line['bucket']:>10} {rep.compile_seconds:9.1f} {flops} {read} {est_s} "
+            f"{line['bucket']:>10} {rep.compile_seconds:9.1f} {flops} {read} {at_peak} {est_s} "
             f"{line['roofline_seconds'] * 1e3:11.3f} {line['bound']:>7} "
             f"{line['decode_tokens_per_second_bound']:15.0f}"
         )
