@@ -30,6 +30,9 @@ class LLM:
     compiled step programs, so a second start-up skips compiling them (see
     jserve.compile_cache). The default is ``$JSERVE_COMPILATION_CACHE_DIR`` if
     set, else ``~/.cache/jserve/jax-cache``; None or "" leaves the cache off.
+
+    ``check_weights``: refuse weights holding NaN or infinite values; None (the
+    default) checks models of up to 10B parameters (see jserve.model_loader).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class LLM:
         pipeline_parallel_size: int = 1,
         num_microbatches: int = 0,
         compilation_cache_dir: CacheDirArg = DEFAULT_CACHE_DIR,
+        check_weights: bool | None = None,
     ) -> None:
         ecfg = EngineConfig(
             page_size=page_size,
@@ -70,7 +74,9 @@ class LLM:
         ).validate()
         enable_compilation_cache(compilation_cache_dir)  # before loading compiles anything
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, num_microbatches)
-        self.model: LoadedModel = load_model(model or default_model_path(), dtype, parallel)
+        self.model: LoadedModel = load_model(
+            model or default_model_path(), dtype, parallel, check_weights
+        )
         self.engine = LLMEngine(self.model, ecfg, warmup=warmup)
         self._counter = 0
 

@@ -60,6 +60,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --random-weights: a shape name (llama3-8b, llama3-3b, llama3-1b, "
         "mistral-7b, qwen2-7b, qwen3-8b, qwen3-0.6b) or a directory with config.json",
     )
+    g.add_argument(
+        "--check-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refuse weights holding NaN or infinite values (default: on for models of up "
+        "to 10B parameters)",
+    )
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +149,7 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
     )
     if args.random_weights:
         return random_model(args.config or "llama3-1b", args.dtype, args.seed, parallel)
-    return load_model(args.model or default_model_path(), args.dtype, parallel)
+    return load_model(args.model or default_model_path(), args.dtype, parallel, args.check_weights)
 
 
 def build_engine(
