@@ -103,20 +103,33 @@ class LLM:
         prompt_list = normalize_prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompt_list)
-        else:
+        elif isinstance(sampling_params, list | tuple):
             params = list(sampling_params)
             if len(params) != len(prompt_list):
                 raise InvalidRequestError(
                     f"{len(params)} sampling params for {len(prompt_list)} prompts"
                 )
+        else:
+            raise InvalidRequestError(
+                "sampling_params must be a SamplingParams or a list of them, got "
+                f"{type(sampling_params).__name__}"
+            )
+        if priority is not None and not isinstance(priority, list | tuple):
+            raise InvalidRequestError(
+                f"priority must be a list of integers, got {type(priority).__name__}"
+            )
         prio = list(priority) if priority is not None else [0] * len(prompt_list)
         if len(prio) != len(prompt_list):
             raise InvalidRequestError(f"{len(prio)} priorities for {len(prompt_list)} prompts")
         ids = [str(self._counter + i) for i in range(len(prompt_list))]
-        checked = [
-            self.engine.validate_request(rid, p, sp, pr)
-            for rid, p, sp, pr in zip(ids, prompt_list, params, prio, strict=True)
-        ]
+        checked = []
+        for i, (rid, p, sp, pr) in enumerate(zip(ids, prompt_list, params, prio, strict=True)):
+            try:
+                checked.append(self.engine.validate_request(rid, p, sp, pr))
+            except InvalidRequestError as e:
+                if len(prompt_list) == 1:
+                    raise
+                raise type(e)(f"prompts[{i}]: {e}") from None
         self._counter += len(prompt_list)
         for rid, (text, tokens), sp, pr in zip(ids, checked, params, prio, strict=True):
             self.engine.enqueue(rid, text, tokens, sp, pr)

@@ -25,7 +25,7 @@ from jserve.engine.request import Request
 from jserve.engine.stats import EngineStats
 from jserve.errors import EngineDeadError, JserveError
 from jserve.outputs import RequestOutput
-from jserve.prompts import PromptType
+from jserve.prompts import PromptType, prompt_parts
 from jserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -71,11 +71,12 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"the engine stopped after an error: {self.dead}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
-        text = None
+        text, ids = prompt_parts(prompt)  # the form and the text; raises before any state
         tokenizer = self.engine.tokenizer
-        if isinstance(prompt, str) and prompt and tokenizer is not None:
+        if text is not None and tokenizer is not None:
             # Tokenize here, off the step thread, so a long prompt never stalls a step.
-            text, prompt = prompt, await loop.run_in_executor(None, tokenizer.encode, prompt)
+            ids = await loop.run_in_executor(None, tokenizer.encode, text)
+        prompt = ids if ids is not None else text
         stream = _Stream(loop)
         admitted: concurrent.futures.Future[Request] = concurrent.futures.Future()
         self._send(("add", rid, prompt, params, priority, text, stream, admitted))

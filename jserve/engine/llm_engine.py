@@ -124,6 +124,10 @@ class LLMEngine:
             raise InvalidRequestError(f"request id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                f"sampling params must be a SamplingParams, got {type(params).__name__}"
+            )
         params.validate(self.ecfg.max_logprobs)
         text, ids = tokenize_prompt(prompt, self.tokenizer, self.cfg.vocab_size)
         if len(ids) >= self.max_model_len:
