@@ -98,7 +98,9 @@ class LLM:
         """Generates for every prompt; returns outputs in prompt order.
 
         Every prompt is validated before any is queued, so one bad prompt
-        raises without side effects.
+        raises without side effects. With ``SamplingParams(prompt_logprobs=K)``
+        each output's ``prompt_logprobs`` scores its prompt (vLLM's shape), and
+        ``max_tokens=0`` scores the prompt without generating.
         """
         prompt_list = normalize_prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):

@@ -14,6 +14,9 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob (the sampled token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first (nothing precedes it), then the
+# prompt token itself (with its rank) plus the top-k of the position before it.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclasses.dataclass
@@ -35,12 +38,20 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: complete, in the one output (or streamed
+    # delta) that follows the prompt's last chunk; None in every other delta.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
-    """Folds an incremental output into the running total for its request."""
+    """Folds an incremental output into the running total for its request.
+
+    Prompt logprobs arrive whole in one delta; the total keeps them from then on.
+    """
     if acc is None:
         acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [])
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
     by_index = {c.index: c for c in acc.outputs}
     for d in delta.outputs:
         c = by_index.get(d.index)

@@ -44,6 +44,16 @@ class SamplingParams:
     disable those filters. Penalties follow vLLM: ``repetition_penalty`` > 1
     discourages tokens seen in the prompt or output, ``presence_penalty`` and
     ``frequency_penalty`` act on tokens already generated.
+
+    ``logprobs=K`` returns, per generated token, its logprob and rank plus the
+    K most likely tokens; ``prompt_logprobs=K`` does the same for every prompt
+    token after the first (``RequestOutput.prompt_logprobs``, None for the
+    first). Both are of the raw model distribution, as vLLM's default
+    ("raw_logprobs"): before penalties, banned ids, temperature and the
+    top-k/top-p/min-p filters, so they do not depend on how tokens are drawn.
+    ``max_tokens=0`` only scores the prompt and needs ``prompt_logprobs`` (the
+    request ends with finish_reason "length" and no tokens); without it,
+    max_tokens must be at least 1, as in vLLM.
     """
 
     n: int = 1
@@ -62,6 +72,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -119,7 +130,12 @@ class SamplingParams:
 
         integer("n", 1)
         if self.max_tokens is not None:
-            integer("max_tokens", 1)
+            integer("max_tokens", 0)
+            if self.max_tokens == 0 and self.prompt_logprobs is None:
+                raise bad(
+                    "max_tokens must be at least 1 (0, scoring the prompt only, needs "
+                    "prompt_logprobs)"
+                )
         integer("min_tokens", 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad(
@@ -146,8 +162,9 @@ class SamplingParams:
                 raise bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None and not -(2**63) <= integer("seed", -(2**63), 2**64) < 2**64:
             raise bad(f"seed must fit in 64 bits, got {self.seed}")  # folded to 32 (seed32)
-        if self.logprobs is not None:
-            integer("logprobs", 0, max_logprobs)  # the engine's max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                integer(name, 0, max_logprobs)  # the engine's max_logprobs
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             flag(name)
         if not isinstance(self.stop, list):

@@ -43,6 +43,10 @@ class StepPlan:
     history_writes: RowWrites | None = None
 
 
+# The sampling fields of a row that only scores a prompt position: greedy, no filters.
+_NEUTRAL = (0.0, 0, 1.0, 0.0, 0, 0)
+
+
 @dataclasses.dataclass(slots=True)
 class _SeqInfo:
     """What the builder keeps about a running sequence, computed once."""
@@ -131,7 +135,9 @@ class InputBuilder:
         logits_indices: list[int] = []
         hist_rows: list[int] = []
         hist_lens: list[int] = []
-        targets: list[tuple[_SeqInfo, int]] = []  # (sequence, output position) per row
+        # (sequence, output position) per row; None on a row scoring a prompt position.
+        targets: list[tuple[_SeqInfo | None, int]] = []
+        score_ids: list[int] = []  # per row: the prompt token scored, or -1
         seqs = self.seqs
         for e in so.entries:
             row = seqs[e.seq_id].row
@@ -165,6 +171,14 @@ class InputBuilder:
             seq_rows.append(row)
             kv_lens.append(end)
             cu.append(cu[-1] + n)
+            if e.prompt_targets:
+                k = len(e.prompt_targets)
+                at = cu[-2] + e.prompt_first - start
+                logits_indices += range(at, at + k)
+                hist_rows += [self.pad_row] * k
+                hist_lens += [0] * k
+                targets += [(None, 0)] * k
+                score_ids += e.prompt_targets
             if e.num_scored:
                 first = end - e.num_scored
                 for seq_id in e.targets:
@@ -174,6 +188,7 @@ class InputBuilder:
                         hist_rows.append(row)  # siblings share the history when they fork
                         hist_lens.append(first + k + 1)
                         targets.append((target, e.out_pos + k))
+                        score_ids.append(-1)
 
         nt, ns = len(ids), len(seq_rows)
         v["ids"][:nt] = ids
@@ -197,6 +212,7 @@ class InputBuilder:
         v["logits_indices"][:nr] = logits_indices
         v["history_rows"][:nr] = hist_rows
         v["history_lens"][:nr] = hist_lens
+        v["score_ids"][:nr] = score_ids
         want_logprobs = self._sampling(v, targets)
         return StepPlan(
             shape=(t_bucket, r_bucket),
@@ -217,13 +233,16 @@ class InputBuilder:
         out[:, : len(copies)] = np.array(copies, np.int32).T
         return out
 
-    def _sampling(self, v: dict[str, np.ndarray], targets: list[tuple[_SeqInfo, int]]) -> bool:
-        """Per-row sampling parameters; rows without a target keep neutral values.
-        Returns whether any row wants logprobs."""
+    def _sampling(
+        self, v: dict[str, np.ndarray], targets: list[tuple[_SeqInfo | None, int]]
+    ) -> bool:
+        """Per-row sampling parameters; rows without a target, and rows scoring a
+        prompt position, keep neutral (greedy) values. Returns whether any row
+        wants logprobs."""
         n = len(targets)
         if n == 0:
             return False
-        cols = list(zip(*(info.fields for info, _ in targets), strict=True))
+        cols = list(zip(*(info.fields if info else _NEUTRAL for info, _ in targets), strict=True))
         v["temperature"][:n] = cols[0]
         v["top_k"][:n] = cols[1]
         v["top_p"][:n] = cols[2]
@@ -234,6 +253,9 @@ class InputBuilder:
         rand = sort = penalties = logprobs = False
         banned = v["banned"]
         for i, (info, out_pos) in enumerate(targets):
+            if info is None:
+                logprobs = True
+                continue
             rand |= info.random
             sort |= info.sort
             logprobs |= info.logprobs

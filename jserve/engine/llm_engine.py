@@ -10,17 +10,18 @@ import time
 
 import jax
 
+from jserve.engine import logprobs
 from jserve.engine.config import EngineConfig
 from jserve.engine.detokenizer import SequenceDetokenizer
 from jserve.engine.kv_pool import PagePool
 from jserve.engine.request import Request, Sequence
 from jserve.engine.runner import ModelRunner, StepHandle, StepResult, kv_bytes_per_page
-from jserve.engine.scheduler import Scheduler, SchedulerOutput, SeqUpdate
+from jserve.engine.scheduler import ScheduledEntry, Scheduler, SchedulerOutput, SeqUpdate
 from jserve.engine.shapes import BAN_WIDTH
 from jserve.engine.stats import EngineStats
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError, RequestTooLargeError
 from jserve.model_loader import LoadedModel
-from jserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.prompts import PromptType, tokenize_prompt
 from jserve.sampling_params import SamplingParams
 from sharding import describe_mesh
@@ -209,8 +210,11 @@ class LLMEngine:
         return req
 
     def _max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
-        """max_tokens, or all the room the model leaves after the prompt."""
-        return params.max_tokens or self.max_model_len - prompt_len
+        """max_tokens (0: score the prompt only), or all the room the model leaves
+        after the prompt."""
+        if params.max_tokens is not None:
+            return params.max_tokens
+        return self.max_model_len - prompt_len
 
     def _detok(self, seq: Sequence) -> SequenceDetokenizer | None:
         if self.tokenizer is None:
@@ -277,6 +281,9 @@ class LLMEngine:
 
     def _process(self, so: SchedulerOutput, handle: StepHandle) -> None:
         res = self.runner.fetch(handle)
+        for e in so.entries:  # before update: a sample there may end the sequence
+            if e.prompt_targets:
+                self._record_prompt_logprobs(e, res)
         for upd in self.scheduler.update(so, res.tokens):
             req = upd.seq.request
             kept = self._find_stop_string(upd)
@@ -308,14 +315,37 @@ class LLMEngine:
         k = seq.request.params.logprobs or 0
         for row, token in zip(upd.rows[:kept], upd.tokens[:kept], strict=True):
             lp = float(res.logprobs[row])
-            entry = {token: Logprob(lp, int(res.ranks[row]), self._decode_one(token))}
-            for j in range(k):
-                tid = int(res.top_ids[row, j])
-                if tid not in entry:
-                    lpj = float(res.top_logprobs[row, j])
-                    entry[tid] = Logprob(lpj, j + 1, self._decode_one(tid))
-            seq.logprobs.append(entry)
+            seq.logprobs.append(
+                logprobs.logprob_entry(
+                    token,
+                    lp,
+                    int(res.ranks[row]),
+                    res.top_ids[row],
+                    res.top_logprobs[row],
+                    k,
+                    self._decode_one,
+                )
+            )
             seq.cumulative_logprob += lp
+
+    def _record_prompt_logprobs(self, e: ScheduledEntry, res: StepResult) -> None:
+        seq = self.scheduler.sequence(e.seq_id)
+        if seq is None:  # aborted while the step was in flight
+            return
+        req = seq.request
+        logprobs.record_prompt(
+            req,
+            e.prompt_first,
+            e.prompt_targets,
+            e.prompt_row,
+            res.logprobs,
+            res.ranks,
+            res.top_ids,
+            res.top_logprobs,
+            self._decode_one,
+        )
+        if len(req.prompt_logprobs or ()) == len(req.prompt_token_ids):
+            self._touched[req.request_id] = req
 
     def _decode_one(self, token: int) -> str | None:
         return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else None
@@ -358,6 +388,7 @@ class LLMEngine:
                     outputs=comps,
                     finished=finished,
                     num_cached_tokens=req.num_cached_tokens,
+                    prompt_logprobs=logprobs.take_prompt_logprobs(req),
                 )
             )
             if finished:

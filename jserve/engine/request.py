@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
-from jserve.outputs import Logprob
+from jserve.outputs import Logprob, PromptLogprobs
 from jserve.sampling_params import SamplingParams
 
 
@@ -40,6 +40,15 @@ class Request:
         self.seqs: list[Sequence] = []
         self.num_cached_tokens = 0
         self.aborted = False
+        # With params.prompt_logprobs (see engine.logprobs): positions
+        # [0, num_prompt_scored) of the prompt are planned for scoring, each once
+        # however often the prompt is recomputed; their results collect in
+        # prompt_logprobs (None first), handed out once complete.
+        self.num_prompt_scored = 0
+        self.prompt_logprobs: PromptLogprobs | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
+        self.prompt_logprobs_sent = False
 
     @property
     def finished(self) -> bool:

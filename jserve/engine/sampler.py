@@ -6,7 +6,8 @@ top-k, top-p and min-p filters, then a draw. Greedy rows (temperature 0)
 take the argmax of the penalized logits. Each row's randomness comes from
 its own key, folded from (request seed, sample index, output position), so
 a seeded request gives the same tokens whatever else is in the batch.
-Logprobs are those of the raw model distribution.
+Logprobs are those of the raw model distribution: of the sampled token, or
+on a row that scores a prompt position, of its ``score_ids`` target.
 
 Every choice that depends on the batch (any row random, any top-k/top-p, any
 penalties, any logprobs) is a runtime flag taken by ``lax.cond``, so one
@@ -25,8 +26,8 @@ from flax import struct
 @struct.dataclass
 class SamplerOutput:
     tokens: jax.Array  # i32[N] (N = rows padded to the engine's max_num_seqs)
-    logprobs: jax.Array  # f32[N]: logprob of the sampled token
-    ranks: jax.Array  # i32[N]: 1 = the most likely token
+    logprobs: jax.Array  # f32[N]: logprob of the sampled token (or of score_ids)
+    ranks: jax.Array  # i32[N]: its rank, 1 = the most likely token
     top_ids: jax.Array  # i32[N, K]
     top_logprobs: jax.Array  # f32[N, K]
 
@@ -124,7 +125,9 @@ def sample(
 
     def with_logprobs(raw: jax.Array) -> tuple[jax.Array, ...]:
         raw_logp = jax.nn.log_softmax(raw, axis=-1)
-        chosen = jnp.take_along_axis(raw_logp, tokens[:, None], axis=-1)  # [R, 1]
+        score_ids = f["score_ids"]
+        scored = jnp.where(score_ids >= 0, score_ids, tokens)  # [R]
+        chosen = jnp.take_along_axis(raw_logp, scored[:, None], axis=-1)  # [R, 1]
         ranks = 1 + jnp.sum(raw_logp > chosen, axis=-1).astype(jnp.int32)
         top_logprobs, top_ids = jax.lax.top_k(raw_logp, num_logprobs)
         return chosen[:, 0], ranks, top_ids.astype(jnp.int32), top_logprobs

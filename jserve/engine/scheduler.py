@@ -16,6 +16,11 @@ prefix of their prompt is already in the prefix cache. A request with
 ``n > 1`` takes n sequence slots from its admission, so its siblings always
 have room when its prompt completes.
 
+A request with prompt logprobs also scores its prompt positions, one row
+each (see ``logprobs``): its chunks are capped so a step's rows (these, plus
+one per sampling sequence) never exceed max_num_seqs, and its prefix-cache
+hits never skip positions still to score.
+
 When a running sequence needs a page and none is free, the lowest-priority
 newest running sequence is preempted: its pages are freed and it goes back
 to waiting to be recomputed later (its cached full pages often survive in
@@ -32,6 +37,7 @@ import bisect
 import dataclasses
 from collections.abc import Sequence as Seq
 
+from jserve.engine import logprobs
 from jserve.engine.config import EngineConfig
 from jserve.engine.kv_pool import PagePool, page_hash
 from jserve.engine.request import Request, Sequence, Status
@@ -63,6 +69,10 @@ class ScheduledEntry:
     giving one sample to every sequence in ``targets`` (the sequence itself,
     plus its new siblings when an n > 1 prompt completes). Their rows are
     ``first_row`` onwards, target-major.
+
+    With prompt logprobs, positions [prompt_first, prompt_first + len(prompt_targets))
+    are also scored against the prompt's next tokens ``prompt_targets``, in rows
+    ``prompt_row`` onwards (just before ``first_row``); nothing is sampled from them.
     """
 
     seq_id: int
@@ -77,10 +87,13 @@ class ScheduledEntry:
     targets: list[int]
     first_row: int
     out_pos: int  # output index of the first token these samples draw
+    prompt_first: int = 0
+    prompt_targets: list[int] = dataclasses.field(default_factory=list)
+    prompt_row: int = 0
 
     @property
     def num_rows(self) -> int:
-        return self.num_scored * len(self.targets)
+        return self.num_scored * len(self.targets) + len(self.prompt_targets)
 
 
 @dataclasses.dataclass
@@ -255,12 +268,28 @@ class Scheduler:
         chosen: list[tuple[Sequence, int]] = []
         copies: list[tuple[Sequence, int, int]] = []
         preempted: list[Sequence] = []
+        # A step has max_num_seqs rows. Each sequence slot keeps a row for its
+        # sample, except the slots of sequences chosen with a chunk short of their
+        # last token (they sample nothing this step); prompt-logprob positions take
+        # what is left. `spare` is those freed rows minus the prompt rows taken.
+        spare = 0
+
+        def rows_free() -> int:
+            return self.cfg.max_num_seqs - self._slots_used + spare
+
+        def take(seq: Sequence, num_new: int, sign: int = 1) -> None:
+            nonlocal spare
+            rows = self._prompt_rows(seq, num_new)
+            if seq.num_computed + num_new < seq.num_tokens:
+                rows -= self._slots_of(seq)
+            spare -= sign * rows
 
         def drop(victim: Sequence) -> None:
             nonlocal budget
             for i, (s, n) in enumerate(chosen):
                 if s is victim:
                     budget += n
+                    take(s, n, sign=-1)
                     del chosen[i]
                     break
             self._preempt(victim)
@@ -274,9 +303,12 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted as a victim this step
                 continue
-            if seq.num_output_tokens >= seq.request.max_output_tokens:
+            if seq.num_output_tokens >= max(seq.request.max_output_tokens, 1):
                 continue  # its last token is in flight; it ends when that arrives
             num_new = min(seq.num_tokens - seq.num_computed, budget)
+            num_new = self._fit_rows(seq, num_new, rows_free() + self._slots_of(seq))
+            if num_new == 0:
+                continue  # no rows left for its prompt positions this step
             while not self._reserve(seq, num_new, copies):
                 victim = self.running[-1]
                 drop(victim)
@@ -286,6 +318,7 @@ class Scheduler:
                 continue
             chosen.append((seq, num_new))
             budget -= num_new
+            take(seq, num_new)
 
         while self.waiting and budget > 0:
             # A sequence preempted this step, or whose last token is still on
@@ -296,11 +329,14 @@ class Scheduler:
             # Waiting sequences hold no pages. Reuse cached ones, but always compute
             # at least one token and never write into a cached page.
             max_pages = (seq.num_tokens - 1) // self.pool.page_size
+            cap = logprobs.max_cached_pages(seq.request, self.pool.page_size)
+            max_pages = max_pages if cap is None else min(max_pages, cap)
             seq.pages, seq.page_hashes = self.pool.lookup(seq.token_ids, max_pages)
             hit = len(seq.pages) * self.pool.page_size
             seq.num_computed = hit
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._reserve(seq, num_new, copies):
+            num_new = self._fit_rows(seq, num_new, rows_free())
+            if num_new == 0 or not self._reserve(seq, num_new, copies):
                 self.pool.free(seq.pages)
                 seq.pages, seq.page_hashes, seq.num_computed = [], [], 0
                 break
@@ -311,8 +347,25 @@ class Scheduler:
             self._start_running(seq)
             chosen.append((seq, num_new))
             budget -= num_new
+            take(seq, num_new)
 
         return self._finalize(chosen, copies)
+
+    def _fit_rows(self, seq: Sequence, num_new: int, rows: int) -> int:
+        """The longest chunk from num_computed (at most ``num_new`` tokens) whose rows
+        fit in ``rows``: its prompt-logprob positions, plus its samples if it reaches
+        its last token. Without prompt logprobs that is num_new, or num_new - 1 when
+        the samples do not fit (then nothing is sampled this step)."""
+        start = seq.num_computed
+        n = logprobs.cap_chunk(seq.request, start, num_new, rows)
+        samples = n > 0 and start + n == seq.num_tokens
+        if samples and self._prompt_rows(seq, n) + self._slots_of(seq) > rows:
+            n -= 1  # stop one short: nothing sampled, and its positions still fit
+        return n
+
+    @staticmethod
+    def _prompt_rows(seq: Sequence, num_new: int) -> int:
+        return logprobs.owed(seq.request, seq.num_computed, seq.num_computed + num_new)[1]
 
     def _start_running(self, seq: Sequence, take_slots: bool = True) -> None:
         seq.status = Status.RUNNING
@@ -374,10 +427,16 @@ class Scheduler:
             seq.synced_pages = len(pages)
             seq.num_computed = end
             num_tokens += num_new
+            req = seq.request
+            prompt_first, num_prompt = logprobs.owed(req, start, end)
+            # Positions are planned in order: none may be skipped.
+            assert num_prompt == 0 or prompt_first == req.num_prompt_scored, (seq, start)
+            req.num_prompt_scored += num_prompt
+            prompt_row = rows
+            rows += num_prompt
             total = len(token_ids) + seq.num_pending
             ids = []
             if end == total:  # the last known position: it is scored
-                req = seq.request
                 targets = [seq] if len(req.seqs) >= req.params.n else [seq, *self._fork(seq)]
                 for target in targets:
                     target.num_pending += 1
@@ -395,6 +454,9 @@ class Scheduler:
                 ids,
                 rows,
                 total - seq.num_prompt_tokens,
+                prompt_first,
+                req.prompt_token_ids[prompt_first + 1 : prompt_first + 1 + num_prompt],
+                prompt_row,
             )
             rows += len(ids)
             entries.append(entry)
@@ -436,6 +498,10 @@ class Scheduler:
                 if seq is None:
                     continue  # finished or aborted while the step was in flight
                 seq.num_pending -= k
+                if seq.request.max_output_tokens == 0:  # it only scored its prompt
+                    self.finish(seq, "length")
+                    updates.append(SeqUpdate(seq, [], []))
+                    continue
                 got = []
                 for r in rows:
                     token = int(tokens[r])
@@ -460,6 +526,10 @@ class Scheduler:
             self.finish(seq, "length")
             return True
         return False
+
+    def sequence(self, seq_id: int) -> Sequence | None:
+        """An unfinished sequence by id (None once it finished or was aborted)."""
+        return self._live.get(seq_id)
 
     @property
     def pending_releases(self) -> list[int]:

@@ -182,6 +182,9 @@ class StepShapes:
                 ("history_rows", (r,), "i32", pad),
                 ("history_lens", (r,), "i32", 0),
                 ("num_prompt", (r,), "i32", 0),
+                # A row that scores a prompt position: the prompt token whose logprob
+                # and rank it returns (its sample is ignored); -1 on sampling rows.
+                ("score_ids", (r,), "i32", -1),
                 # any row: [draws at random, uses top-k/top-p, uses penalties, wants logprobs]
                 ("flags", (4,), "i32", 0),
             ]

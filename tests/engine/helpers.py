@@ -26,8 +26,10 @@ def run(
     engine: LLMEngine,
     requests: list[tuple[str, Any, SamplingParams, int]],
     max_steps: int = 10_000,
+    deltas: list[RequestOutput] | None = None,
 ) -> dict[str, RequestOutput]:
-    """Adds each (id, prompt, params, arrival_step) at its step; runs until all finish."""
+    """Adds each (id, prompt, params, arrival_step) at its step; runs until all finish.
+    ``deltas`` collects every incremental output as the engine gave it."""
     pending = sorted(requests, key=lambda r: r[3])
     results: dict[str, RequestOutput] = {}
     step = 0
@@ -36,6 +38,8 @@ def run(
             rid, prompt, params, _ = pending.pop(0)
             engine.add_request(rid, prompt, params)
         for delta in engine.step():
+            if deltas is not None:
+                deltas.append(delta)
             results[delta.request_id] = merge_delta(results.get(delta.request_id), delta)
         step += 1
         assert step < max_steps, "engine did not finish"

@@ -106,6 +106,30 @@ def test_random_sampling_parameters_compile_nothing(warm_engines: dict) -> None:
     assert engine.pool.num_used == 0
 
 
+def test_prompt_logprobs_compile_nothing(warm_engines: dict) -> None:
+    # Long prompts scored in row-limited chunks beside sampling rows, forks,
+    # max_tokens=0, penalties and cache hits on the same prefix.
+    engine = warm_engines[8]
+    long = list(range(5, 95))
+    reqs = [
+        ("a", long, SamplingParams(max_tokens=0, prompt_logprobs=4), 0),
+        ("b", long, SamplingParams(max_tokens=4, temperature=0), 0),
+        ("c", [3] * 20, SamplingParams(max_tokens=5, n=3, temperature=1.0, prompt_logprobs=1), 1),
+        ("d", [9], SamplingParams(max_tokens=0, prompt_logprobs=0), 2),
+        (
+            "e",
+            long[:41],
+            SamplingParams(max_tokens=3, presence_penalty=1.0, logprobs=2, prompt_logprobs=2),
+            3,
+        ),
+        ("f", long, SamplingParams(max_tokens=2, prompt_logprobs=3, top_p=0.9), 5),
+    ]
+    with no_compiles():
+        out = run(engine, reqs)
+    assert [len(out[r].prompt_logprobs) for r in "acdef"] == [90, 20, 1, 41, 90]
+    assert engine.pool.num_used == 0
+
+
 def test_a_steady_decode_step_is_one_device_call(warm_engines: dict) -> None:
     engine = warm_engines[8]
     sp = SamplingParams(max_tokens=30, temperature=0.7, presence_penalty=0.5, logprobs=2)

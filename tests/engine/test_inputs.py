@@ -157,3 +157,36 @@ def test_pipeline_microbatches_split_the_metadata() -> None:
     assert f["seq_rows"][:, :2].tolist() == [[b.rows[0], 4], [b.rows[0], b.rows[1]]]
     assert f["cu_q_lens"].tolist() == [[0, 4, 4, 4, 4], [0, 2, 4, 4, 4]]
     assert f["num_seqs"].tolist() == [[1], [2]]
+
+
+def test_prompt_positions_get_rows_scoring_the_next_prompt_token() -> None:
+    b = builder()
+    # Sequence 0 computes positions 4..7 and scores 5..7 (4 was scored before a
+    # preemption) against prompt tokens 6..8 in rows 0-2; sequence 1 samples in row 3.
+    so = output(
+        [
+            entry(
+                0,
+                4,
+                [11, 12, 13, 14],
+                [5],
+                num_scored=0,
+                targets=[],
+                first_row=3,
+                prompt_first=5,
+                prompt_targets=[16, 17, 18],
+            ),
+            entry(1, 6, [21], [8, 9], first_row=3),
+        ],
+        [new(0, prompt_logprobs=1, temperature=0.7, top_k=3), new(1, temperature=0.5)],
+    )
+    assert so.num_rows == 4
+    plan = b.build(so)
+    f = fields(b, plan)
+    assert plan.want_logprobs and f["flags"].tolist() == [1, 0, 0, 1]
+    assert f["logits_indices"][:4].tolist() == [1, 2, 3, 4]
+    assert f["score_ids"].tolist() == [16, 17, 18, -1]
+    # Scoring rows are neutral: greedy, no filters, no history.
+    assert f["temperature"].tolist() == [0.0, 0.0, 0.0, 0.5]
+    assert f["top_k"][:3].tolist() == [0, 0, 0]
+    assert f["history_lens"][:3].tolist() == [0, 0, 0]

@@ -159,3 +159,113 @@ def test_prefix_cache_hit_starts_after_the_cached_pages() -> None:
     # so it is handed out again first.
     assert so.entries[0].new_pages == [0, 1, 2] and so.entries[0].page_offset == 0
     assert b.request.num_cached_tokens == 8 and a.pages == []
+
+
+def _scored(so: SchedulerOutput, seq_id: int) -> list[int]:
+    """The prompt positions an entry of ``seq_id`` scores this step."""
+    return [
+        e.prompt_first + i
+        for e in so.entries
+        if e.seq_id == seq_id
+        for i in range(len(e.prompt_targets))
+    ]
+
+
+def test_prompt_logprob_chunks_fit_the_row_budget() -> None:
+    # 4 rows a step. Mid-prompt, the prompt-logprobs request a samples nothing, so
+    # its chunk may take all 4; a request b admitted beside it gets a chunk one short
+    # of its end (no sample row) while the rows are taken.
+    s = make(max_num_batched_tokens=16)
+    prompt = list(range(20, 32))  # 12 tokens: positions 0..10 are scored
+    a = s.add_request(request("a", prompt, max_out=2, prompt_logprobs=2))
+    so = s.schedule()
+    assert plan(so) == [(a.seq_id, 0, 4, 4)] and so.num_rows == 4
+    e = so.entries[0]
+    assert (e.prompt_first, e.prompt_targets, e.prompt_row) == (0, prompt[1:5], 0)
+    assert e.num_scored == 0 and e.targets == []
+    b = s.add_request(request("b", [1, 2, 3]))
+    s.update(so, [0] * so.num_rows)
+    so = s.schedule()
+    assert plan(so) == [(a.seq_id, 4, 4, 4), (b.seq_id, 0, 2, 0)]
+    scored = [0, 1, 2, 3, *_scored(so, a.seq_id)]
+    s.update(so, [0] * so.num_rows)
+    # b samples (1 row), so a scores 8..10 (3 rows) and leaves its last token,
+    # whose sample would need a fifth row, for the next step.
+    so = s.schedule()
+    assert plan(so) == [(b.seq_id, 2, 1, 1), (a.seq_id, 8, 3, 3)] and so.num_rows == 4
+    assert (so.entries[0].first_row, so.entries[1].prompt_row) == (0, 1)
+    scored += _scored(so, a.seq_id)
+    assert scored == list(range(11))
+    s.update(so, [0] * so.num_rows)
+    so = s.schedule()
+    assert plan(so) == [(a.seq_id, 11, 1, 1), (b.seq_id, 3, 1, 1)]
+    assert so.entries[0].prompt_targets == [] and so.entries[0].targets == [a.seq_id]
+
+
+def test_one_row_steps_still_score_a_prompt() -> None:
+    s = make(max_num_seqs=1, max_num_batched_tokens=16)
+    a = s.add_request(request("a", [4, 5, 6], max_out=1, prompt_logprobs=0))
+    steps = []
+    while s.has_work:
+        so = s.schedule()
+        steps.append((*plan(so)[0][1:], so.entries[0].prompt_targets))
+        s.update(so, [0] * so.num_rows)
+    assert steps == [(0, 1, 1, [5]), (1, 1, 1, [6]), (2, 1, 1, [])]
+    assert a.finish_reason == "length"
+
+
+def test_prompt_logprobs_are_scored_once_across_preemption_and_cache_hits() -> None:
+    # 3 pages of 4 tokens: the decoding request d needs its second page while the
+    # prompt-logprobs request a is mid-prompt, so a (lower priority) is preempted,
+    # then recomputed from the page it completed, which is in the prefix cache.
+    s = make(num_pages=3, max_num_batched_tokens=16)
+    d = s.add_request(request("d", [1, 2, 3], max_out=5))
+    prompt = list(range(40, 50))  # positions 0..8 are scored
+    a = s.add_request(request("a", prompt, max_out=1, priority=1, prompt_logprobs=0))
+    scored: list[int] = []
+    starts = []
+    for _ in range(40):
+        if not s.has_work:
+            break
+        so = s.schedule()
+        scored += _scored(so, a.seq_id)
+        starts += [e.start for e in so.entries if e.seq_id == a.seq_id]
+        s.update(so, [9] * so.num_rows)
+    assert not s.has_work and s.num_preemptions >= 1
+    assert sorted(scored) == scored == list(range(9))
+    assert a.request.num_prompt_scored == 9
+    # After the preemption a restarts from its cached first page, not from 0.
+    assert 0 not in starts[1:] and a.finish_reason == "length" and d.finished
+
+
+def test_a_fresh_prompt_logprobs_request_skips_the_prefix_cache() -> None:
+    s = make(max_num_batched_tokens=16)
+    prompt = [7, 8, 9, 10, 11, 12, 13, 14, 15]
+    s.add_request(request("a", prompt, max_out=1))
+    while s.has_work:
+        so = s.schedule()
+        s.update(so, [3] * so.num_rows)
+    b = s.add_request(request("b", prompt, max_out=1, prompt_logprobs=1))
+    so = s.schedule()
+    assert so.entries[0].start == 0 and b.request.num_cached_tokens == 0
+    while s.has_work:
+        s.update(so, [3] * so.num_rows)
+        so = s.schedule()
+    assert b.request.num_prompt_scored == 8
+    c = s.add_request(request("c", prompt, max_out=1))
+    so = s.schedule()  # the pages stay cached for requests that do not score
+    assert plan(so) == [(c.seq_id, 8, 1, 1)]
+
+
+def test_max_tokens_zero_ends_after_the_prompt_with_no_tokens() -> None:
+    s = make(max_num_batched_tokens=16)
+    req = request("a", [5, 6, 7], max_out=0, prompt_logprobs=0, n=2, temperature=1.0)
+    a = s.add_request(req)
+    so = s.schedule()
+    # Both samples fork as usual, but their tokens are dropped.
+    assert plan(so) == [(a.seq_id, 0, 3, 4)] and so.entries[0].prompt_targets == [6, 7]
+    upd = s.update(so, [1, 1, 30, 31])
+    assert [(u.tokens, u.rows) for u in upd] == [([], []), ([], [])]
+    assert req.finished and all(q.finish_reason == "length" for q in req.seqs)
+    assert all(q.token_ids == [5, 6, 7] for q in req.seqs)
+    assert not s.has_work and s.pool.num_used == 0
