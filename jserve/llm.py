@@ -11,7 +11,7 @@ from jserve.compile_cache import DEFAULT_CACHE_DIR, CacheDirArg, enable_compilat
 from jserve.config import ModelConfig
 from jserve.engine.config import EngineConfig
 from jserve.engine.llm_engine import LLMEngine
-from jserve.errors import InvalidRequestError
+from jserve.errors import EngineStepError, InvalidRequestError
 from jserve.model_loader import LoadedModel, default_model_path, load_model
 from jserve.outputs import RequestOutput, merge_delta
 from jserve.prompts import PromptType, normalize_prompts
@@ -137,11 +137,18 @@ class LLM:
             self.engine.enqueue(rid, text, tokens, sp, pr)
 
         results: dict[str, RequestOutput] = {}
+        errors: dict[str, EngineStepError] = {}
         bar = tqdm(total=len(ids), desc="generating", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
             for delta in self.engine.step():
                 results[delta.request_id] = merge_delta(results.get(delta.request_id), delta)
                 if delta.finished:
                     bar.update(1)
+            errors.update(self.engine.step_errors)
         bar.close()
+        failed = [rid for rid in ids if rid in errors]
+        if failed:  # the others ran to the end; the engine serves on
+            raise EngineStepError(
+                f"{len(failed)} of {len(ids)} prompts failed: {errors[failed[0]]}"
+            ) from errors[failed[0]].__cause__
         return [results[rid] for rid in ids]

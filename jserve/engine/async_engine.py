@@ -4,7 +4,9 @@ The engine itself stays single-threaded: callers never touch it. They send
 commands (add, abort) through a queue that the loop drains before each
 step, and receive incremental outputs on per-request asyncio queues. An
 add is validated on the loop thread and its error (bad input, queue full)
-is raised to the caller before the stream starts.
+is raised to the caller before the stream starts. A step that fails raises
+EngineStepError to the streams of the requests it held and the loop serves
+on; only an engine that cannot recover (EngineDeadError) stops it.
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ class AsyncLLMEngine:
                     continue
                 try:
                     req = self.engine.add_request(rid, prompt, params, priority, prompt_text=text)
-                except JserveError as e:
+                except Exception as e:  # validation changes nothing: only this add fails
+                    if not isinstance(e, JserveError):
+                        logger.exception("adding request %s failed", rid)
                     admitted.set_exception(e)
                     continue
                 self._streams[rid] = stream
@@ -151,11 +155,12 @@ class AsyncLLMEngine:
                 self.engine.abort_request(cmd[1], only=cmd[2])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        errors = self.engine.step_errors  # requests a failed step aborted: raise to them
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            stream.put(out)
+            stream.put(errors.get(out.request_id, out))
             if out.finished:
                 del self._streams[out.request_id]
 
@@ -168,7 +173,7 @@ class AsyncLLMEngine:
                     self._wake.clear()
                     continue
                 outputs = self.engine.step()
-            except Exception as e:  # the engine is in an unknown state: fail everything
+            except Exception as e:  # the engine could not recover (EngineDeadError): fail all
                 logger.exception("engine step failed")
                 self._fail_all(e)
                 return
