@@ -67,6 +67,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "mistral-7b, qwen2-7b, qwen3-8b, qwen3-0.6b, mixtral-8x7b, qwen3-30b-a3b) or a "
         "directory with config.json",
     )
+    g.add_argument(
+        "--check-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refuse weights holding NaN or infinite values (default: on for models of up "
+        "to 10B parameters)",
+    )
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +159,7 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
     )
     if args.random_weights:
         return random_model(args.config or "llama3-1b", args.dtype, args.seed, parallel)
-    return load_model(args.model or default_model_path(), args.dtype, parallel)
+    return load_model(args.model or default_model_path(), args.dtype, parallel, args.check_weights)
 
 
 def build_engine(

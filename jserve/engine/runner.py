@@ -188,10 +188,7 @@ class ModelRunner:
         self.pp = 1 if mesh is None else mesh.shape[STAGE]
         num_mb = parallel.microbatches if self.pp > 1 else 1
         self.shapes = StepShapes(ecfg, self.pages_per_seq, num_mb)
-        self.inputs = InputBuilder(self.shapes, cfg.eos_token_ids)
         shape = (num_pages, ecfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-        rows = ecfg.max_num_seqs + 1
-
         self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         self._kv_sharding = None
         layers = cfg.num_layers
@@ -201,15 +198,31 @@ class ModelRunner:
             shape = (self.pp, *shape)
             self._kv_sharding = pipeline_kv_sharding(mesh)
             layers = cfg.num_layers // self.pp
-        zeros = self._device_zeros
-        self.kv_pages = [zeros(shape, dtype, self._kv_sharding) for _ in range(layers)]
-        rep = self._replicated
-        self.table = zeros((rows, self.pages_per_seq), jnp.int32, rep)
-        self.history = zeros((rows, self.shapes.max_model_len), jnp.int32, rep)
-        self._prev_tokens = zeros((ecfg.max_num_seqs,), jnp.int32, rep)
+        self._kv_shape, self._kv_layers, self._dtype = shape, layers, dtype
+        self.kv_pages: list[jax.Array] = []
+        self.reset()
         self._programs: dict[tuple, Any] = {}
         self.compiles = 0
         self.dispatches = 0
+
+    # Whether ``reset`` brings the runner back to a clean state (not so where other
+    # processes replay its steps: they would keep theirs).
+    can_reset = True
+
+    def reset(self) -> None:
+        """Fresh device state: zero KV pages, page table, token history and samples, and
+        an input builder with no sequences. After a failed step, whose donated buffers
+        may be gone; compiled programs are kept."""
+        self.kv_pages = []  # the old pages go before the new ones take their memory
+        self.inputs = InputBuilder(self.shapes, self.cfg.eos_token_ids)
+        rows, rep = self.ecfg.max_num_seqs + 1, self._replicated
+        zeros = self._device_zeros
+        self.kv_pages = [
+            zeros(self._kv_shape, self._dtype, self._kv_sharding) for _ in range(self._kv_layers)
+        ]
+        self.table = zeros((rows, self.pages_per_seq), jnp.int32, rep)
+        self.history = zeros((rows, self.shapes.max_model_len), jnp.int32, rep)
+        self._prev_tokens = zeros((self.ecfg.max_num_seqs,), jnp.int32, rep)
 
     def _device_zeros(self, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Any:
         """A device array of zeros (jserve.aot's runner makes only its shape)."""
