@@ -69,36 +69,53 @@ def ep_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
 
 
-def test_expert_parallel_matches_one_device(ep_model_dir: str) -> None:
-    layouts = ["1:1:0", "2:1:1", "4:1:1", "8:1:1", "4:1:0", "2:2:1"]
+def _probe(model_dir: str, layouts: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, ep_model_dir, ",".join(layouts)],
+        [sys.executable, "-c", PROBE, model_dir, ",".join(layouts)],
         capture_output=True,
         text=True,
         env=env,
         timeout=850,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[6:])
+    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[6:])
+
+
+def _check_split(r: dict, layout: str) -> None:
+    # Per layer one all-reduce after attention and one after the MLP or the
+    # experts (4 layers), plus one for the vocabulary-split embedding; no token
+    # exchange beyond that, no weight gathered: only the 2 sampled rows' logits.
+    assert r["all-reduce"] == 2 * 4 + 1, (layout, r)
+    assert r["all-to-all"] == r["reduce-scatter"] == r["collective-permute"] == 0, r
+    assert [g.split("{")[0] for g in r["gathered"]] == ["f32[2,256]"], r
+    assert r["counts_ok"], layout
+
+
+def test_expert_parallel_matches_one_device(ep_model_dir: str) -> None:
+    """Expert parallel 4, experts split by hidden units at TP 4, and expert
+    parallel 2 under pipeline parallel 2 give the tokens of one device."""
+    layouts = ["1:1:0", "4:1:1", "4:1:0", "2:2:1"]
+    res = _probe(ep_model_dir, layouts)
     one = res["1:1:0"]
     assert one["all-reduce"] == 0 and one["counts_ok"]
     for layout in layouts[1:]:
         assert res[layout]["tokens"] == one["tokens"], layout
-    for layout in ("2:1:1", "4:1:1", "8:1:1", "4:1:0"):
-        r = res[layout]
-        # Per layer one all-reduce after attention and one after the MLP or the
-        # experts (4 layers), plus one for the vocabulary-split embedding; no token
-        # exchange beyond that, no weight gathered: only the 2 sampled rows' logits.
-        assert r["all-reduce"] == 2 * 4 + 1, (layout, r)
-        assert r["all-to-all"] == r["reduce-scatter"] == r["collective-permute"] == 0, r
-        assert [g.split("{")[0] for g in r["gathered"]] == ["f32[2,256]"], r
-        assert r["counts_ok"], layout
+    for layout in ("4:1:1", "4:1:0"):
+        _check_split(res[layout], layout)
     assert "device 3 holds experts 6-7" in res["4:1:1"]["describe"]
-    assert "device 7 holds expert 7" in res["8:1:1"]["describe"]
     assert "every device holds all 8 experts, 8 of their 32" in res["4:1:0"]["describe"]
     assert "stage=2, model=2" in res["2:2:1"]["describe"]
     # Where the experts' weights live: whole experts per device, or hidden units.
     assert res["4:1:1"]["spec"] == ["model", None, None, None]
     assert res["4:1:0"]["spec"] == [None, None, None, "model"]
     assert res["2:2:1"]["spec"] == ["stage", "model", None, None, None]
+
+
+@pytest.mark.slow
+def test_expert_parallel_2_and_8_match_one_device(ep_model_dir: str) -> None:
+    res = _probe(ep_model_dir, ["1:1:0", "2:1:1", "8:1:1"])
+    for layout in ("2:1:1", "8:1:1"):
+        assert res[layout]["tokens"] == res["1:1:0"]["tokens"], layout
+        _check_split(res[layout], layout)
+    assert "device 7 holds expert 7" in res["8:1:1"]["describe"]

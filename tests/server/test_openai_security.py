@@ -13,7 +13,8 @@ import httpx
 import openai
 import pytest
 
-from jserve.server.client import Client
+from jserve.server.client import Client, generate_request
+from jserve.server.proto import generation_pb2 as pb
 from tests.server.helpers import metric
 from tests.server.openai_process import ENGINE_ARGS, ServeProcess
 from tests.server.test_security import _self_signed_cert
@@ -114,6 +115,7 @@ def test_sigterm_lets_http_and_grpc_streams_finish(server: ServeProcess, certs) 
     body = {"prompt": "All:", "max_tokens": tokens, "ignore_eos": True, "stream": True}
     got: dict[str, object] = {}
     first = threading.Event()
+    grpc_first = threading.Event()  # both streams run before the signal
 
     def http_stream() -> None:
         events = []
@@ -133,14 +135,21 @@ def test_sigterm_lets_http_and_grpc_streams_finish(server: ServeProcess, certs) 
                 root = f.read()
             async with Client(f"localhost:{server.grpc_port}", auth_token=TOKEN,
                               root_certificates=root) as g:  # fmt: skip
-                return await g.generate("All:", max_tokens=tokens, ignore_eos=True)
+                req = generate_request("All:", max_tokens=tokens, ignore_eos=True)
+                ids, reasons = [], []
+                async for msg in g.generation.Generate(req, metadata=g.metadata):
+                    grpc_first.set()
+                    ids.extend(msg.token_ids)
+                    if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                        reasons.append(msg.finish_reason)
+                return ids, reasons
 
         got["grpc"] = asyncio.run(main())
 
     threads = [threading.Thread(target=http_stream), threading.Thread(target=grpc_stream)]
     for t in threads:
         t.start()
-    assert first.wait(60)
+    assert first.wait(60) and grpc_first.wait(60)
     server.signal()
     # New connections are refused soon after, while the running streams go on.
     deadline = time.monotonic() + 10
@@ -157,6 +166,7 @@ def test_sigterm_lets_http_and_grpc_streams_finish(server: ServeProcess, certs) 
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert got["grpc"].finish_reasons == ["length"] and len(got["grpc"].token_ids[0]) == tokens
+    grpc_ids, grpc_reasons = got["grpc"]
+    assert grpc_reasons == [pb.FINISH_REASON_LENGTH] and len(grpc_ids) == tokens
     assert server.proc.wait(timeout=60) == 0
     server.wait_for(r"SIGTERM: draining 2 running request", 1)
