@@ -50,9 +50,10 @@ class Job:
 
     prompt: str | list[int]  # text is tokenized by the engine (off its step thread)
     params: SamplingParams
-    request_id: str
+    request_id: str  # the engine's id: always made by the server (new_request_id)
     priority: int
     respond: Callable[[RequestOutput], list[Any]]
+    client_id: str | None = None  # the id the client chose, if any (never sent to the engine)
 
 
 class ServingCore:
@@ -75,8 +76,9 @@ class ServingCore:
         self.ready = False
         self.shutting_down = False
         self.max_prompt_chars = self.engine.max_model_len * MAX_CHARS_PER_TOKEN
-        self._id_prefix = uuid.uuid4().hex[:8]
-        self._next_id = 0
+        # Ids clients chose, of their running requests: a client's own namespace, apart
+        # from the engine's ids, which only the server makes (new_request_id).
+        self.client_ids: set[str] = set()
         # The tasks of open generation RPCs, so shutdown can wait for or cancel them.
         self.active: set[asyncio.Task[Any]] = set()
         self.idle = asyncio.Event()
@@ -98,8 +100,9 @@ class ServingCore:
         return self.ready and not self.shutting_down and self.aengine.dead is None
 
     def new_request_id(self, api: str) -> str:
-        self._next_id += 1
-        return f"{api}-{self._id_prefix}-{self._next_id}"
+        """A fresh engine request id. Unguessable, and only ever made here: ids clients
+        choose are kept apart (``client_ids``), so no client can take one ahead of time."""
+        return f"{api}-{uuid.uuid4().hex}"
 
     def check_prompt_size(self, prompt: str | list[int]) -> None:
         """Refuses text too long to be worth tokenizing for this model."""
@@ -176,6 +179,16 @@ class ServingCore:
             context.set_details("internal error while preparing the request")
             return
 
+        if job.client_id is not None:
+            if job.client_id in self.client_ids:
+                rec.finish("invalid")
+                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(
+                    f"request id {job.client_id!r} is already in use by a running request; "
+                    "choose another, or leave it empty for the server to choose one"
+                )
+                return
+            self.client_ids.add(job.client_id)
         outcome: str | None = None  # stays None if the RPC ends before the request does
         gen = self.aengine.generate(job.prompt, job.params, job.request_id, job.priority)
         try:
@@ -213,6 +226,8 @@ class ServingCore:
             context.set_code(grpc.StatusCode.INTERNAL)
             context.set_details(f"internal error while serving request {job.request_id}")
         finally:
+            if job.client_id is not None:
+                self.client_ids.discard(job.client_id)
             rec.finish(outcome or "cancelled")
 
     def _not_live_reason(self) -> str:
@@ -236,10 +251,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             prompt = convert.generate_prompt(request)
             core.check_prompt_size(prompt)
             params = convert.sampling_params(request.sampling)
-            rid = request.request_id or core.new_request_id("gen")
-            return Job(
-                prompt, params, rid, request.priority, convert.GenerateResponder(rid, params)
-            )
+            rid = core.new_request_id("gen")
+            client_id = request.request_id or None
+            respond = convert.GenerateResponder(client_id or rid, params)
+            return Job(prompt, params, rid, request.priority, respond, client_id)
 
         async for msg in core.stream("generation", context, make_job):
             yield msg

@@ -1,0 +1,74 @@
+"""What a hostile client tries against the server: ids, sizes, malformed bytes, floods."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import httpx
+import pytest
+
+from jserve.engine.async_engine import AsyncLLMEngine
+from jserve.server.client import generate_request
+from tests.server.helpers import serving, wait_until_free
+
+
+@contextlib.asynccontextmanager
+async def running(c, request_id: str):
+    """A long Generate under a client-chosen id, running until the block ends."""
+    call = c.generation.Generate(
+        generate_request("All:", max_tokens=500, ignore_eos=True, request_id=request_id)
+    )
+    await call.read()  # admitted and generating
+    try:
+        yield call
+    finally:
+        call.cancel()
+
+
+@pytest.mark.timeout(60)
+def test_client_ids_never_collide_with_the_servers(aengine: AsyncLLMEngine) -> None:
+    """A client taking ids of the server's form ahead of time fails nobody else's calls."""
+
+    async def main():
+        async with serving(aengine, http_port=0) as (h, c):
+            first = await c.generate("All:", max_tokens=1)
+            assert first.request_id  # a server-made id, e.g. gen-<hex>...
+            head, _, tail = first.request_id.rpartition("-")
+            if tail.isdigit():  # a counter: guess what comes next
+                hexpart, n = head.split("-", 1)[1], int(tail)
+            else:
+                hexpart, n = tail, 0
+            guesses = [f"gen-{hexpart}-{n + 1}", f"js-{hexpart}-{n + 2}"]
+            guesses += [f"completions-{hexpart}-{n + 3}", f"chat-{hexpart}-{n + 4}"]
+            async with contextlib.AsyncExitStack() as stack:
+                for g in guesses:
+                    await stack.enter_async_context(running(c, g))
+                # Another client's server-assigned id, reused while its request runs.
+                other = c.generation.Generate(
+                    generate_request("All:", max_tokens=500, ignore_eos=True)
+                )
+                stack.callback(other.cancel)
+                taken = (await other.read()).request_id
+                await stack.enter_async_context(running(c, taken))
+                r = await c.generate("All:", max_tokens=2)
+                assert len(r.token_ids[0]) == 2
+                d = await c.decode("All:", max_tokens=2)
+                assert len(d.token_ids[0]) == 2
+                async with httpx.AsyncClient(base_url=h.http_url, timeout=30) as http:
+                    resp = await http.post(
+                        "/v1/completions", json={"prompt": "All:", "max_tokens": 2}
+                    )
+                    assert resp.status_code == 200, resp.text
+                # The client's own ids stay its own: a duplicate of a running one is refused.
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c.generate("All:", max_tokens=2, request_id=guesses[0])
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "already in use" in e.value.details()
+            # Responses carry the id the client chose.
+            r = await c.generate("All:", max_tokens=1, request_id=guesses[0])
+            assert r.request_id == guesses[0]
+        await wait_until_free(aengine)
+
+    asyncio.run(main())
