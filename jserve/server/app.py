@@ -340,6 +340,7 @@ class ServerHandle:
                 await task
         if self._metrics_http is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._metrics_http.close)
+        self.core.close()
         self._stopped.set()
 
     async def force_stop(self) -> None:

@@ -17,12 +17,13 @@ mapping, metrics and cleanup:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -42,6 +43,11 @@ logger = logging.getLogger(__name__)
 # A text prompt longer than this many characters per token of the model's
 # maximum length is refused before tokenizing it (real text averages ~4).
 MAX_CHARS_PER_TOKEN = 32
+# Threads for the server's tokenizer work (Tokenize, Detokenize, chat templates):
+# few, so a burst of such calls queues here instead of crowding the engine's step
+# thread off the CPU (and the GIL); first come, first served.
+TOKENIZER_THREADS = 2
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -76,6 +82,11 @@ class ServingCore:
         self.ready = False
         self.shutting_down = False
         self.max_prompt_chars = self.engine.max_model_len * MAX_CHARS_PER_TOKEN
+        # No list of token ids in a request is longer than a sequence can be.
+        self.max_token_ids = self.engine.max_model_len
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
+            TOKENIZER_THREADS, thread_name_prefix="jserve-tokenizer"
+        )
         # Ids clients chose, of their running requests: a client's own namespace, apart
         # from the engine's ids, which only the server makes (new_request_id).
         self.client_ids: set[str] = set()
@@ -104,13 +115,35 @@ class ServingCore:
         choose are kept apart (``client_ids``), so no client can take one ahead of time."""
         return f"{api}-{uuid.uuid4().hex}"
 
-    def check_prompt_size(self, prompt: str | list[int]) -> None:
-        """Refuses text too long to be worth tokenizing for this model."""
-        if isinstance(prompt, str) and len(prompt) > self.max_prompt_chars:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt)} characters; at most {self.max_prompt_chars} are "
-                f"accepted for a model whose maximum length is {self.engine.max_model_len} tokens"
+    def size_error(self, prompt: str | Sequence[int], field: str = "prompt") -> str | None:
+        """Why text or a token id list is too long for this model, or None if it is not."""
+        if isinstance(prompt, str):
+            if len(prompt) > self.max_prompt_chars:
+                return (
+                    f"{field} has {len(prompt)} characters; at most {self.max_prompt_chars} "
+                    f"are accepted for a model whose maximum length is "
+                    f"{self.engine.max_model_len} tokens"
+                )
+        elif len(prompt) > self.max_token_ids:
+            return (
+                f"{field} has {len(prompt)} token ids; at most {self.max_token_ids} (the "
+                f"model's maximum length) are accepted"
             )
+        return None
+
+    def check_prompt_size(self, prompt: str | Sequence[int], field: str = "prompt") -> None:
+        """Refuses text too long to be worth tokenizing, or more ids than a sequence holds."""
+        error = self.size_error(prompt, field)
+        if error is not None:
+            raise InvalidRequestError(error)
+
+    async def in_tokenizer_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs tokenizer work on the server's few tokenizer threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+
+    def close(self) -> None:
+        """Drops queued tokenizer work (the server has stopped)."""
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     async def encode_without_special_tokens(self, text: str) -> str | list[int]:
         """Token ids of text that already starts with BOS (JetStream's has_bos), tokenized
@@ -119,9 +152,7 @@ class ServingCore:
         tok = self.tokenizer
         if tok is None or not text:
             return text
-        ids = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: tok.encode(text, add_special_tokens=False)
-        )
+        ids = await self.in_tokenizer_pool(lambda: tok.encode(text, add_special_tokens=False))
         if not ids:
             raise InvalidRequestError(f"prompt {text[:40]!r} tokenized to nothing")
         return ids
@@ -267,10 +298,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer (tokenizer.json)"
             )
+        error = self.core.size_error(request.text, "text")
+        if error is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        ids = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: tok.encode(request.text, add_special_tokens=add)
-        )
+        text = request.text
+        ids = await self.core.in_tokenizer_pool(lambda: tok.encode(text, add_special_tokens=add))
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(
@@ -281,6 +314,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer (tokenizer.json)"
             )
+        error = self.core.size_error(request.token_ids, "token_ids")
+        if error is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         vocab = self.core.engine.cfg.vocab_size
         bad = [t for t in request.token_ids if not 0 <= t < vocab]
         if bad:
@@ -290,9 +326,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             )
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         ids = list(request.token_ids)
-        text = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: tok.decode(ids, skip_special_tokens=skip)
-        )
+        text = await self.core.in_tokenizer_pool(lambda: tok.decode(ids, skip_special_tokens=skip))
         return pb.DetokenizeResponse(text=text)
 
     async def GetModelInfo(

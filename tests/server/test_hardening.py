@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import grpc
 import httpx
@@ -70,5 +71,71 @@ def test_client_ids_never_collide_with_the_servers(aengine: AsyncLLMEngine) -> N
             r = await c.generate("All:", max_tokens=1, request_id=guesses[0])
             assert r.request_id == guesses[0]
         await wait_until_free(aengine)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_tokenizer_calls_are_capped_like_prompts(aengine: AsyncLLMEngine) -> None:
+    async def main():
+        async with serving(aengine, http_port=0) as (h, c):
+            chars, ids = h.core.max_prompt_chars, aengine.engine.max_model_len
+            assert chars == ids * 32  # Generate's own limits
+            for call, field in (
+                (c.tokenize("a" * (chars + 1)), "text"),
+                (c.detokenize([1] * (ids + 1)), "token_ids"),
+                (c.generate([1] * (ids + 1), max_tokens=1), "prompt"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert e.value.details().startswith(f"{field} has "), e.value.details()
+            async with httpx.AsyncClient(base_url=h.http_url, timeout=30) as http:
+                for path, body, field in (
+                    ("/tokenize", {"prompt": "a" * (chars + 1)}, "prompt"),
+                    ("/detokenize", {"tokens": [1] * (ids + 1)}, "tokens"),
+                    ("/v1/completions", {"prompt": [1] * (ids + 1), "max_tokens": 1}, "prompt"),
+                ):
+                    r = await http.post(path, json=body)
+                    assert r.status_code == 400, (path, r.text)
+                    assert r.json()["error"]["param"] == field
+            # Just under the limits is served.
+            assert len(await c.tokenize("a" * chars)) > 0
+            assert isinstance(await c.detokenize([1] * ids), str)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_tokenize_burst_queues_on_few_threads_while_generation_goes_on(
+    aengine: AsyncLLMEngine, monkeypatch
+) -> None:
+    from jserve.server.servicers import TOKENIZER_THREADS
+
+    tok = aengine.engine.tokenizer
+    real_encode = tok.encode
+    busy, peak = 0, 0
+
+    def slow_encode(*args, **kwargs):
+        nonlocal busy, peak
+        busy += 1  # under the GIL: exact enough for a peak count
+        peak = max(peak, busy)
+        try:
+            time.sleep(0.1)
+            return real_encode(*args, **kwargs)
+        finally:
+            busy -= 1
+
+    monkeypatch.setattr(tok, "encode", slow_encode)
+
+    async def main():
+        async with serving(aengine) as (_, c):
+            prompt = real_encode("All:")
+            burst = [asyncio.create_task(c.tokenize("All: " * 100)) for _ in range(32)]
+            r = await c.generate(prompt, max_tokens=4, temperature=0.0, ignore_eos=True)
+            assert len(r.token_ids[0]) == 4
+            assert not all(t.done() for t in burst)  # generation did not wait for them
+            assert all(await asyncio.gather(*burst))
+        assert 1 <= peak <= TOKENIZER_THREADS
 
     asyncio.run(main())
