@@ -40,6 +40,7 @@ from jserve.engine.async_engine import AsyncLLMEngine
 from jserve.errors import ConfigError
 from jserve.sampling_params import SamplingParams
 from jserve.server.auth import BearerTokenInterceptor
+from jserve.server.malformed import MalformedRequestInterceptor
 from jserve.server.metrics import MetricsHTTPServer, ServerMetrics
 from jserve.server.proto import (
     generation_pb2,
@@ -202,11 +203,12 @@ class ServerHandle:
         cfg = self.config
         http_app = self._http_app() if cfg.http_port is not None else None
         await self._set_health(NOT_SERVING)
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if cfg.auth_token is not None:
             interceptors.append(
                 BearerTokenInterceptor(cfg.auth_token, self.metrics.auth_failures.inc)
             )
+        interceptors.append(MalformedRequestInterceptor())
         options = [
             ("grpc.max_receive_message_length", cfg.max_request_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared

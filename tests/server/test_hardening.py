@@ -139,3 +139,41 @@ def test_a_tokenize_burst_queues_on_few_threads_while_generation_goes_on(
         assert 1 <= peak <= TOKENIZER_THREADS
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_malformed_protobuf_bytes_are_invalid_argument_in_plain_words(
+    aengine: AsyncLLMEngine,
+) -> None:
+    garbage = b"\xff\xff\xff\xff\x0f"  # a truncated varint field key
+
+    async def main():
+        async with serving(aengine, http_port=0) as (h, c):
+            ch = c.channel
+            calls = [
+                ch.unary_stream("/jserve.v1.Generation/Generate")(garbage),
+                ch.unary_unary("/jserve.v1.Generation/Tokenize")(garbage),
+                ch.unary_stream("/jetstream_proto.Orchestrator/Decode")(garbage),
+                ch.unary_unary("/grpc.health.v1.Health/Check")(garbage),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    if hasattr(call, "read"):
+                        await call.read()
+                    await call
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+                details = e.value.details()
+                assert details.startswith("malformed request"), details
+                assert "Error" not in details and "<class" not in details, details
+            r = await c.generate("All:", max_tokens=2)  # still serving
+            assert len(r.token_ids[0]) == 2
+            async with httpx.AsyncClient(base_url=h.http_url, timeout=30) as http:
+                r = await http.post(
+                    "/v1/completions",
+                    content=b'{"prompt": "a", \xff',
+                    headers={"content-type": "application/json"},
+                )
+                assert r.status_code == 400, r.text
+                assert "Error" not in r.json()["error"]["message"]
+
+    asyncio.run(main())
