@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import os
 import signal
+import ssl
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -80,11 +81,24 @@ class ServerConfig:
     jetstream_params: SamplingParams | None = None
 
     def validate(self) -> ServerConfig:
+        """Checks every option (ports, TLS files, token, limits); ConfigError naming it."""
+        for name, port in (
+            ("port", self.port),
+            ("http_port", self.http_port),
+            ("metrics_port", self.metrics_port),
+        ):
+            if port is not None and not 0 <= port <= 65535:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} {port} is not a TCP port: give 1-65535, or 0 for any free port"
+                )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both a certificate and a key file (--tls-cert, --tls-key)")
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"TLS file {path!r} does not exist")
+        if self.tls_cert is not None and self.tls_key is not None:
+            check_tls_files(self.tls_cert, self.tls_key)
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             raise ConfigError(f"chat template file {self.chat_template!r} does not exist")
         if self.auth_token is not None and not self.auth_token:
@@ -94,6 +108,32 @@ class ServerConfig:
         if self.grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0, got {self.grace_period}")
         return self
+
+
+def check_tls_files(cert: str, key: str) -> None:
+    """Loads the certificate chain and key as a TLS server would; ConfigError saying what
+    is wrong (gRPC itself only reports a failed bind, and only once the model is loaded)."""
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise ConfigError(
+            f"--tls-cert {cert!r} holds no usable PEM certificate ({_ssl_reason(e)})"
+        ) from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        if getattr(e, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise ConfigError(
+                f"--tls-key {key!r} does not match the certificate in --tls-cert {cert!r}"
+            ) from None
+        raise ConfigError(
+            f"--tls-key {key!r} holds no usable unencrypted PEM private key ({_ssl_reason(e)})"
+        ) from None
+
+
+def _ssl_reason(e: Exception) -> str:
+    reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+    return str(reason).replace("_", " ").lower()
 
 
 def _hostport(host: str, port: int) -> str:
