@@ -16,7 +16,9 @@ Services: ``jserve.v1.Generation``, ``jetstream_proto.Orchestrator``,
 ``grpc.health.v1.Health`` and server reflection. Health reports NOT_SERVING
 until the warm-up request went through the engine, SERVING after, and
 NOT_SERVING again while shutting down or once the engine died. The server
-binds 127.0.0.1 unless another host is given explicitly.
+binds 127.0.0.1 unless another host is given explicitly; the metrics endpoint
+has a host of its own (``metrics_host``, 127.0.0.1 by default), so serving the
+APIs on all interfaces does not publish the metrics.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (see ServerHandle.port)
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
-    metrics_host: str | None = None  # None: same as host
+    # Metrics have no token check: this machine only, whatever `host` is, unless asked.
+    metrics_host: str = "127.0.0.1"
     http_port: int | None = None  # None: no HTTP API; 0: any free port
     chat_template: str | None = None  # a Jinja file overriding the model's chat template
     tls_cert: str | None = None  # PEM files; both or neither
@@ -304,8 +307,13 @@ class ServerHandle:
             self.http_port = http.port
         if cfg.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(
-                self.metrics.registry, cfg.metrics_host or cfg.host, cfg.metrics_port
+                self.metrics.registry, cfg.metrics_host, cfg.metrics_port
             )
+            if not _is_loopback(cfg.metrics_host):
+                logger.warning(
+                    "metrics on %s: anyone who can reach it can read them (no token)",
+                    cfg.metrics_host,
+                )
             self.metrics_port = self._metrics_http.port
         self._tasks.append(asyncio.create_task(self._watch_engine()))
 

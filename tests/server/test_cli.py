@@ -104,3 +104,28 @@ def test_bad_tls_files_are_refused_before_loading(monkeypatch, capsys, tmp_path)
     assert f"--tls-cert {str(junk)!r} holds no usable PEM certificate" in err, err
     err = _serve_errors(monkeypatch, capsys, "--tls-cert", cert, "--tls-key", str(junk))
     assert f"--tls-key {str(junk)!r} holds no usable" in err, err
+
+
+def test_metrics_stay_on_loopback_when_the_apis_go_public(tok_model_dir: str) -> None:
+    """--host 0.0.0.0 publishes the APIs (token-protected), not the token-less metrics."""
+    import asyncio
+
+    from jserve.server.app import start_server
+
+    assert config_from_args(parse("--host", "0.0.0.0")).metrics_host == "127.0.0.1"
+    assert config_from_args(parse("--metrics-host", "::1")).metrics_host == "::1"
+    aeng = AsyncLLMEngine(make_engine(tok_model_dir, **ENGINE))
+
+    async def main():
+        h = await start_server(
+            aeng, host="0.0.0.0", port=0, metrics_port=0, auth_token="t", warmup=False
+        )
+        try:
+            assert h._metrics_http.httpd.server_address[0] == "127.0.0.1"
+        finally:
+            await h.stop(0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        aeng.shutdown()
