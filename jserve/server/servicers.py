@@ -146,8 +146,8 @@ class ServingCore:
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     async def encode_without_special_tokens(self, text: str) -> str | list[int]:
-        """Token ids of text that already starts with BOS (JetStream's has_bos), tokenized
-        off the event loop. Text the engine must refuse anyway (empty, no tokenizer) is
+        """Token ids of text without the tokenizer's special tokens (JetStream's BOS is
+        the server's to add), tokenized on the tokenizer threads. Text the engine must refuse anyway (empty, no tokenizer) is
         returned as is, for the engine's own message."""
         tok = self.tokenizer
         if tok is None or not text:
@@ -363,8 +363,12 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
             jp = convert.jetstream_request(request, core.bos_token_id, core.jetstream_params)
             prompt = jp.prompt
             core.check_prompt_size(prompt)
-            if isinstance(prompt, str) and not jp.add_special_tokens:
+            if isinstance(prompt, str):
                 prompt = await core.encode_without_special_tokens(prompt)
+                bos = core.bos_token_id
+                if jp.add_bos and bos is not None and isinstance(prompt, list):
+                    prompt.insert(0, bos)
+                    core.check_prompt_size(prompt)
             respond = convert.JetStreamResponder(
                 jp.params.n, jp.text_mode, core.engine.cfg.eos_token_ids
             )

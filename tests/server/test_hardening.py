@@ -177,3 +177,32 @@ def test_malformed_protobuf_bytes_are_invalid_argument_in_plain_words(
                 assert "Error" not in r.json()["error"]["message"]
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_jetstream_text_and_its_ids_run_the_same_prompt(
+    aengine: AsyncLLMEngine, monkeypatch
+) -> None:
+    """As in JetStream's orchestrator: BOS goes in front of text and token content alike."""
+    from jserve.server.servicers import ServingCore
+
+    bos = 1  # a BOS this tokenizer never adds itself
+    monkeypatch.setattr(ServingCore, "bos_token_id", property(lambda self: bos))
+    tok = aengine.engine.tokenizer
+    text = "All: citizens"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert bos not in ids and tok.encode(text) == ids
+
+    async def main():
+        async with serving(aengine) as (_, c):
+            want = (await c.generate([bos, *ids], max_tokens=8, temperature=0.0)).token_ids
+            for has_bos, prompts in (
+                (False, (text, ids)),
+                (True, (tok.decode([bos], skip_special_tokens=False) + text, [bos, *ids])),
+            ):
+                for p in prompts:
+                    r = await c.decode(p, max_tokens=8, has_bos=has_bos)
+                    assert r.token_ids[0] == want[0][: len(r.token_ids[0])], (has_bos, p)
+                    assert len(r.token_ids[0]) > 0
+
+    asyncio.run(main())
