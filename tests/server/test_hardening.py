@@ -29,8 +29,16 @@ async def running(c, request_id: str):
 
 
 @pytest.mark.timeout(60)
-def test_client_ids_never_collide_with_the_servers(aengine: AsyncLLMEngine) -> None:
+def test_client_ids_never_collide_with_the_servers(aengine: AsyncLLMEngine, monkeypatch) -> None:
     """A client taking ids of the server's form ahead of time fails nobody else's calls."""
+    engine = aengine.engine
+    real_step = engine.step
+
+    def slow_step():  # the long requests outlive the test's other calls
+        time.sleep(0.01)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
 
     async def main():
         async with serving(aengine, http_port=0) as (h, c):
