@@ -16,7 +16,9 @@ Services: ``jserve.v1.Generation``, ``jetstream_proto.Orchestrator``,
 ``grpc.health.v1.Health`` and server reflection. Health reports NOT_SERVING
 until the warm-up request went through the engine, SERVING after, and
 NOT_SERVING again while shutting down or once the engine died. The server
-binds 127.0.0.1 unless another host is given explicitly.
+binds 127.0.0.1 unless another host is given explicitly; the metrics endpoint
+has a host of its own (``metrics_host``, 127.0.0.1 by default), so serving the
+APIs on all interfaces does not publish the metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import ipaddress
 import logging
 import os
 import signal
+import ssl
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +43,7 @@ from jserve.engine.async_engine import AsyncLLMEngine
 from jserve.errors import ConfigError
 from jserve.sampling_params import SamplingParams
 from jserve.server.auth import BearerTokenInterceptor
+from jserve.server.malformed import MalformedRequestInterceptor
 from jserve.server.metrics import MetricsHTTPServer, ServerMetrics
 from jserve.server.proto import (
     generation_pb2,
@@ -64,7 +68,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (see ServerHandle.port)
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
-    metrics_host: str | None = None  # None: same as host
+    # Metrics have no token check: this machine only, whatever `host` is, unless asked.
+    metrics_host: str = "127.0.0.1"
     http_port: int | None = None  # None: no HTTP API; 0: any free port
     chat_template: str | None = None  # a Jinja file overriding the model's chat template
     tls_cert: str | None = None  # PEM files; both or neither
@@ -79,11 +84,24 @@ class ServerConfig:
     jetstream_params: SamplingParams | None = None
 
     def validate(self) -> ServerConfig:
+        """Checks every option (ports, TLS files, token, limits); ConfigError naming it."""
+        for name, port in (
+            ("port", self.port),
+            ("http_port", self.http_port),
+            ("metrics_port", self.metrics_port),
+        ):
+            if port is not None and not 0 <= port <= 65535:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} {port} is not a TCP port: give 1-65535, or 0 for any free port"
+                )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both a certificate and a key file (--tls-cert, --tls-key)")
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"TLS file {path!r} does not exist")
+        if self.tls_cert is not None and self.tls_key is not None:
+            check_tls_files(self.tls_cert, self.tls_key)
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             raise ConfigError(f"chat template file {self.chat_template!r} does not exist")
         if self.auth_token is not None and not self.auth_token:
@@ -93,6 +111,32 @@ class ServerConfig:
         if self.grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0, got {self.grace_period}")
         return self
+
+
+def check_tls_files(cert: str, key: str) -> None:
+    """Loads the certificate chain and key as a TLS server would; ConfigError saying what
+    is wrong (gRPC itself only reports a failed bind, and only once the model is loaded)."""
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise ConfigError(
+            f"--tls-cert {cert!r} holds no usable PEM certificate ({_ssl_reason(e)})"
+        ) from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        if getattr(e, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise ConfigError(
+                f"--tls-key {key!r} does not match the certificate in --tls-cert {cert!r}"
+            ) from None
+        raise ConfigError(
+            f"--tls-key {key!r} holds no usable unencrypted PEM private key ({_ssl_reason(e)})"
+        ) from None
+
+
+def _ssl_reason(e: Exception) -> str:
+    reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+    return str(reason).replace("_", " ").lower()
 
 
 def _hostport(host: str, port: int) -> str:
@@ -202,11 +246,12 @@ class ServerHandle:
         cfg = self.config
         http_app = self._http_app() if cfg.http_port is not None else None
         await self._set_health(NOT_SERVING)
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if cfg.auth_token is not None:
             interceptors.append(
                 BearerTokenInterceptor(cfg.auth_token, self.metrics.auth_failures.inc)
             )
+        interceptors.append(MalformedRequestInterceptor())
         options = [
             ("grpc.max_receive_message_length", cfg.max_request_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
@@ -262,8 +307,13 @@ class ServerHandle:
             self.http_port = http.port
         if cfg.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(
-                self.metrics.registry, cfg.metrics_host or cfg.host, cfg.metrics_port
+                self.metrics.registry, cfg.metrics_host, cfg.metrics_port
             )
+            if not _is_loopback(cfg.metrics_host):
+                logger.warning(
+                    "metrics on %s: anyone who can reach it can read them (no token)",
+                    cfg.metrics_host,
+                )
             self.metrics_port = self._metrics_http.port
         self._tasks.append(asyncio.create_task(self._watch_engine()))
 
@@ -340,6 +390,7 @@ class ServerHandle:
                 await task
         if self._metrics_http is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._metrics_http.close)
+        self.core.close()
         self._stopped.set()
 
     async def force_stop(self) -> None:

@@ -17,7 +17,7 @@ import sys
 
 from jserve.engine.async_engine import AsyncLLMEngine
 from jserve.errors import ConfigError
-from jserve.server.app import ServerConfig, ServerHandle, serve
+from jserve.server.app import ServerConfig, ServerHandle, _hostport, serve
 
 AUTH_TOKEN_ENV = "JSERVE_AUTH_TOKEN"
 
@@ -58,7 +58,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="serve Prometheus metrics over HTTP on this port (default: off; 0: any free port)",
     )
     g.add_argument(
-        "--metrics-host", default=d.metrics_host, help="metrics address (default: --host)"
+        "--metrics-host",
+        default=d.metrics_host,
+        help="address the metrics endpoint listens on, apart from --host since it has no "
+        "token check (default: %(default)s, this machine only)",
     )
     g.add_argument("--tls-cert", default=d.tls_cert, help="server certificate chain (PEM) for TLS")
     g.add_argument("--tls-key", default=d.tls_key, help="server private key (PEM) for TLS")
@@ -130,7 +133,7 @@ def _announce(handle: ServerHandle) -> None:
     if handle.http_url is not None:
         line += f", HTTP on {handle.http_url}"
     if handle.metrics_port is not None:
-        line += f", metrics on http://{cfg.metrics_host or cfg.host}:{handle.metrics_port}/metrics"
+        line += f", metrics on http://{_hostport(cfg.metrics_host, handle.metrics_port)}/metrics"
     print(line, file=sys.stderr, flush=True)
 
 

@@ -181,8 +181,8 @@ def build_app(state: APIState) -> FastAPI:
             tok = state.need_tokenizer("prompt")
             state.check_prompt_size(req.prompt, "prompt")
             text, special = req.prompt, req.add_special_tokens
-            ids = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: tok.encode(text, add_special_tokens=special)
+            ids = await state.core.in_tokenizer_pool(
+                lambda: tok.encode(text, add_special_tokens=special)
             )
         return JSONResponse(
             {"count": len(ids), "max_model_len": state.core.engine.max_model_len, "tokens": ids}
@@ -208,6 +208,7 @@ def build_app(state: APIState) -> FastAPI:
     async def detokenize(req: DetokenizeRequest) -> Response:
         state.check_model(req.model)
         tok = state.need_tokenizer("tokens")
+        state.check_prompt_size(req.tokens, "tokens")
         vocab = state.core.engine.cfg.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
@@ -216,7 +217,7 @@ def build_app(state: APIState) -> FastAPI:
                 "tokens",
             )
         ids = list(req.tokens)
-        text = await asyncio.get_running_loop().run_in_executor(None, tok.decode, ids)
+        text = await state.core.in_tokenizer_pool(tok.decode, ids)
         return JSONResponse({"prompt": text})
 
     return app

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -64,14 +63,15 @@ async def render_chat(
         )
     tok = state.need_tokenizer("messages")
     dicts = message_dicts(messages)
-    try:
-        text = state.chat_template.render(dicts, add_generation_prompt, tools, **(kwargs or {}))
+    template = state.chat_template
+    try:  # rendering a large conversation is tokenizer-sized work: off the event loop
+        text = await state.core.in_tokenizer_pool(
+            lambda: template.render(dicts, add_generation_prompt, tools, **(kwargs or {}))
+        )
     except TemplateError as e:
         raise bad_request(str(e), "messages") from None
     state.check_prompt_size(text, "messages")
-    ids = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: tok.encode(text, add_special_tokens=False)
-    )
+    ids = await state.core.in_tokenizer_pool(lambda: tok.encode(text, add_special_tokens=False))
     if not ids:
         raise bad_request("the chat template rendered these messages to nothing", "messages")
     return ids

@@ -47,8 +47,7 @@ class CompletionCall:
         if not prompts:
             raise bad_request("prompt is empty; give text or token ids", "prompt")
         for p in prompts:
-            if isinstance(p, str):
-                state.check_prompt_size(p, "prompt")
+            state.check_prompt_size(p, "prompt")
         self.prompts = prompts
         self.params = sampling_params(req, req.max_tokens, req.logprobs)
         # echo with logprobs scores the prompt's own tokens (lm-eval's loglikelihood);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from jserve.sampling_params import SamplingParams
@@ -40,15 +41,11 @@ class APIState:
                 "model_not_found",
             )
 
-    def check_prompt_size(self, text: str, field: str) -> None:
-        limit = self.core.max_prompt_chars
-        if len(text) > limit:
-            raise bad_request(
-                f"{field} has {len(text)} characters; at most {limit} are accepted for a "
-                f"model whose maximum length is {self.core.engine.max_model_len} tokens",
-                field,
-                "context_length_exceeded",
-            )
+    def check_prompt_size(self, prompt: str | Sequence[int], field: str) -> None:
+        """Refuses text or token ids longer than a sequence of this model can be."""
+        error = self.core.size_error(prompt, field)
+        if error is not None:
+            raise bad_request(error, field, "context_length_exceeded")
 
     def need_tokenizer(self, field: str) -> Any:
         tok = self.tokenizer
