@@ -66,14 +66,16 @@ def load_hf_params(
     dtype: Any,
     shardings: Any = None,
     progress: bool = False,
+    check_finite: bool = False,
 ) -> dict[str, Any]:
     """Reads, converts and places each weight in turn.
 
     On one device, one weight's source tensors are on the host at a time. With
     shardings, each device's slice is read straight from the files (safetensors
-    slices), so no process ever holds a whole sharded tensor.
+    slices), so no process ever holds a whole sharded tensor. ``check_finite``
+    refuses a tensor holding NaN or infinite values (see SafetensorsReader).
     """
-    with SafetensorsReader(model_dir) as reader:
+    with SafetensorsReader(model_dir, check_finite=check_finite) as reader:
         check_tensors(reader, specs)
         total = len(jax.tree_util.tree_leaves(specs))
         bar = tqdm(total=total, desc="loading weights", disable=not progress, unit="w")

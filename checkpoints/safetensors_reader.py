@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 from typing import Any
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from checkpoints.errors import CheckpointError
+from checkpoints.files import check_file, read_json
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
@@ -35,38 +35,74 @@ def _refuse_pickles(model_dir: str) -> None:
     raise CheckpointError(f"no *.safetensors weights found in {model_dir}.{hint}")
 
 
+def _shard_path(model_dir: str, index_path: str, name: Any, fname: Any) -> str:
+    """The path of a shard the index names, which must be a plain relative
+    ``*.safetensors`` name inside the model directory (no "..", no absolute path)."""
+    if not isinstance(name, str) or not isinstance(fname, str) or not fname:
+        raise CheckpointError(
+            f"{index_path}: weight_map must map tensor names to shard file names, got "
+            f"{name!r}: {fname!r}"
+        )
+    parts = fname.replace("\\", "/").split("/")
+    if os.path.isabs(fname) or ".." in parts or not fname.endswith(".safetensors"):
+        raise CheckpointError(
+            f"{index_path} names shard {fname!r} for tensor {name}; shards must be "
+            "*.safetensors files inside the model directory (no absolute paths or '..')"
+        )
+    # Links the directory itself holds are followed (the Hugging Face cache keeps each
+    # snapshot's files as links to its blobs); names that leave it are refused above.
+    path = os.path.join(model_dir, fname)
+    if not check_file(path, required=False):
+        raise CheckpointError(
+            f"{index_path} names shard {fname} for tensor {name}, but the file is "
+            "missing; copy the complete checkpoint directory"
+        )
+    return path
+
+
+def _non_finite(x: np.ndarray) -> int:
+    """How many NaN or infinite values ``x`` holds (0 for integer tensors)."""
+    if x.dtype == ml_dtypes.bfloat16:  # numpy's isfinite is slow on bfloat16: test the bits
+        return int(np.count_nonzero((x.view(np.uint16) & 0x7F80) == 0x7F80))
+    if not np.issubdtype(x.dtype, np.floating):
+        return 0
+    return int(x.size - np.count_nonzero(np.isfinite(x)))
+
+
 class SafetensorsReader:
     """Maps tensor names to files and reads one tensor (or slice) at a time.
 
     Handles a single ``model.safetensors``, several shards with a
     ``model.safetensors.index.json``, or several shards without an index.
+    A broken file raises CheckpointError naming it. With ``check_finite``,
+    every tensor read is checked for NaN and infinite values (one pass over
+    memory the read has just filled).
     """
 
-    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, model_dir: str | os.PathLike[str], check_finite: bool = False) -> None:
         self.model_dir = os.fspath(model_dir)
+        self.check_finite = check_finite
         index_path = os.path.join(self.model_dir, "model.safetensors.index.json")
         self._where: dict[str, str] = {}
-        if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map", {})
+        self._stack = contextlib.ExitStack()
+        self._open: dict[str, Any] = {}
+        self._keys: dict[str, set[str]] = {}
+        if check_file(index_path, required=False):
+            index = read_json(index_path)
+            weight_map = index.get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(
+                    f"{index_path}: weight_map must be an object of tensor name -> shard file"
+                )
             for name, fname in weight_map.items():
-                path = os.path.join(self.model_dir, fname)
-                if not os.path.isfile(path):
-                    raise CheckpointError(
-                        f"{index_path} names shard {fname} for tensor {name}, but the file is "
-                        "missing; copy the complete checkpoint directory"
-                    )
-                self._where[name] = path
+                self._where[name] = _shard_path(self.model_dir, index_path, name, fname)
         else:
             files = sorted(glob.glob(os.path.join(self.model_dir, "*.safetensors")))
             if not files:
                 _refuse_pickles(self.model_dir)
             for path in files:
-                with safe_open(path, framework="numpy") as f:
-                    for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                        self._where[name] = path
-        self._stack = contextlib.ExitStack()
-        self._open: dict[str, Any] = {}
+                for name in self._names_in(path):
+                    self._where[name] = path
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -81,6 +117,29 @@ class SafetensorsReader:
     def names(self) -> set[str]:
         return set(self._where)
 
+    def _handle(self, path: str) -> Any:
+        """The open file at ``path`` (opened once); a file that is not safetensors raises."""
+        if path not in self._open:
+            check_file(path)
+            if os.path.getsize(path) == 0:
+                raise CheckpointError(
+                    f"{path} is empty (0 bytes); the download or copy did not finish"
+                )
+            try:
+                handle = self._stack.enter_context(safe_open(path, framework="numpy"))
+                keys = set(handle.keys())
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(
+                    f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                    "corrupt: copy or download it again"
+                ) from None
+            self._open[path], self._keys[path] = handle, keys
+        return self._open[path]
+
+    def _names_in(self, path: str) -> set[str]:
+        self._handle(path)
+        return self._keys[path]
+
     def _file(self, name: str) -> Any:
         try:
             path = self._where[name]
@@ -88,16 +147,44 @@ class SafetensorsReader:
             raise CheckpointError(
                 f"tensor {name!r} is missing from the checkpoint in {self.model_dir}"
             ) from None
-        if path not in self._open:
-            self._open[path] = self._stack.enter_context(safe_open(path, framework="numpy"))
-        return self._open[path]
+        handle = self._handle(path)
+        if name not in self._keys[path]:
+            raise CheckpointError(
+                f"model.safetensors.index.json in {self.model_dir} places tensor {name} in "
+                f"{os.path.basename(path)}, which does not hold it; the index and the shards "
+                "do not belong together"
+            )
+        return handle
+
+    def _read(self, name: str, read: Any) -> Any:
+        """``read(file handle)``, with the file's errors turned into CheckpointError."""
+        handle = self._file(name)
+        try:
+            return read(handle)
+        except (SafetensorError, OSError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"cannot read tensor {name} from {self._where[name]}: {e}; the file may be "
+                "corrupt or hold a dtype jserve cannot load"
+            ) from None
+
+    def _checked(self, name: str, x: np.ndarray) -> np.ndarray:
+        if self.check_finite:
+            bad = _non_finite(x)
+            if bad:
+                raise CheckpointError(
+                    f"tensor {name} in {self._where[name]} holds {bad} NaN or infinite "
+                    f"value{'s' if bad > 1 else ''}; the checkpoint is corrupt (or was saved "
+                    "from a diverged run). Copy it again, or skip this check with "
+                    "check_weights=False (--no-check-weights)"
+                )
+        return x
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        return tuple(self._read(name, lambda f: f.get_slice(name).get_shape()))
 
     def get(self, name: str) -> np.ndarray:
-        return self._file(name).get_tensor(name)
+        return self._checked(name, self._read(name, lambda f: f.get_tensor(name)))
 
     def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """Reads only ``index`` of the tensor (each device's shard, for sharded loads)."""
-        return self._file(name).get_slice(name)[index]
+        return self._checked(name, self._read(name, lambda f: f.get_slice(name)[index]))

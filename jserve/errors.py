@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "EngineDeadError",
+    "EngineStepError",
     "InvalidRequestError",
     "JserveError",
     "RequestTooLargeError",
@@ -36,3 +37,8 @@ class CapacityError(JserveError):
 
 class EngineDeadError(JserveError):
     """The engine's step loop failed and no longer serves requests."""
+
+
+class EngineStepError(JserveError):
+    """A step failed inside the engine: the requests in it were aborted and their pages
+    freed, and the engine serves on (retrying the request may succeed)."""

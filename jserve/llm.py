@@ -12,7 +12,7 @@ from jserve.compile_cache import DEFAULT_CACHE_DIR, CacheDirArg, enable_compilat
 from jserve.config import ModelConfig
 from jserve.engine.config import EngineConfig
 from jserve.engine.llm_engine import LLMEngine
-from jserve.errors import InvalidRequestError
+from jserve.errors import EngineStepError, InvalidRequestError
 from jserve.model_loader import LoadedModel, default_model_path, load_model
 from jserve.outputs import RequestOutput, merge_delta
 from jserve.prompts import PromptType, normalize_prompts
@@ -35,6 +35,9 @@ class LLM:
     ``speculative_config``: speculative decoding in vLLM's convention, e.g.
     ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
     "prompt_lookup_max": 5}`` (see jserve.spec); checked before the model loads.
+
+    ``check_weights``: refuse weights holding NaN or infinite values; None (the
+    default) checks models of up to 10B parameters (see jserve.model_loader).
     """
 
     def __init__(
@@ -57,8 +60,10 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         num_microbatches: int = 0,
+        enable_expert_parallel: bool = False,
         compilation_cache_dir: CacheDirArg = DEFAULT_CACHE_DIR,
         speculative_config: Mapping[str, Any] | None = None,
+        check_weights: bool | None = None,
     ) -> None:
         ecfg = EngineConfig(
             page_size=page_size,
@@ -76,8 +81,12 @@ class LLM:
             speculative_config=speculative_config,
         ).validate()
         enable_compilation_cache(compilation_cache_dir)  # before loading compiles anything
-        parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, num_microbatches)
-        self.model: LoadedModel = load_model(model or default_model_path(), dtype, parallel)
+        parallel = ParallelConfig(
+            tensor_parallel_size, pipeline_parallel_size, num_microbatches, enable_expert_parallel
+        )
+        self.model: LoadedModel = load_model(
+            model or default_model_path(), dtype, parallel, check_weights
+        )
         self.engine = LLMEngine(self.model, ecfg, warmup=warmup)
         self._counter = 0
 
@@ -111,30 +120,50 @@ class LLM:
         prompt_list = normalize_prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompt_list)
-        else:
+        elif isinstance(sampling_params, list | tuple):
             params = list(sampling_params)
             if len(params) != len(prompt_list):
                 raise InvalidRequestError(
                     f"{len(params)} sampling params for {len(prompt_list)} prompts"
                 )
+        else:
+            raise InvalidRequestError(
+                "sampling_params must be a SamplingParams or a list of them, got "
+                f"{type(sampling_params).__name__}"
+            )
+        if priority is not None and not isinstance(priority, list | tuple):
+            raise InvalidRequestError(
+                f"priority must be a list of integers, got {type(priority).__name__}"
+            )
         prio = list(priority) if priority is not None else [0] * len(prompt_list)
         if len(prio) != len(prompt_list):
             raise InvalidRequestError(f"{len(prio)} priorities for {len(prompt_list)} prompts")
         ids = [str(self._counter + i) for i in range(len(prompt_list))]
-        checked = [
-            self.engine.validate_request(rid, p, sp, pr)
-            for rid, p, sp, pr in zip(ids, prompt_list, params, prio, strict=True)
-        ]
+        checked = []
+        for i, (rid, p, sp, pr) in enumerate(zip(ids, prompt_list, params, prio, strict=True)):
+            try:
+                checked.append(self.engine.validate_request(rid, p, sp, pr))
+            except InvalidRequestError as e:
+                if len(prompt_list) == 1:
+                    raise
+                raise type(e)(f"prompts[{i}]: {e}") from None
         self._counter += len(prompt_list)
         for rid, (text, tokens), sp, pr in zip(ids, checked, params, prio, strict=True):
             self.engine.enqueue(rid, text, tokens, sp, pr)
 
         results: dict[str, RequestOutput] = {}
+        errors: dict[str, EngineStepError] = {}
         bar = tqdm(total=len(ids), desc="generating", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
             for delta in self.engine.step():
                 results[delta.request_id] = merge_delta(results.get(delta.request_id), delta)
                 if delta.finished:
                     bar.update(1)
+            errors.update(self.engine.step_errors)
         bar.close()
+        failed = [rid for rid in ids if rid in errors]
+        if failed:  # the others ran to the end; the engine serves on
+            raise EngineStepError(
+                f"{len(failed)} of {len(ids)} prompts failed: {errors[failed[0]]}"
+            ) from errors[failed[0]].__cause__
         return [results[rid] for rid in ids]

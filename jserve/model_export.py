@@ -39,6 +39,9 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Any) -> ModelConfig:
     cfg = load_config(hf_dir)
     check_new_dir(out_dir)
     save_orbax_checkpoint(
-        load_params(hf_dir, cfg, dtype, progress=True), out_dir, dtype, copy_from=hf_dir
+        load_params(hf_dir, cfg, dtype, progress=True, check_finite=True),
+        out_dir,
+        dtype,
+        copy_from=hf_dir,
     )
     return cfg

@@ -5,8 +5,34 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from jserve.errors import InvalidRequestError
+
+# The device holds integer fields (top_k, token ids, counts) as int32 and float
+# fields (temperature, top_p, min_p, penalties) as float32.
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Below this a temperature is greedy, as in vLLM: dividing logits by a smaller
+# one overflows float32.
+MIN_TEMPERATURE = 1e-5
+
+
+def _as_list(name: str, value: Any, what: str) -> Any:
+    """None -> [], a tuple -> a list; a lone string stays for the caller to wrap;
+    anything else that is not a list is refused."""
+    if value is None:
+        return []
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, list):
+        return value
+    raise InvalidRequestError(
+        f"invalid sampling parameters: {name} must be {what}, got {type(value).__name__} "
+        f"{value!r:.40}"
+    )
 
 
 @dataclasses.dataclass
@@ -52,8 +78,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list("stop", self.stop, "a string or a list of strings")
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, "a list of ids")
+        temperature = self.temperature
+        if isinstance(temperature, int | float) and 0 < temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
 
     @property
     def seed32(self) -> int | None:
@@ -80,60 +109,77 @@ class SamplingParams:
         def number(name: str) -> float:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise bad(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise bad(f"{name} must be finite, got {value}")
+                raise bad(f"{name} must be a number, got {value!r:.40}")
+            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+                raise bad(f"{name} must be finite in float32, got {value}")
             return float(value)
 
-        def integer(name: str) -> int:
+        def integer(name: str, lo: int = -INT32_MAX - 1, hi: int = INT32_MAX) -> int:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise bad(f"{name} must be an integer, got {value!r}")
+                raise bad(f"{name} must be an integer, got {value!r:.40}")
+            if value < lo and hi == INT32_MAX:
+                raise bad(f"{name} must be at least {lo}, got {value}")
+            if not lo <= value <= hi:
+                raise bad(f"{name} must be in [{lo}, {hi}], got {value}")
             return value
 
-        if integer("n") < 1:
-            raise bad(f"n must be at least 1, got {self.n}")
+        def flag(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be true or false, got {getattr(self, name)!r:.40}")
+
+        integer("n", 1)
         if self.max_tokens is not None:
-            if integer("max_tokens") < 0:
-                raise bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+            integer("max_tokens", 0)
             if self.max_tokens == 0 and self.prompt_logprobs is None:
                 raise bad(
                     "max_tokens must be at least 1 (0, scoring the prompt only, needs "
                     "prompt_logprobs)"
                 )
-        if integer("min_tokens") < 0:
-            raise bad(f"min_tokens must be >= 0, got {self.min_tokens}")
+        integer("min_tokens", 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
-        if number("temperature") < 0:
-            raise bad(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not 0.0 < number("top_p") <= 1.0:
+        temperature = number("temperature")
+        if temperature < 0 or 0 < temperature < MIN_TEMPERATURE:
+            raise bad(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got "
+                f"{self.temperature}"
+            )
+        # Positive in float32 too: a top_p that rounds to 0 would keep no token.
+        if not (0.0 < number("top_p") <= 1.0 and np.float32(self.top_p) > 0):
             raise bad(f"top_p must be in (0, 1], got {self.top_p}")
         top_k = integer("top_k")
         if top_k < -1 or top_k == 0:
             raise bad(f"top_k must be -1 (disabled) or >= 1, got {top_k}")
         if not 0.0 <= number("min_p") <= 1.0:
             raise bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 0.0 < number("repetition_penalty") <= 10.0:
+        if not (0.0 < number("repetition_penalty") <= 10.0 and np.float32(self.repetition_penalty)):
             raise bad(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= number(name) <= 2.0:
                 raise bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.seed is not None and not -(2**63) <= integer("seed") < 2**64:
-            raise bad(f"seed must fit in 64 bits, got {self.seed}")
+        if self.seed is not None and not -(2**63) <= integer("seed", -(2**63), 2**64) < 2**64:
+            raise bad(f"seed must fit in 64 bits, got {self.seed}")  # folded to 32 (seed32)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
-                k = integer(name)
-                if not 0 <= k <= max_logprobs:
-                    raise bad(
-                        f"{name} must be in [0, {max_logprobs}] (the engine's max_logprobs), "
-                        f"got {k}"
-                    )
+                integer(name, 0, max_logprobs)  # the engine's max_logprobs
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            flag(name)
+        if not isinstance(self.stop, list):
+            raise bad(f"stop must be a string or a list of strings, got {self.stop!r:.40}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise bad(f"stop strings must be non-empty strings, got {s!r}")
+                raise bad(f"stop strings must be non-empty strings, got {s!r:.40}")
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad(
+                    f"stop string {s!r:.40} is not valid Unicode (a lone surrogate)"
+                ) from None
+        if not isinstance(self.stop_token_ids, list):
+            raise bad(f"stop_token_ids must be a list, got {self.stop_token_ids!r:.40}")
         for t in self.stop_token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                raise bad(f"stop_token_ids must be non-negative integers, got {t!r}")
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= INT32_MAX:
+                raise bad(f"stop_token_ids must be non-negative integers, got {t!r:.40}")

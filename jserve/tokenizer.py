@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -10,13 +9,14 @@ from typing import Any
 import tokenizers
 from tokenizers.decoders import DecodeStream
 
+from checkpoints.files import check_file, read_json
 from jserve.errors import ConfigError
 
 
 def _token_content(value: Any) -> str | None:
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 class Tokenizer:
@@ -40,18 +40,23 @@ class Tokenizer:
         cls, model_dir: str | os.PathLike[str], eos_token_ids: Iterable[int] = ()
     ) -> Tokenizer:
         path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.isfile(path):
+        if not check_file(path, ConfigError, required=False):
             raise ConfigError(
                 f"{path} not found: text prompts need a Hugging Face fast tokenizer "
                 "(tokenizer.json); pass token ids instead, or add the file"
             )
-        tok = tokenizers.Tokenizer.from_file(path)
+        try:
+            tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the library raises a bare Exception for any bad file
+            raise ConfigError(
+                f"{path} is not a valid Hugging Face tokenizer ({e}); replace it with the "
+                "tokenizer.json that belongs to the model"
+            ) from None
         eos = list(eos_token_ids)
         bos = None
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
-        if os.path.isfile(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                tcfg = json.load(f)
+        if check_file(cfg_path, ConfigError, required=False):
+            tcfg = read_json(cfg_path, ConfigError)
             eos_tok = _token_content(tcfg.get("eos_token"))
             if eos_tok is not None and tok.token_to_id(eos_tok) is not None:
                 eos.append(tok.token_to_id(eos_tok))
@@ -63,6 +68,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest id the tokenizer can produce (ids need not be contiguous)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

@@ -21,9 +21,14 @@ Pages are copied whole ([page_size, 2*Hkv, D], one contiguous DMA each) and
 K / V of head h are the rows 2h / 2h+1 of the head axis, read with a
 sublane-strided load.
 
-Metadata (kv_lens, page_indices, cu_q_lens, num_seqs, first sequence per
-block) is scalar-prefetched into SMEM; page_indices is flattened to 1D to
-avoid SMEM's padding of 2D arrays.
+Metadata (kv_lens, cu_q_lens, num_seqs, first sequence per block) is
+scalar-prefetched into SMEM. The page table is too, flattened to 1D to avoid
+SMEM's padding of 2D arrays, while it is small (``SMEM_TABLE_BUDGET_BYTES``);
+a larger one (long contexts: 64 sequences x 8192 pages is 2 MiB, past the
+1 MiB of SMEM) stays in HBM, and the kernel copies a window of
+``TABLE_WINDOW`` entries of one sequence's row into SMEM when a step needs
+pages outside the window it holds (one small synchronous DMA per window, so
+a long sequence's row is read in a few pieces).
 """
 
 from __future__ import annotations
@@ -37,9 +42,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import tuned_block_sizes as tuned
+from pallas_kernels.cost import attention_cost
 
 # Lanes used to store per-row softmax statistics (one full vreg row).
 _LANES = 128
+
+# A page table up to this size is scalar-prefetched into SMEM whole (1 MiB on
+# v5e / v6e, shared with the other prefetched metadata); a larger one is read
+# from HBM through a window of TABLE_WINDOW entries.
+SMEM_TABLE_BUDGET_BYTES = 256 * 1024
+TABLE_WINDOW = 256
+# A DMA from a 1-D int32 HBM array starts on a multiple of its 128-entry tile.
+_TABLE_TILE = 128
 
 
 def _div(a: jax.Array, b: int) -> jax.Array:
@@ -51,7 +65,7 @@ def _div(a: jax.Array, b: int) -> jax.Array:
 def _attention_kernel(
     # Scalar prefetch (SMEM).
     kv_lens_ref,  # i32[max_num_seqs]
-    page_indices_ref,  # i32[max_num_seqs * pages_per_seq]
+    table_ref,  # i32[max_num_seqs * pages_per_seq] in SMEM, or in HBM (large tables)
     cu_q_lens_ref,  # i32[max_num_seqs + 1]
     num_seqs_ref,  # i32[1]
     first_seq_ref,  # i32[num_q_blocks]: first sequence with a token in the block
@@ -66,7 +80,7 @@ def _attention_kernel(
     m_ref,  # f32[Hkv, G*BQ, LANES] running max (replicated over lanes)
     l_ref,  # f32[Hkv, G*BQ, LANES] running sum
     acc_ref,  # f32[Hkv, G*BQ, D]
-    *,
+    *window_scratch,  # HBM table only: SMEM i32[W] window, SMEM i32[2] (seq, first), DMA sem
     pages_per_seq: int,
     score_scale: float,
     v_scale: float | None,
@@ -126,27 +140,62 @@ def _attention_kernel(
         s_next, b_next = lax.while_loop(cond, lambda sb: (sb[0] + 1, sb[1] * 0), (s_next, b_next))
         return s_next, b_next
 
-    def page_copies(s, b, slot):
+    if window_scratch:
+        win_ref, win_tag_ref, win_sem = window_scratch
+        window = win_ref.shape[0]
+        table_size = table_ref.shape[0]
+        # Nothing held yet: the window's first flat entry, -1 before the first copy.
+        win_tag_ref[0] = jnp.int32(-1)
+
+        def table_row(s, first_page, last_page):
+            """Reads entries [first_page, last_page] of row s through the window.
+
+            The window covers flat entries [lo, lo + window) of the table, lo a
+            multiple of the 128-entry HBM tile a DMA must start on.
+            """
+            first = s * pages_per_seq + first_page
+            last = s * pages_per_seq + last_page
+            lo = win_tag_ref[0]
+            held = (lo >= 0) & (first >= lo) & (last < lo + window)
+
+            @pl.when(jnp.logical_not(held))
+            def _():
+                new_lo = jnp.minimum(_div(first, _TABLE_TILE), (table_size - window) // _TABLE_TILE)
+                new_lo = pl.multiple_of(new_lo * _TABLE_TILE, _TABLE_TILE)
+                copy = pltpu.make_async_copy(table_ref.at[pl.ds(new_lo, window)], win_ref, win_sem)
+                copy.start()
+                copy.wait()
+                win_tag_ref[0] = new_lo
+
+            lo = win_tag_ref[0]
+            return lambda p: win_ref[s * pages_per_seq + p - lo]
+
+    else:
+
+        def table_row(s, first_page, last_page):
+            del first_page, last_page
+            return lambda p: table_ref[s * pages_per_seq + p]
+
+    def page_span(s, b):
         kv_lo, _ = seq_range(s)
         kv_len = kv_lens_ref[s]
         last_page = jnp.maximum(_div(kv_len + page_size - 1, page_size) - 1, 0)
-        first_page = _div(kv_lo, page_size) + b * pages_per_block
-        copies = []
-        for i in range(pages_per_block):
-            # Slots past the last page re-read it; their keys are masked.
-            page = page_indices_ref[s * pages_per_seq + jnp.minimum(first_page + i, last_page)]
-            copies.append(
-                pltpu.make_async_copy(kv_hbm_ref.at[page], kv_buf.at[slot, i], sems.at[slot])
-            )
-        return copies
+        first_page = jnp.minimum(_div(kv_lo, page_size) + b * pages_per_block, last_page)
+        last_page = jnp.minimum(first_page + pages_per_block - 1, last_page)
+        return first_page, last_page
 
     def start(s, b, slot):
-        for c in page_copies(s, b, slot):
-            c.start()
+        first_page, last_page = page_span(s, b)
+        entry = table_row(s, first_page, last_page)
+        for i in range(pages_per_block):
+            # Slots past the last page re-read it; their keys are masked.
+            page = entry(jnp.minimum(first_page + i, last_page))
+            pltpu.make_async_copy(kv_hbm_ref.at[page], kv_buf.at[slot, i], sems.at[slot]).start()
 
-    def wait(s, b, slot):
-        for c in page_copies(s, b, slot):
-            c.wait()
+    def wait(slot):
+        # A wait counts the bytes of its destination; any source page will do.
+        for i in range(pages_per_block):
+            pltpu.make_async_copy(kv_hbm_ref.at[0], kv_buf.at[slot, i], sems.at[slot]).wait()
 
     r = lax.broadcasted_iota(jnp.int32, (num_rows, block_kv), 0)  # [M, BK]
     r_tok = tok_lo + lax.rem(r, jnp.int32(block_q))  # flat token of each row (rows are g-major)
@@ -211,7 +260,7 @@ def _attention_kernel(
         def _():
             start(s_next, b_next, 1 - slot)
 
-        wait(s, b, slot)
+        wait(slot)
         compute(s, b, slot)
         return s_next, b_next, 1 - slot
 
@@ -225,6 +274,42 @@ def _attention_kernel(
         if v_scale is not None:
             out = out * v_scale
         o_ref[h] = out.reshape(group, block_q, head_dim).astype(o_ref.dtype)
+
+
+def tpu_generation() -> str | None:
+    """The chip generation being compiled for ("v5e", "v6e", ...): the context
+    mesh's device (ahead-of-time compiles) or the default device; None on a
+    machine without a TPU (interpret mode)."""
+    try:
+        return str(pltpu.get_tpu_info().chip_version)
+    except (ValueError, AttributeError, RuntimeError):
+        return None
+
+
+def _hbm_table_kernel(
+    kernel,
+    kv_lens_ref,
+    cu_q_lens_ref,
+    num_seqs_ref,
+    first_seq_ref,
+    q_ref,
+    kv_hbm_ref,
+    table_ref,
+    o_ref,
+    *scratch,
+):
+    """The kernel with the page table as an HBM input instead of a prefetched scalar."""
+    kernel(
+        kv_lens_ref,
+        table_ref,
+        cu_q_lens_ref,
+        num_seqs_ref,
+        first_seq_ref,
+        q_ref,
+        kv_hbm_ref,
+        o_ref,
+        *scratch,
+    )
 
 
 def _first_seq_per_block(
@@ -259,9 +344,13 @@ def tpu_ragged_paged_attention(
     block_q: int | None = None,
     pages_per_block: int | None = None,
     vmem_limit_bytes: int | None = None,
+    table_in_smem: bool | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Ragged paged attention on TPU; returns [T, Hq, D] in q's dtype.
+
+    ``table_in_smem`` forces where the page table lives (None: in SMEM while
+    it fits ``SMEM_TABLE_BUDGET_BYTES``, else in HBM read through a window).
 
     ``interpret=True`` runs the kernel in Pallas's TPU interpreter
     (``pltpu.InterpretParams``), which models SMEM/VMEM, DMAs and semaphores
@@ -273,8 +362,13 @@ def tpu_ragged_paged_attention(
     group = num_q_heads // num_kv_heads
     max_num_seqs, pages_per_seq = page_indices.shape
     defaults = tuned.tpu_block_sizes(
-        num_tokens=num_tokens, max_num_seqs=max_num_seqs, page_size=page_size
+        num_tokens=num_tokens,
+        max_num_seqs=max_num_seqs,
+        page_size=page_size,
+        generation=tpu_generation(),
     )
+    if vmem_limit_bytes is None:
+        vmem_limit_bytes = defaults.vmem_limit_bytes
     block_q = defaults.block_q if block_q is None else block_q
     # Rows of a q tile are g-major ([G, block_q] collapsed), which is a free
     # reshape only when block_q fills whole sublane tiles: 8 rows of 32-bit,
@@ -292,6 +386,22 @@ def tpu_ragged_paged_attention(
     if padded != num_tokens:
         q_t = jnp.pad(q_t, ((0, 0), (0, 0), (0, padded - num_tokens), (0, 0)))
     first_seq = _first_seq_per_block(cu_q_lens, num_seqs, num_blocks, block_q)
+    if table_in_smem is None:
+        table_in_smem = page_indices.size * 4 <= SMEM_TABLE_BUDGET_BYTES
+    table = page_indices.reshape(-1)
+    if table_in_smem:
+        window_scratch = []
+    else:
+        # Whole tiles, so every window starts on a tile; the pad is never read
+        # for a real page. A window spans any pages_per_block entries of a row.
+        table = jnp.pad(table, (0, -table.size % _TABLE_TILE))
+        window = -(-max(TABLE_WINDOW, pages_per_block + _TABLE_TILE - 1) // _TABLE_TILE)
+        window = min(window * _TABLE_TILE, table.size)
+        window_scratch = [
+            pltpu.SMEM((window,), jnp.int32),
+            pltpu.SMEM((1,), jnp.int32),
+            pltpu.SemaphoreType.DMA(()),
+        ]
 
     score_scale = sm_scale * (1.0 if k_scale is None else k_scale)
     kernel = functools.partial(
@@ -304,13 +414,21 @@ def tpu_ragged_paged_attention(
     )
     block = pl.BlockSpec((num_kv_heads, group, block_q, head_dim), lambda j, *_: (0, 0, j, 0))
     num_rows = group * block_q
+    any_space = pl.BlockSpec(memory_space=pl.ANY)
+    if table_in_smem:
+        in_specs = [block, any_space]
+        operands = (kv_lens, table, cu_q_lens, num_seqs, first_seq, q_t, kv_pages)
+    else:
+        in_specs = [block, any_space, any_space]
+        operands = (kv_lens, cu_q_lens, num_seqs, first_seq, q_t, kv_pages, table)
+        kernel = functools.partial(_hbm_table_kernel, kernel)
     out_t = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(q_t.shape, q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
+            num_scalar_prefetch=5 if table_in_smem else 4,
             grid=(num_blocks,),
-            in_specs=[block, pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=in_specs,
             out_specs=block,
             scratch_shapes=[
                 pltpu.VMEM((2, pages_per_block, page_size, combined, head_dim), kv_pages.dtype),
@@ -318,21 +436,15 @@ def tpu_ragged_paged_attention(
                 pltpu.VMEM((num_kv_heads, num_rows, _LANES), jnp.float32),
                 pltpu.VMEM((num_kv_heads, num_rows, _LANES), jnp.float32),
                 pltpu.VMEM((num_kv_heads, num_rows, head_dim), jnp.float32),
+                *window_scratch,
             ],
         ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("arbitrary",), vmem_limit_bytes=vmem_limit_bytes
         ),
         interpret=pltpu.InterpretParams() if interpret else False,
+        cost_estimate=attention_cost(q, kv_pages, page_indices, kv_lens, cu_q_lens, num_seqs),
         name="ragged_paged_attention_tpu",
-    )(
-        kv_lens,
-        page_indices.reshape(-1),
-        cu_q_lens,
-        num_seqs,
-        first_seq,
-        q_t,
-        kv_pages,
-    )
+    )(*operands)
     out = out_t[:, :, :num_tokens].transpose(2, 0, 1, 3)  # [T, Hkv, G, D]
     return out.reshape(num_tokens, num_q_heads, head_dim)

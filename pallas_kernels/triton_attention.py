@@ -38,6 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import tuned_block_sizes as tuned
 from pallas_kernels import work_plan as wp
+from pallas_kernels.cost import attention_cost
 from pallas_kernels.triton_merge import merge_partials
 
 LOG2E = math.log2(math.e)
@@ -279,6 +280,7 @@ def triton_ragged_paged_attention(
         grid=(num_kv_heads, sizes.num_items),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
+        cost_estimate=attention_cost(q, kv_pages, page_indices, kv_lens, cu_q_lens, num_seqs),
         name="ragged_paged_attention_triton",
     )(plan.items, page_indices, q, kv_tokens)
 

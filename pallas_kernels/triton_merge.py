@@ -21,7 +21,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import tuned_block_sizes as tuned
 from pallas_kernels import work_plan as wp
+from pallas_kernels.cost import merge_cost
 
 
 def _merge_kernel(
@@ -87,13 +89,18 @@ def merge_partials(
     interpret: bool = False,
 ) -> jax.Array:
     """Writes the merged rows of every split q-block into ``out`` (in place)."""
-    num_kv_heads = part_o.shape[1]
+    num_kv_heads, num_rows, head_dim_p = part_o.shape[1:]
+    # One thread holds a [M, Dp] f32 tile's share twice (the running sum and a
+    # split's output): 64 elements of each per thread keep that in registers.
+    # E.g. M 128, Dp 128 needs 8 warps; with 4 ptxas spilled (H100, sm_90a).
+    num_warps = max(4, min(16, tuned.next_pow2(num_rows * head_dim_p // (32 * 64))))
     return pl.pallas_call(
         functools.partial(_merge_kernel, group=group, group_p=group_p),
         out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
         grid=(num_kv_heads, merges.shape[0]),
         input_output_aliases={3: 0},
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
+        cost_estimate=merge_cost(merges, part_o, part_lse, out=out),
         name="ragged_paged_attention_merge_triton",
     )(merges, part_o, part_lse, out)

@@ -83,13 +83,40 @@ def gpu_block_sizes(
 class TpuBlockSizes(NamedTuple):
     block_q: int  # query tokens per q-block
     pages_per_block: int  # KV pages fetched per DMA step (double-buffered)
+    vmem_limit_bytes: int | None = None  # scoped VMEM for the kernel (None: the chip's default)
 
 
-def tpu_block_sizes(*, num_tokens: int, max_num_seqs: int, page_size: int) -> TpuBlockSizes:
-    """Untuned defaults for the Mosaic TPU kernel: ~128 keys per step."""
+# Keys fetched per DMA step and query tokens per q-block, per TPU generation
+# (``pltpu.get_tpu_info().chip_version``) and mode. NOT YET TUNED ON HARDWARE:
+# every generation starts from the same ~128-keys-per-step entries, which
+# compile within each chip's default scoped VMEM (16 MiB on v5e / v5p, 32 MiB
+# on v6e / v7x) at the Llama-3-8B shape; tests/aot compiles every entry with
+# the real TPU compiler and fails when one breaks a limit. Keyed by generation
+# so that measured winners can differ per chip.
+TPU_KEYS_PER_STEP = 128
+_TPU_TABLE: dict[tuple[str, str], tuple[int, int, int | None]] = {
+    # (generation, mode): (block_q, keys per step, vmem_limit_bytes)
+    ("v5e", "decode"): (16, TPU_KEYS_PER_STEP, None),
+    ("v5e", "mixed"): (64, TPU_KEYS_PER_STEP, None),
+    ("v5p", "decode"): (16, TPU_KEYS_PER_STEP, None),
+    ("v5p", "mixed"): (64, TPU_KEYS_PER_STEP, None),
+    ("v6e", "decode"): (16, TPU_KEYS_PER_STEP, None),
+    ("v6e", "mixed"): (64, TPU_KEYS_PER_STEP, None),
+    ("7x", "decode"): (16, TPU_KEYS_PER_STEP, None),
+    ("7x", "mixed"): (64, TPU_KEYS_PER_STEP, None),
+}
+TPU_GENERATIONS = ("v5e", "v5p", "v6e", "7x")
+
+
+def tpu_block_sizes(
+    *, num_tokens: int, max_num_seqs: int, page_size: int, generation: str | None = None
+) -> TpuBlockSizes:
+    """The table's entry for the generation (unknown ones, and interpret mode
+    on a CPU, take v5e's: the smallest scoped VMEM)."""
     mode = "decode" if num_tokens <= 2 * max_num_seqs else "mixed"
-    block_q = 16 if mode == "decode" else 64
-    return TpuBlockSizes(block_q, max(1, 128 // page_size))
+    key = (generation if generation in TPU_GENERATIONS else "v5e", mode)
+    block_q, keys, vmem = _TPU_TABLE[key]
+    return TpuBlockSizes(block_q, max(1, keys // page_size), vmem)
 
 
 class XlaBlockSizes(NamedTuple):

@@ -44,6 +44,9 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     # Micro-batches per step under pipeline parallelism (0: one per stage).
     num_microbatches: int = 0
+    # Mixture-of-experts models: split the experts over the tensor-parallel
+    # devices (whole experts per device) instead of every expert's hidden units.
+    enable_expert_parallel: bool = False
 
     @property
     def microbatches(self) -> int:

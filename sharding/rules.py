@@ -3,8 +3,9 @@
 Model code names logical axes (``ParamSpec.axes``); this module turns them
 into ``PartitionSpec``s for a mesh. It takes the model's declarations tree as
 an argument and reads only each leaf's ``shape`` and ``axes`` (``AxesSpec``). Tensor parallelism splits attention
-heads, MLP hidden units and the vocabulary over ``model``; everything else
-is replicated.
+heads, MLP hidden units and the vocabulary over ``model`` (and, under expert
+parallelism, the experts of a mixture-of-experts layer); everything else is
+replicated.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": MODEL,
     "head_dim": None,
     "mlp": MODEL,
+    # Mixture-of-experts weights [X, ...] under expert parallelism: each device
+    # holds whole experts (without it, experts split over "mlp" like the MLP).
+    "expert": MODEL,
     # The combined K/V head axis of the KV pages ([P, S, 2*Hkv, D]): head h's
     # K and V sit at 2h and 2h+1, so contiguous shards keep them together.
     "kv_pages_heads": MODEL,

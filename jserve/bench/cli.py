@@ -1,4 +1,4 @@
-"""Argument parsing for ``jserve bench {serve,throughput,latency}``."""
+"""Argument parsing for ``jserve bench {serve,throughput,latency,estimate}``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _add_offline_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jserve.bench import offline, serve
+    from jserve.bench import estimate, offline, serve
 
     sub = parser.add_subparsers(dest="bench_mode", required=True)
     serve.add_arguments(
@@ -39,3 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--num-iters-warmup", type=int, default=2)
     p.add_argument("--num-iters", type=int, default=10)
     p.set_defaults(func=offline.run_latency)
+
+    estimate.add_arguments(
+        sub.add_parser(
+            "estimate",
+            help="compile the step for a TPU slice or an H100 that is not attached: "
+            "the compiler's cost estimate beside a roofline",
+        )
+    )

@@ -132,6 +132,14 @@ def run_throughput(args: argparse.Namespace) -> int:
         "num_steps": engine.stats.num_steps,
         "preemptions": engine.stats.preemptions,
     }
+    experts = engine.stats.expert_tokens
+    if experts is not None:  # mixture-of-experts: tokens per expert, summed over layers
+        result["expert_tokens"] = experts.sum(axis=0).tolist()
+        result["expert_load_imbalance"] = engine.stats.expert_load_imbalance()
+        print(
+            f"Experts: load imbalance (busiest / mean, worst layer) "
+            f"{result['expert_load_imbalance']:.2f}; tokens per expert {result['expert_tokens']}"
+        )
     print(
         f"Throughput: {result['requests_per_second']:.2f} requests/s, "
         f"{result['tokens_per_second']:.2f} total tokens/s, "

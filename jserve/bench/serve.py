@@ -2,8 +2,16 @@
 
 Requests are sent at a Poisson rate (``--request-rate``; ``--burstiness``
 is the shape of the gamma distribution of gaps, 1 = Poisson) and/or with at
-most ``--max-concurrency`` in flight, over the jserve API or JetStream's
-``Orchestrator`` API.
+most ``--max-concurrency`` in flight, over the jserve API, JetStream's
+``Orchestrator`` API, or any OpenAI-compatible HTTP server (``--backend openai
+--base-url URL``: jserve's ``--http-port``, vLLM, SGLang, ...), so the same
+benchmark compares engines side by side.
+
+With ``--backend openai`` requests are streamed completions
+(``stream_options.include_usage``): TTFT and ITL come from the arrival of the
+server-sent chunks that carry text, the output length from the final usage
+chunk. ``--ignore-eos`` is sent as vLLM's ``ignore_eos`` extra field, which
+vLLM, SGLang and jserve accept.
 
 JetStream's ``Decode`` carries no sampling fields, so with ``--backend
 jetstream`` the server's own sampling applies (``jserve serve``: greedy,
@@ -16,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import ssl
 import time
 from typing import Any
 
@@ -48,15 +58,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--backend",
         default="jserve",
-        choices=["jserve", "jetstream"],
-        help="jserve.v1 Generation API, or JetStream's Orchestrator.Decode",
+        choices=["jserve", "jetstream", "openai"],
+        help="jserve.v1 Generation API, JetStream's Orchestrator.Decode, or an "
+        "OpenAI-compatible HTTP server's /v1/completions (with --base-url)",
+    )
+    g.add_argument(
+        "--base-url",
+        default=None,
+        help="with --backend openai: the server's URL, e.g. http://127.0.0.1:8000 (or .../v1)",
+    )
+    g.add_argument(
+        "--model",
+        default=None,
+        help="with --backend openai: the model name to send (default: the server's first "
+        "in /v1/models)",
     )
     g.add_argument(
         "--auth-token",
         default=os.environ.get(AUTH_TOKEN_ENV),
         help=f"bearer token for a server that requires one (default: ${AUTH_TOKEN_ENV})",
     )
-    g.add_argument("--root-certificates", default=None, help="PEM file: connect with TLS")
+    g.add_argument(
+        "--root-certificates", default=None, help="PEM file: connect with TLS, trusting it"
+    )
     g.add_argument(
         "--tokenizer",
         default=None,
@@ -66,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--vocab-size",
         type=int,
         default=None,
-        help="for random prompts when the server cannot be asked (JetStream backend)",
+        help="for random prompts when the server cannot be asked (JetStream and OpenAI "
+        "backends; default for OpenAI: the --tokenizer's vocabulary)",
     )
     g = p.add_argument_group("load")
     g.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s")
@@ -82,13 +107,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--temperature",
         type=float,
         default=None,
-        help=f"sampling temperature (default: {DEFAULT_TEMPERATURE:g}; jserve backend only)",
+        help=f"sampling temperature (default: {DEFAULT_TEMPERATURE:g}; jserve and openai backends)",
     )
     g.add_argument(
         "--ignore-eos",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="generate exactly the dataset's output length (default: on; jserve backend only)",
+        help="generate exactly the dataset's output length (default: on; jserve and openai backends)",
     )
     g.add_argument("--request-timeout", type=float, default=600.0)
     g.add_argument("--seed", type=int, default=0)
@@ -139,6 +164,86 @@ async def _send(client: Any, args: argparse.Namespace, req: BenchRequest) -> Req
     return record
 
 
+class OpenAIBackend:
+    """Streams completions from an OpenAI-compatible server."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import httpx
+
+        base = args.base_url.rstrip("/")
+        if not base.endswith("/v1"):
+            base += "/v1"
+        headers = {"authorization": f"Bearer {args.auth_token}"} if args.auth_token else {}
+        verify: ssl.SSLContext | bool = True
+        if args.root_certificates:
+            verify = ssl.create_default_context(cafile=args.root_certificates)
+        self.http = httpx.AsyncClient(
+            base_url=base,
+            headers=headers,
+            verify=verify,
+            timeout=args.request_timeout,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+        )
+        self.model = args.model
+
+    async def model_name(self) -> str:
+        if self.model is None:
+            r = await self.http.get("/models")
+            r.raise_for_status()
+            self.model = r.json()["data"][0]["id"]
+        return self.model
+
+    async def send(self, args: argparse.Namespace, req: BenchRequest) -> RequestRecord:
+        import httpx
+
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": req.prompt,
+            "max_tokens": req.output_len,
+            "temperature": args.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if args.ignore_eos:
+            body["ignore_eos"] = True
+        record = RequestRecord(prompt_len=req.prompt_len, start=time.perf_counter())
+        completion_tokens = None
+        try:
+            async with self.http.stream("POST", "/completions", json=body) as r:
+                if r.status_code != 200:
+                    text = (await r.aread()).decode(errors="replace")
+                    record.error = f"HTTP {r.status_code}: {text[:300]}"
+                    return record
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if chunk.get("error"):
+                        record.error = str(chunk["error"].get("message", chunk["error"]))
+                        break
+                    if chunk.get("usage"):
+                        completion_tokens = chunk["usage"].get("completion_tokens")
+                    if any(c.get("text") for c in chunk.get("choices") or ()):
+                        record.chunk_times.append(time.perf_counter())
+                        record.chunk_tokens.append(1)
+        except (httpx.HTTPError, ValueError) as e:
+            record.error = f"{type(e).__name__}: {e}"
+            return record
+        # A chunk may carry more than one token: the usage chunk has the true total.
+        if completion_tokens is not None and record.chunk_tokens:
+            record.chunk_tokens[-1] += max(0, completion_tokens - len(record.chunk_tokens))
+        record.success = bool(record.chunk_times) and not record.error
+        if not record.success and not record.error:
+            record.error = "no tokens received"
+        return record
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
 def check_sampling_args(args: argparse.Namespace) -> None:
     """Fills in the sampling defaults, or refuses them where the backend cannot send them."""
     given = [
@@ -146,6 +251,10 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         for flag, value in (("--temperature", args.temperature), ("--ignore-eos", args.ignore_eos))
         if value is not None
     ]
+    if args.backend == "openai" and not args.base_url:
+        raise ConfigError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000")
+    if args.backend != "openai" and (args.base_url or args.model):
+        raise ConfigError("--base-url and --model are for --backend openai")
     if args.backend == "jetstream":
         if given:
             raise ConfigError(
@@ -164,11 +273,17 @@ async def _benchmark(
 ) -> dict[str, Any]:
     from jserve.server.client import Client
 
-    root = None
-    if args.root_certificates:
-        with open(args.root_certificates, "rb") as f:
-            root = f.read()
-    client = Client(f"{args.host}:{args.port}", auth_token=args.auth_token, root_certificates=root)
+    client: Any
+    if args.backend == "openai":
+        client = OpenAIBackend(args)
+    else:
+        root = None
+        if args.root_certificates:
+            with open(args.root_certificates, "rb") as f:
+                root = f.read()
+        client = Client(
+            f"{args.host}:{args.port}", auth_token=args.auth_token, root_certificates=root
+        )
     try:
         vocab, model_name, tokenizer = await _model_facts(client, args)
         reqs = requests_from_args(args, vocab, tokenizer)
@@ -179,7 +294,10 @@ async def _benchmark(
 
         async def limited(req: BenchRequest) -> RequestRecord:
             async with limit:
-                record = await _send(client, args, req)
+                if args.backend == "openai":
+                    record = await client.send(args, req)
+                else:
+                    record = await _send(client, args, req)
             bar.update(1)
             return record
 
@@ -239,11 +357,15 @@ async def _model_facts(client: Any, args: argparse.Namespace) -> tuple[int, str,
     if args.backend == "jserve":
         info = await client.model_info()
         vocab, name = vocab or info.vocab_size, info.model_name
-    if args.dataset_name == "random" and not vocab:
-        raise ConfigError("random prompts need --vocab-size with the jetstream backend")
+    elif args.backend == "openai":
+        name = await client.model_name()
     tokenizer = None
     if args.dataset_name != "random":
         tokenizer = Tokenizer.from_dir(args.tokenizer or default_model_path())
+    elif not vocab and args.backend == "openai":
+        vocab = Tokenizer.from_dir(args.tokenizer or default_model_path()).vocab_size
+    if args.dataset_name == "random" and not vocab:
+        raise ConfigError("random prompts need --vocab-size with the jetstream backend")
     return vocab or 0, name, tokenizer
 
 

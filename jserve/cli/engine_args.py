@@ -55,10 +55,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="micro-batches per step under pipeline parallelism (default: one per stage)",
     )
     g.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="mixture-of-experts models: split the experts over the tensor-parallel devices "
+        "(whole experts per device) instead of every expert's hidden units",
+    )
+    g.add_argument(
         "--config",
         default=None,
         help="with --random-weights: a shape name (llama3-8b, llama3-3b, llama3-1b, "
-        "mistral-7b, qwen2-7b, qwen3-8b, qwen3-0.6b) or a directory with config.json",
+        "mistral-7b, qwen2-7b, qwen3-8b, qwen3-0.6b, mixtral-8x7b, qwen3-30b-a3b) or a "
+        "directory with config.json",
+    )
+    g.add_argument(
+        "--check-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refuse weights holding NaN or infinite values (default: on for models of up "
+        "to 10B parameters)",
     )
 
 
@@ -146,11 +160,14 @@ def enable_compilation_cache_from_args(args: argparse.Namespace) -> None:
 def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
     enable_compilation_cache_from_args(args)  # loading compiles (casts, random init)
     parallel = ParallelConfig(
-        args.tensor_parallel_size, args.pipeline_parallel_size, args.num_microbatches
+        args.tensor_parallel_size,
+        args.pipeline_parallel_size,
+        args.num_microbatches,
+        args.enable_expert_parallel,
     )
     if args.random_weights:
         return random_model(args.config or "llama3-1b", args.dtype, args.seed, parallel)
-    return load_model(args.model or default_model_path(), args.dtype, parallel)
+    return load_model(args.model or default_model_path(), args.dtype, parallel, args.check_weights)
 
 
 def build_engine(

@@ -1,4 +1,5 @@
-"""``jserve serve``: the gRPC service (jserve.v1 and JetStream APIs) on a model.
+"""``jserve serve``: the gRPC service (jserve.v1 and JetStream APIs) on a model, and with
+``--http-port`` the OpenAI-compatible HTTP API beside it on the same engine.
 
 With ``--num-processes N`` the model spans several hosts: every process runs
 ``jserve serve`` with the same options and its own ``--process-id``; process
@@ -33,6 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+def check_serve_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the server's options (ports, TLS files, token...), or None."""
+    from jserve.errors import ConfigError
+    from jserve.server.cli import config_from_args
+
+    try:
+        config_from_args(args).validate()
+    except (ConfigError, ValueError, OSError) as e:
+        return str(e)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from jserve.engine import multihost
     from jserve.engine.async_engine import AsyncLLMEngine
@@ -40,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("jax").setLevel(logging.WARNING)
+    error = check_serve_arguments(args)  # before the model loads: minutes on a large one
+    if error is not None:
+        print(f"jserve: {error}", file=sys.stderr)
+        return 2
     if args.num_processes > 1 or args.coordinator_address:
         mh = multihost.MultiHostConfig(
             args.coordinator_address or "", args.num_processes, args.process_id

@@ -4,7 +4,9 @@ The engine itself stays single-threaded: callers never touch it. They send
 commands (add, abort) through a queue that the loop drains before each
 step, and receive incremental outputs on per-request asyncio queues. An
 add is validated on the loop thread and its error (bad input, queue full)
-is raised to the caller before the stream starts.
+is raised to the caller before the stream starts. A step that fails raises
+EngineStepError to the streams of the requests it held and the loop serves
+on; only an engine that cannot recover (EngineDeadError) stops it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from jserve.engine.request import Request
 from jserve.engine.stats import EngineStats
 from jserve.errors import EngineDeadError, JserveError
 from jserve.outputs import RequestOutput
-from jserve.prompts import PromptType
+from jserve.prompts import PromptType, prompt_parts
 from jserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -71,11 +73,12 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"the engine stopped after an error: {self.dead}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
-        text = None
+        text, ids = prompt_parts(prompt)  # the form and the text; raises before any state
         tokenizer = self.engine.tokenizer
-        if isinstance(prompt, str) and prompt and tokenizer is not None:
+        if text is not None and tokenizer is not None:
             # Tokenize here, off the step thread, so a long prompt never stalls a step.
-            text, prompt = prompt, await loop.run_in_executor(None, tokenizer.encode, prompt)
+            ids = await loop.run_in_executor(None, tokenizer.encode, text)
+        prompt = ids if ids is not None else text
         stream = _Stream(loop)
         admitted: concurrent.futures.Future[Request] = concurrent.futures.Future()
         self._send(("add", rid, prompt, params, priority, text, stream, admitted))
@@ -141,7 +144,9 @@ class AsyncLLMEngine:
                     continue
                 try:
                     req = self.engine.add_request(rid, prompt, params, priority, prompt_text=text)
-                except JserveError as e:
+                except Exception as e:  # validation changes nothing: only this add fails
+                    if not isinstance(e, JserveError):
+                        logger.exception("adding request %s failed", rid)
                     admitted.set_exception(e)
                     continue
                 self._streams[rid] = stream
@@ -150,11 +155,12 @@ class AsyncLLMEngine:
                 self.engine.abort_request(cmd[1], only=cmd[2])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        errors = self.engine.step_errors  # requests a failed step aborted: raise to them
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            stream.put(out)
+            stream.put(errors.get(out.request_id, out))
             if out.finished:
                 del self._streams[out.request_id]
 
@@ -167,7 +173,7 @@ class AsyncLLMEngine:
                     self._wake.clear()
                     continue
                 outputs = self.engine.step()
-            except Exception as e:  # the engine is in an unknown state: fail everything
+            except Exception as e:  # the engine could not recover (EngineDeadError): fail all
                 logger.exception("engine step failed")
                 self._fail_all(e)
                 return

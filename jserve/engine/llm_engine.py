@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+import traceback
 
 import jax
 
@@ -19,8 +20,16 @@ from jserve.engine.runner import ModelRunner, StepHandle, StepResult, kv_bytes_p
 from jserve.engine.scheduler import ScheduledEntry, Scheduler, SchedulerOutput, SeqUpdate
 from jserve.engine.shapes import BAN_WIDTH
 from jserve.engine.stats import EngineStats
-from jserve.errors import CapacityError, ConfigError, InvalidRequestError, RequestTooLargeError
+from jserve.errors import (
+    CapacityError,
+    ConfigError,
+    EngineDeadError,
+    EngineStepError,
+    InvalidRequestError,
+    RequestTooLargeError,
+)
 from jserve.model_loader import LoadedModel
+from jserve.models.moe import expert_placement
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.prompts import PromptType, tokenize_prompt
 from jserve.sampling_params import SamplingParams
@@ -31,6 +40,9 @@ from sharding import describe_mesh
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # pool size on hosts that report no device memory
+# Steps failing in a row, with none succeeding between, before the engine gives up
+# (a device that fails every step is broken, not unlucky).
+MAX_FAILED_STEPS = 3
 
 
 def pages_that_fit(model: LoadedModel, ecfg: EngineConfig, max_model_len: int) -> int:
@@ -123,6 +135,10 @@ class LLMEngine:
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
         self._touched: dict[str, Request] = {}
         self._idle_steps = 0
+        self._failed_steps = 0
+        # The requests the last step() failed (finished "abort") -> the error, for
+        # callers to raise to whoever waits on them.
+        self.step_errors: dict[str, EngineStepError] = {}
         self.stats = EngineStats(num_pages=self.num_pages)
         if warmup:
             self.runner.warmup(progress)
@@ -139,6 +155,10 @@ class LLMEngine:
             raise InvalidRequestError(f"request id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                f"sampling params must be a SamplingParams, got {type(params).__name__}"
+            )
         params.validate(self.ecfg.max_logprobs)
         text, ids = tokenize_prompt(prompt, self.tokenizer, self.cfg.vocab_size)
         if len(ids) >= self.max_model_len:
@@ -261,7 +281,20 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedules and dispatches one step, then collects the previous step's tokens."""
+        """Schedules and dispatches one step, then collects the previous step's tokens.
+
+        A step that raises fails only the requests it held (see ``_recover``): their
+        final outputs say "abort" and ``step_errors`` holds the error for each.
+        """
+        self.step_errors = {}
+        try:
+            outputs = self._step()
+        except Exception as e:
+            return self._recover(e)
+        self._failed_steps = 0
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         so = self.scheduler.schedule() if self.scheduler.has_work else None
         handle = None
@@ -289,8 +322,63 @@ class LLMEngine:
         self.stats.step_time = time.perf_counter() - t0
         return self._collect_outputs()
 
+    def _recover(self, error: Exception) -> list[RequestOutput]:
+        """After a step raised: fails the requests it held and starts the device afresh.
+
+        Every running request shares the failed step's device state (the KV pages,
+        the page table, the samples the next step reads), so each is aborted, as is
+        every request the step had touched; waiting requests hold none and are kept
+        (preempted ones recompute). The runner's device state and the page pool
+        (whose cached prefixes pointed into the lost pages) are made new, so the
+        next requests start clean. Raises EngineDeadError when the runner cannot be
+        reset or steps keep failing.
+        """
+        self._failed_steps += 1
+        if not self.runner.can_reset or self._failed_steps > MAX_FAILED_STEPS:
+            raise EngineDeadError(
+                f"engine step failed ({type(error).__name__}: {error}) and the engine "
+                "cannot recover"
+            ) from error
+        logger.error("engine step failed; failing the requests in it", exc_info=error)
+        # The traceback's frames hold the old device buffers: let them go first.
+        traceback.clear_frames(error.__traceback__)
+        self._inflight = None
+        victims = dict(self._touched)
+        for seq in self.scheduler.running:
+            victims[seq.request.request_id] = seq.request
+        if not victims:  # nothing ran: the waiting requests are what could not be planned
+            for seq in self.scheduler.waiting:
+                victims[seq.request.request_id] = seq.request
+        for req in victims.values():
+            self.scheduler.abort_request(req)  # frees its pages; a no-op once finished
+        self._touched.clear()
+        self.runner.reset()
+        self.pool = PagePool(self.num_pages, self.ecfg.page_size, self.ecfg.enable_prefix_caching)
+        self.scheduler.pool = self.pool
+        self._idle_steps = 0
+        failed = EngineStepError(
+            f"an engine step failed while serving this request ({type(error).__name__}: "
+            f"{error}); the engine was reset and serves on, so retrying may succeed"
+        )
+        failed.__cause__ = error
+        outputs = []
+        for rid, req in victims.items():
+            comps = []
+            for seq in req.seqs:
+                self._detoks.pop(seq.seq_id, None)
+                comps.append(CompletionOutput(seq.index, "", [], finish_reason="abort"))
+            outputs.append(RequestOutput(rid, req.prompt, req.prompt_token_ids, comps, True))
+            self.step_errors[rid] = failed
+            if self.requests.get(rid) is req:
+                del self.requests[rid]
+            self.stats.num_aborted += 1
+        self.stats.update_gauges(self.scheduler, self.pool)
+        return outputs
+
     def _process(self, so: SchedulerOutput, handle: StepHandle) -> None:
         res = self.runner.fetch(handle)
+        if "expert_tokens" in res.stats:
+            self.stats.record_experts(res.stats["expert_tokens"])
         for e in so.entries:  # before update: a sample there may end the sequence
             if e.prompt_targets:
                 self._record_prompt_logprobs(e, res)
@@ -420,11 +508,13 @@ class LLMEngine:
         where = "1 device" if self.model.mesh is None else describe_mesh(self.model.mesh)
         tp = 1 if self.model.mesh is None else self.model.mesh.shape["model"]
         kv_dev = self.num_pages * _page_bytes_per_device(self.model, self.ecfg.page_size)
+        experts = expert_placement(self.cfg, self.model.mesh)
         return (
             f"{self.cfg.name or self.model.path}: {self.cfg.num_params() / 1e6:.1f}M params on "
             f"{where}; parameters {_size(param_dev)} per device (tp={tp}), KV pool "
             f"{self.num_pages} pages x {self.ecfg.page_size} tokens = {_size(kv_dev)} per "
             f"device, {self.max_model_len} max tokens/sequence"
+            + (f"; {experts}" if experts else "")
         )
 
     def get_stats(self) -> EngineStats:

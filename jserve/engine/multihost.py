@@ -151,6 +151,8 @@ def _decode_plan(arrays: dict[str, np.ndarray], meta: dict) -> StepPlan:
 class BroadcastingRunner(ModelRunner):
     """The leader's runner: every plan is first sent to the followers, which replay it."""
 
+    can_reset = False  # the followers' device state cannot be reset with it
+
     def __init__(
         self, *args: Any, num_pages: int, mh: MultiHostConfig, timeout: float = 300.0, **kw: Any
     ) -> None:

@@ -78,7 +78,9 @@ def _step(
     backend: str,
     mesh: Any,  # None on one device
     draft: DraftSpec | None = None,
-) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput, list[jax.Array], jax.Array]:
+) -> tuple[
+    list[jax.Array], jax.Array, jax.Array, SamplerOutput, dict[str, jax.Array], list, jax.Array
+]:
     f = shapes.layout(*shape).unpack(packed)
     src = f["src_rows"]
     ids = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], f["ids"])
@@ -101,14 +103,14 @@ def _step(
     )
     model = get_model(cfg)
     if mesh is None or mesh.shape[STAGE] == 1:
-        hidden, kv_pages = model.forward(params, cfg, ids, kv_pages, md)
+        hidden, kv_pages, stats = model.forward(params, cfg, ids, kv_pages, md)
     else:
         num_mb = shapes.num_microbatches
         md = md.replace(
             positions=md.positions.reshape(num_mb, -1),
             slot_mapping=md.slot_mapping.reshape(num_mb, -1),
         )
-        hidden, kv_pages = pipeline_forward(params, cfg, ids, kv_pages, md, mesh)
+        hidden, kv_pages, stats = pipeline_forward(params, cfg, ids, kv_pages, md, mesh)
     logits = model.compute_logits(params, cfg, hidden[f["logits_indices"]])  # [R, V]
     if mesh is not None:
         # The vocabulary is split over the model axis: compute each device's
@@ -127,7 +129,7 @@ def _step(
     )
     if draft is not None:
         draft_kv = spec_draft.catch_up(draft_params, draft.cfg, draft_kv, ids, md)
-    return kv_pages, table, history, out, draft_kv or [], f["draft_ids"]
+    return kv_pages, table, history, out, stats, draft_kv or [], f["draft_ids"]
 
 
 @functools.cache
@@ -165,6 +167,7 @@ class StepHandle:
     out: SamplerOutput
     num_rows: int
     with_logprobs: bool
+    stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # the model's
     drafts: jax.Array | None = None  # i32[R]: each row's draft-model proposal, or -1
 
 
@@ -175,6 +178,8 @@ class StepResult:
     ranks: np.ndarray | None
     top_ids: np.ndarray | None  # i32[rows, K]
     top_logprobs: np.ndarray | None
+    # The model's step statistics on the host (e.g. "expert_tokens" i32[layers, experts]).
+    stats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     drafts: list[int] | None = None  # per row: the draft model's proposal it verified, or -1
 
 
@@ -208,10 +213,7 @@ class ModelRunner:
         self.pp = 1 if mesh is None else mesh.shape[STAGE]
         num_mb = parallel.microbatches if self.pp > 1 else 1
         self.shapes = StepShapes(ecfg, self.pages_per_seq, num_mb)
-        self.inputs = InputBuilder(self.shapes, cfg.eos_token_ids)
         shape = (num_pages, ecfg.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-        rows = ecfg.max_num_seqs + 1
-
         self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         self._kv_sharding = None
         layers = cfg.num_layers
@@ -221,25 +223,48 @@ class ModelRunner:
             shape = (self.pp, *shape)
             self._kv_sharding = pipeline_kv_sharding(mesh)
             layers = cfg.num_layers // self.pp
-        self.kv_pages = [_zeros(shape, dtype, self._kv_sharding)() for _ in range(layers)]
+        self._kv_shape, self._kv_layers, self._dtype = shape, layers, dtype
+        self.kv_pages: list[jax.Array] = []
         self.draft_params = None
         self.draft_kv: list[jax.Array] = []
         self._draft: DraftSpec | None = None
         if draft_model is not None:  # its own pool, with the target's page ids
-            d = draft_model.cfg
-            dshape = (num_pages, ecfg.page_size, 2 * d.num_kv_heads, d.head_dim)
             self.draft_params = draft_model.params
-            self.draft_kv = [
-                _zeros(dshape, dtype, self._kv_sharding)() for _ in range(d.num_layers)
-            ]
-            self._draft = DraftSpec(d, num_speculative_tokens)
-        rep = self._replicated
-        self.table = _zeros((rows, self.pages_per_seq), jnp.int32, rep)()
-        self.history = _zeros((rows, self.shapes.max_model_len), jnp.int32, rep)()
-        self._prev_tokens = _zeros((ecfg.max_num_seqs,), jnp.int32, rep)()
+            self._draft = DraftSpec(draft_model.cfg, num_speculative_tokens)
+        self.reset()
         self._programs: dict[tuple, Any] = {}
         self.compiles = 0
         self.dispatches = 0
+
+    # Whether ``reset`` brings the runner back to a clean state (not so where other
+    # processes replay its steps: they would keep theirs).
+    can_reset = True
+
+    def reset(self) -> None:
+        """Fresh device state: zero KV pages, page table, token history and samples, and
+        an input builder with no sequences. After a failed step, whose donated buffers
+        may be gone; compiled programs are kept."""
+        self.kv_pages = []  # the old pages go before the new ones take their memory
+        self.inputs = InputBuilder(self.shapes, self.cfg.eos_token_ids)
+        rows, rep = self.ecfg.max_num_seqs + 1, self._replicated
+        zeros = self._device_zeros
+        self.kv_pages = [
+            zeros(self._kv_shape, self._dtype, self._kv_sharding) for _ in range(self._kv_layers)
+        ]
+        self.draft_kv = []
+        if self._draft is not None:
+            d = self._draft.cfg
+            dshape = (self._kv_shape[0], self.ecfg.page_size, 2 * d.num_kv_heads, d.head_dim)
+            self.draft_kv = [
+                zeros(dshape, self._dtype, self._kv_sharding) for _ in range(d.num_layers)
+            ]
+        self.table = zeros((rows, self.pages_per_seq), jnp.int32, rep)
+        self.history = zeros((rows, self.shapes.max_model_len), jnp.int32, rep)
+        self._prev_tokens = zeros((self.ecfg.max_num_seqs,), jnp.int32, rep)
+
+    def _device_zeros(self, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Any:
+        """A device array of zeros (jserve.aot's runner makes only its shape)."""
+        return _zeros(shape, dtype, sharding)()
 
     # -- programs -------------------------------------------------------------
 
@@ -273,7 +298,7 @@ class ModelRunner:
             if self.mesh is not None:
                 kv = [self._kv_sharding] * len(self.kv_pages)
                 dkv = [self._kv_sharding] * len(self.draft_kv)
-                opts["out_shardings"] = (kv, rep, rep, rep, dkv, rep)
+                opts["out_shardings"] = (kv, rep, rep, rep, rep, dkv, rep)
             return fn, args, opts
         (n,) = size
         if kind == "copy":  # both pools: the draft's pages mirror the target's
@@ -354,7 +379,7 @@ class ModelRunner:
             self.table = self._write(("table",), self.table, plan.table_writes)
         if plan.history_writes is not None:
             self.history = self._write(("history",), self.history, plan.history_writes)
-        self.kv_pages, self.table, self.history, out, self.draft_kv, drafts = self._call(
+        self.kv_pages, self.table, self.history, out, stats, self.draft_kv, drafts = self._call(
             ("step", *plan.shape),
             self.params,
             self.kv_pages,
@@ -366,9 +391,8 @@ class ModelRunner:
             self.draft_kv,
         )
         self._prev_tokens = out.tokens
-        return StepHandle(
-            out, plan.num_rows, plan.want_logprobs, drafts if self._draft is not None else None
-        )
+        drafts = drafts if self._draft is not None else None
+        return StepHandle(out, plan.num_rows, plan.want_logprobs, stats, drafts)
 
     def _write(self, kind: tuple, target: jax.Array, w: RowWrites) -> jax.Array:
         return self._call((*kind, len(w.rows)), target, w.rows, w.values)
@@ -383,11 +407,14 @@ class ModelRunner:
         o = handle.out
         drafts = None if handle.drafts is None else np.asarray(handle.drafts)[:n].tolist()
         if not handle.with_logprobs:
-            return StepResult(np.asarray(o.tokens)[:n].tolist(), None, None, None, None, drafts)
-        tokens, lps, ranks, top_ids, top_lps = jax.device_get(
-            (o.tokens, o.logprobs, o.ranks, o.top_ids, o.top_logprobs)
+            tokens, stats = jax.device_get((o.tokens, handle.stats))
+            return StepResult(tokens[:n].tolist(), None, None, None, None, stats, drafts)
+        tokens, lps, ranks, top_ids, top_lps, stats = jax.device_get(
+            (o.tokens, o.logprobs, o.ranks, o.top_ids, o.top_logprobs, handle.stats)
         )
-        return StepResult(tokens[:n].tolist(), lps[:n], ranks[:n], top_ids[:n], top_lps[:n], drafts)
+        return StepResult(
+            tokens[:n].tolist(), lps[:n], ranks[:n], top_ids[:n], top_lps[:n], stats, drafts
+        )
 
     # -- start-up -----------------------------------------------------------
 

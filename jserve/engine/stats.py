@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 
 @dataclasses.dataclass
 class EngineStats:
@@ -27,6 +29,9 @@ class EngineStats:
     generation_tokens: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up
     prefix_cache_hits: int = 0  # of which found in the cache
+    # Mixture-of-experts models: real tokens each expert took, per expert layer,
+    # i64[layers, experts], summed over steps; None for a dense model.
+    expert_tokens: np.ndarray | None = None
     # Speculative decoding (jserve.spec.stats): sequence-steps with proposals, tokens
     # proposed, and of those accepted.
     spec_decode_num_drafts: int = 0
@@ -41,7 +46,11 @@ class EngineStats:
 
     def as_metrics(self) -> dict[str, float]:
         """Every field by its ``jserve_`` name, with the derived speculation figure."""
-        out: dict[str, float] = {f"jserve_{k}": v for k, v in dataclasses.asdict(self).items()}
+        out: dict[str, float] = {
+            f"jserve_{k}": v
+            for k, v in dataclasses.asdict(self).items()
+            if isinstance(v, int | float)  # not the per-expert array
+        }
         out["jserve_spec_decode_mean_accepted_length"] = self.spec_decode_mean_accepted_length
         return out
 
@@ -49,6 +58,21 @@ class EngineStats:
         self.num_steps += 1
         self.tokens_last_step = num_tokens
         self.scheduled_tokens += num_tokens
+
+    def record_experts(self, counts: np.ndarray) -> None:
+        """Adds one step's tokens per expert (i32[layers, experts])."""
+        # A new array each time: copies handed out by get_stats stay as they were.
+        prev = self.expert_tokens if self.expert_tokens is not None else 0
+        self.expert_tokens = prev + counts.astype(np.int64)
+
+    def expert_load_imbalance(self) -> float:
+        """The busiest expert's tokens over the mean, worst layer, since start (1.0 is
+        perfectly even; 0.0 before any tokens)."""
+        t = self.expert_tokens
+        if t is None or not t.any():
+            return 0.0
+        mean = t.mean(axis=1)
+        return float(np.max(t.max(axis=1) / np.where(mean > 0, mean, 1)))
 
     def update_gauges(self, scheduler: Any, pool: Any) -> None:
         self.num_running = len(scheduler.running)

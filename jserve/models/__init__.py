@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from jserve.config import ModelConfig
 from jserve.errors import ConfigError
-from jserve.models import llama
+from jserve.models import llama, moe
 from jserve.models.base import Attend, Model
 
 # Family -> implementation. Mistral, Qwen2 and Qwen3 are Llama with switches
@@ -18,6 +18,10 @@ MODELS: dict[str, Model] = {
     "mistral": llama,
     "qwen2": llama,
     "qwen3": llama,
+    # Mixture-of-experts families: Llama attention, routed experts (jserve.models.moe).
+    "mixtral": moe,
+    "qwen2_moe": moe,
+    "qwen3_moe": moe,
 }
 
 

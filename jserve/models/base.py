@@ -77,9 +77,11 @@ class Model(Protocol):
         input_ids: jax.Array,
         kv_pages: list[jax.Array],
         md: AttentionMetadata,
-    ) -> tuple[jax.Array, list[jax.Array]]:
+    ) -> tuple[jax.Array, list[jax.Array], dict[str, jax.Array]]:
         """One step over a flat ragged batch: ids i32[T], per-layer pages ->
-        (final hidden states [T, E], new pages)."""
+        (final hidden states [T, E], new pages, statistics). The statistics are small
+        arrays the step hands back to the host for metrics, e.g. ``expert_tokens``
+        i32[layers, experts] for a mixture-of-experts model; {} for a dense one."""
         ...
 
     def forward_dense(

@@ -278,7 +278,8 @@ def _attn_out(lp: dict[str, jax.Array], x: jax.Array, attn: jax.Array) -> jax.Ar
     return x + out
 
 
-def _mlp(lp: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
+def mlp_block(lp: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The gated MLP with its norm and residual, [..., E] -> [..., E]."""
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     gu = jnp.einsum("...e,ecf->...cf", h, lp["w_gate_up"])  # [..., 2, F]
     if "b_gate_up" in lp:
@@ -290,6 +291,22 @@ def _mlp(lp: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return x + out
 
 
+def attention_block(
+    lp: dict[str, jax.Array],
+    cfg: ModelConfig,
+    x: jax.Array,  # [..., E]
+    positions: jax.Array,  # i32[...]
+    attend: Attend,
+    state: Any,
+) -> tuple[jax.Array, Any]:
+    """Norm, attention and residual; returns (x, the state ``attend`` hands back)."""
+    with jax.named_scope("attention"):
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, cfg, h, positions)
+        attn, state = attend(q, k, v, state)
+        return _attn_out(lp, x, attn), state
+
+
 def decoder_layer(
     lp: dict[str, jax.Array],
     cfg: ModelConfig,
@@ -299,13 +316,9 @@ def decoder_layer(
     state: Any,
 ) -> tuple[jax.Array, Any]:
     """One transformer block; returns (x, the state ``attend`` hands back)."""
-    with jax.named_scope("attention"):
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = _qkv(lp, cfg, h, positions)
-        attn, state = attend(q, k, v, state)
-        x = _attn_out(lp, x, attn)
+    x, state = attention_block(lp, cfg, x, positions, attend, state)
     with jax.named_scope("mlp"):
-        x = _mlp(lp, cfg, x)
+        x = mlp_block(lp, cfg, x)
     return x, state
 
 
@@ -359,8 +372,9 @@ def forward(
     input_ids: jax.Array,  # i32[T]
     kv_pages: list[jax.Array],  # per layer [P, S, 2*Hkv, D]
     md: AttentionMetadata,
-) -> tuple[jax.Array, list[jax.Array]]:
-    """One step over a flat ragged batch; returns final hidden states [T, E] and new pages."""
+) -> tuple[jax.Array, list[jax.Array], dict[str, jax.Array]]:
+    """One step over a flat ragged batch; returns final hidden states [T, E], new pages,
+    and the step's statistics (none for a dense model)."""
     x = embed(params, cfg, input_ids)  # [T, E]
     new_pages = []
     for i, lp in enumerate(params["layers"]):
@@ -368,7 +382,7 @@ def forward(
             attend = paged_attend(cfg, md, cfg.sliding_windows[i])
             x, pages = decoder_layer(lp, cfg, x, md.positions, attend, kv_pages[i])
         new_pages.append(pages)
-    return final_norm(params, cfg, x), new_pages
+    return final_norm(params, cfg, x), new_pages, {}
 
 
 def compute_logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) -> jax.Array:

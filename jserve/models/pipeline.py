@@ -35,8 +35,9 @@ def pipeline_forward(
     kv_pages: list[jax.Array],  # per layer slot [pp, P, S, 2*Hkv, D]
     md: AttentionMetadata,  # every array with a leading [M] micro-batch axis
     mesh: Mesh,
-) -> tuple[jax.Array, list[jax.Array]]:
-    """Returns final hidden states [T, E] and the new pages."""
+) -> tuple[jax.Array, list[jax.Array], dict[str, jax.Array]]:
+    """Returns final hidden states [T, E], the new pages, and no statistics (a
+    mixture-of-experts model's expert counts are not collected across stages)."""
     model = get_model(cfg)
     pp = mesh.shape[STAGE]
     num_mb, tm = md.positions.shape  # [M, T/M]
@@ -84,4 +85,4 @@ def pipeline_forward(
     )
     out, kv_pages = fn(params["stages"], kv_pages, x, md)
     hidden = out.reshape(num_mb * tm, -1)
-    return model.final_norm(params, cfg, hidden), kv_pages
+    return model.final_norm(params, cfg, hidden), kv_pages, {}

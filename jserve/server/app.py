@@ -4,6 +4,10 @@
     ...                                    # serve; handle.port is the bound port
     await handle.stop()                    # graceful: drains running requests
 
+With ``http_port`` set, the OpenAI-compatible HTTP API (jserve.server.openai_api)
+is served too, from the same event loop, engine, TLS files and token; both
+stop accepting together on shutdown and share its grace period.
+
 or, for a process that serves until SIGTERM/SIGINT:
 
     await serve(aengine, ServerConfig(port=50051, metrics_port=9090))
@@ -12,7 +16,9 @@ Services: ``jserve.v1.Generation``, ``jetstream_proto.Orchestrator``,
 ``grpc.health.v1.Health`` and server reflection. Health reports NOT_SERVING
 until the warm-up request went through the engine, SERVING after, and
 NOT_SERVING again while shutting down or once the engine died. The server
-binds 127.0.0.1 unless another host is given explicitly.
+binds 127.0.0.1 unless another host is given explicitly; the metrics endpoint
+has a host of its own (``metrics_host``, 127.0.0.1 by default), so serving the
+APIs on all interfaces does not publish the metrics.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import ipaddress
 import logging
 import os
 import signal
+import ssl
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +43,7 @@ from jserve.engine.async_engine import AsyncLLMEngine
 from jserve.errors import ConfigError
 from jserve.sampling_params import SamplingParams
 from jserve.server.auth import BearerTokenInterceptor
+from jserve.server.malformed import MalformedRequestInterceptor
 from jserve.server.metrics import MetricsHTTPServer, ServerMetrics
 from jserve.server.proto import (
     generation_pb2,
@@ -60,7 +68,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (see ServerHandle.port)
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
-    metrics_host: str | None = None  # None: same as host
+    # Metrics have no token check: this machine only, whatever `host` is, unless asked.
+    metrics_host: str = "127.0.0.1"
+    http_port: int | None = None  # None: no HTTP API; 0: any free port
+    chat_template: str | None = None  # a Jinja file overriding the model's chat template
     tls_cert: str | None = None  # PEM files; both or neither
     tls_key: str | None = None
     auth_token: str | None = None  # require "authorization: Bearer <token>" (health exempt)
@@ -73,11 +84,26 @@ class ServerConfig:
     jetstream_params: SamplingParams | None = None
 
     def validate(self) -> ServerConfig:
+        """Checks every option (ports, TLS files, token, limits); ConfigError naming it."""
+        for name, port in (
+            ("port", self.port),
+            ("http_port", self.http_port),
+            ("metrics_port", self.metrics_port),
+        ):
+            if port is not None and not 0 <= port <= 65535:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} {port} is not a TCP port: give 1-65535, or 0 for any free port"
+                )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both a certificate and a key file (--tls-cert, --tls-key)")
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"TLS file {path!r} does not exist")
+        if self.tls_cert is not None and self.tls_key is not None:
+            check_tls_files(self.tls_cert, self.tls_key)
+        if self.chat_template is not None and not os.path.isfile(self.chat_template):
+            raise ConfigError(f"chat template file {self.chat_template!r} does not exist")
         if self.auth_token is not None and not self.auth_token:
             raise ConfigError("the auth token is empty")
         if self.max_request_bytes < 1024:
@@ -85,6 +111,32 @@ class ServerConfig:
         if self.grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0, got {self.grace_period}")
         return self
+
+
+def check_tls_files(cert: str, key: str) -> None:
+    """Loads the certificate chain and key as a TLS server would; ConfigError saying what
+    is wrong (gRPC itself only reports a failed bind, and only once the model is loaded)."""
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise ConfigError(
+            f"--tls-cert {cert!r} holds no usable PEM certificate ({_ssl_reason(e)})"
+        ) from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        if getattr(e, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise ConfigError(
+                f"--tls-key {key!r} does not match the certificate in --tls-cert {cert!r}"
+            ) from None
+        raise ConfigError(
+            f"--tls-key {key!r} holds no usable unencrypted PEM private key ({_ssl_reason(e)})"
+        ) from None
+
+
+def _ssl_reason(e: Exception) -> str:
+    reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+    return str(reason).replace("_", " ").lower()
 
 
 def _hostport(host: str, port: int) -> str:
@@ -148,9 +200,11 @@ class ServerHandle:
         self.core = ServingCore(aengine, self.metrics, model_name, js_params, self._engine_died)
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self.ready = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: MetricsHTTPServer | None = None
+        self._http: Any = None  # openai_api.http_server.HTTPServer
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Task[None] | None = None
@@ -184,14 +238,20 @@ class ServerHandle:
             await asyncio.sleep(0.5)
         self._engine_died()
 
+    @property
+    def http_url(self) -> str | None:
+        return self._http.url if self._http is not None else None
+
     async def start(self) -> None:
         cfg = self.config
+        http_app = self._http_app() if cfg.http_port is not None else None
         await self._set_health(NOT_SERVING)
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if cfg.auth_token is not None:
             interceptors.append(
                 BearerTokenInterceptor(cfg.auth_token, self.metrics.auth_failures.inc)
             )
+        interceptors.append(MalformedRequestInterceptor())
         options = [
             ("grpc.max_receive_message_length", cfg.max_request_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
@@ -235,12 +295,43 @@ class ServerHandle:
                 logger.warning("serving on %s without TLS: traffic is plaintext", cfg.host)
         await server.start()
         self._server = server
+        if http_app is not None:
+            from jserve.server.openai_api.http_server import HTTPServer
+
+            assert cfg.http_port is not None
+            http = HTTPServer(
+                http_app, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key, cfg.grace_period
+            )
+            await http.start()
+            self._http = http
+            self.http_port = http.port
         if cfg.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(
-                self.metrics.registry, cfg.metrics_host or cfg.host, cfg.metrics_port
+                self.metrics.registry, cfg.metrics_host, cfg.metrics_port
             )
+            if not _is_loopback(cfg.metrics_host):
+                logger.warning(
+                    "metrics on %s: anyone who can reach it can read them (no token)",
+                    cfg.metrics_host,
+                )
             self.metrics_port = self._metrics_http.port
         self._tasks.append(asyncio.create_task(self._watch_engine()))
+
+    def _http_app(self) -> Any:
+        """The OpenAI-compatible API's app (ConfigError for an unusable chat template)."""
+        from jserve.server.openai_api.app import build_app
+        from jserve.server.openai_api.chat_template import ChatTemplate, special_tokens
+        from jserve.server.openai_api.state import APIState
+
+        cfg = self.config
+        engine = self.aengine.engine
+        template = ChatTemplate.load(engine.model.path, cfg.chat_template)
+        bos, eos = special_tokens(engine.model.path)
+        tok = engine.tokenizer
+        if eos is None and tok is not None and engine.cfg.eos_token_ids:
+            eos = tok.id_to_token(engine.cfg.eos_token_ids[0])
+        state = APIState(self.core, template, cfg.auth_token, cfg.max_request_bytes, bos, eos)
+        return build_app(state)
 
     async def warm_up_and_serve(self) -> None:
         """Marks the server ready (health SERVING) after the warm-up request."""
@@ -271,6 +362,8 @@ class ServerHandle:
         grace = self.config.grace_period if grace is None else grace
         self.core.shutting_down = True
         await self.health.enter_graceful_shutdown()
+        if self._http is not None:  # no new connections; open ones get the grace period
+            self._http.begin_shutdown(grace)
         stopping = None
         if self._server is not None:
             # No new RPCs from here on; after `grace` gRPC cancels what is left.
@@ -288,6 +381,8 @@ class ServerHandle:
             task.cancel()
         if stopping is not None:
             await stopping
+        if self._http is not None:
+            await self._http.wait_closed()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -295,6 +390,7 @@ class ServerHandle:
                 await task
         if self._metrics_http is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._metrics_http.close)
+        self.core.close()
         self._stopped.set()
 
     async def force_stop(self) -> None:

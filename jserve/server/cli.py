@@ -17,7 +17,7 @@ import sys
 
 from jserve.engine.async_engine import AsyncLLMEngine
 from jserve.errors import ConfigError
-from jserve.server.app import ServerConfig, ServerHandle, serve
+from jserve.server.app import ServerConfig, ServerHandle, _hostport, serve
 
 AUTH_TOKEN_ENV = "JSERVE_AUTH_TOKEN"
 
@@ -38,13 +38,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="gRPC port (default: %(default)s; 0: any free port)",
     )
     g.add_argument(
+        "--http-port",
+        type=int,
+        default=d.http_port,
+        help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "...) on this port, with the same host, TLS and token (default: off; 0: any free port)",
+    )
+    g.add_argument(
+        "--chat-template",
+        default=d.chat_template,
+        metavar="FILE",
+        help="Jinja chat template for /v1/chat/completions, instead of the model's own "
+        "(tokenizer_config.json's chat_template or chat_template.jinja)",
+    )
+    g.add_argument(
         "--metrics-port",
         type=int,
         default=d.metrics_port,
         help="serve Prometheus metrics over HTTP on this port (default: off; 0: any free port)",
     )
     g.add_argument(
-        "--metrics-host", default=d.metrics_host, help="metrics address (default: --host)"
+        "--metrics-host",
+        default=d.metrics_host,
+        help="address the metrics endpoint listens on, apart from --host since it has no "
+        "token check (default: %(default)s, this machine only)",
     )
     g.add_argument("--tls-cert", default=d.tls_cert, help="server certificate chain (PEM) for TLS")
     g.add_argument("--tls-key", default=d.tls_key, help="server private key (PEM) for TLS")
@@ -96,6 +113,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
+        chat_template=args.chat_template,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         auth_token=_auth_token(args),
@@ -111,8 +130,10 @@ def _announce(handle: ServerHandle) -> None:
     scheme = "tls" if cfg.tls_cert else "plaintext"
     auth = ", token required" if cfg.auth_token else ""
     line = f"jserve: gRPC on {handle.address} ({scheme}{auth})"
+    if handle.http_url is not None:
+        line += f", HTTP on {handle.http_url}"
     if handle.metrics_port is not None:
-        line += f", metrics on http://{cfg.metrics_host or cfg.host}:{handle.metrics_port}/metrics"
+        line += f", metrics on http://{_hostport(cfg.metrics_host, handle.metrics_port)}/metrics"
     print(line, file=sys.stderr, flush=True)
 
 

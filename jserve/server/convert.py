@@ -60,7 +60,8 @@ def generate_prompt(request: pb.GenerateRequest) -> str | list[int]:
 @dataclasses.dataclass
 class JetStreamPrompt:
     prompt: str | list[int]
-    add_special_tokens: bool  # for text: let the tokenizer add BOS (False when has_bos)
+    # Text only: prepend the model's BOS id to its tokens (token ids already have it).
+    add_bos: bool
     text_mode: bool  # responses carry text (server-side tokenization)
     params: SamplingParams
 
@@ -72,9 +73,10 @@ def jetstream_request(
 
     JetStream semantics: text content is tokenized by the server and answered
     with text and ids; token content is the client's own tokenization and is
-    answered with ids only. Unless ``has_bos`` says the content already starts
-    with BOS, the server adds it (the tokenizer's special tokens for text, the
-    model's BOS id for token ids). ``num_samples`` 0 means 1; ``max_tokens`` 0
+    answered with ids only. Text is tokenized without special tokens, and
+    unless ``has_bos`` says the content already starts with BOS the model's BOS
+    id is put in front, for text and token ids alike (JetStream's orchestrator
+    does the same), so a prompt sent as text or as its ids runs the same. ``num_samples`` 0 means 1; ``max_tokens`` 0
     means up to the model's maximum length. Sampling is ``base`` (greedy by
     default): the request has no sampling fields.
     """
@@ -92,7 +94,8 @@ def jetstream_request(
     )
     which = request.WhichOneof("content")
     if which == "text_content":
-        return JetStreamPrompt(request.text_content.text, not request.has_bos, True, params)
+        add_bos = not request.has_bos and bos_token_id is not None
+        return JetStreamPrompt(request.text_content.text, add_bos, True, params)
     if which == "token_content":
         ids = list(request.token_content.token_ids)
         if not ids:

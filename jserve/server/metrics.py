@@ -115,6 +115,20 @@ class EngineCollector(Collector):
             "Speculative decoding: tokens per speculating sequence-step, 1 + accepted / drafts",
             s.spec_decode_mean_accepted_length,
         )
+        if s.expert_tokens is not None:  # mixture-of-experts models
+            experts = CounterMetricFamily(
+                "jserve_expert_tokens",
+                "Tokens routed to each expert, summed over the expert layers",
+                labels=["expert"],
+            )
+            for x, n in enumerate(s.expert_tokens.sum(axis=0).tolist()):
+                experts.add_metric([str(x)], n)
+            yield experts
+            yield gauge(
+                "expert_load_imbalance",
+                "Busiest expert's tokens / mean tokens per expert, worst layer, since start",
+                s.expert_load_imbalance(),
+            )
 
 
 class ServerMetrics:

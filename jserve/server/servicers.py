@@ -17,12 +17,13 @@ mapping, metrics and cleanup:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -42,6 +43,11 @@ logger = logging.getLogger(__name__)
 # A text prompt longer than this many characters per token of the model's
 # maximum length is refused before tokenizing it (real text averages ~4).
 MAX_CHARS_PER_TOKEN = 32
+# Threads for the server's tokenizer work (Tokenize, Detokenize, chat templates):
+# few, so a burst of such calls queues here instead of crowding the engine's step
+# thread off the CPU (and the GIL); first come, first served.
+TOKENIZER_THREADS = 2
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -50,9 +56,10 @@ class Job:
 
     prompt: str | list[int]  # text is tokenized by the engine (off its step thread)
     params: SamplingParams
-    request_id: str
+    request_id: str  # the engine's id: always made by the server (new_request_id)
     priority: int
     respond: Callable[[RequestOutput], list[Any]]
+    client_id: str | None = None  # the id the client chose, if any (never sent to the engine)
 
 
 class ServingCore:
@@ -75,8 +82,14 @@ class ServingCore:
         self.ready = False
         self.shutting_down = False
         self.max_prompt_chars = self.engine.max_model_len * MAX_CHARS_PER_TOKEN
-        self._id_prefix = uuid.uuid4().hex[:8]
-        self._next_id = 0
+        # No list of token ids in a request is longer than a sequence can be.
+        self.max_token_ids = self.engine.max_model_len
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
+            TOKENIZER_THREADS, thread_name_prefix="jserve-tokenizer"
+        )
+        # Ids clients chose, of their running requests: a client's own namespace, apart
+        # from the engine's ids, which only the server makes (new_request_id).
+        self.client_ids: set[str] = set()
         # The tasks of open generation RPCs, so shutdown can wait for or cancel them.
         self.active: set[asyncio.Task[Any]] = set()
         self.idle = asyncio.Event()
@@ -98,27 +111,48 @@ class ServingCore:
         return self.ready and not self.shutting_down and self.aengine.dead is None
 
     def new_request_id(self, api: str) -> str:
-        self._next_id += 1
-        return f"{api}-{self._id_prefix}-{self._next_id}"
+        """A fresh engine request id. Unguessable, and only ever made here: ids clients
+        choose are kept apart (``client_ids``), so no client can take one ahead of time."""
+        return f"{api}-{uuid.uuid4().hex}"
 
-    def check_prompt_size(self, prompt: str | list[int]) -> None:
-        """Refuses text too long to be worth tokenizing for this model."""
-        if isinstance(prompt, str) and len(prompt) > self.max_prompt_chars:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt)} characters; at most {self.max_prompt_chars} are "
-                f"accepted for a model whose maximum length is {self.engine.max_model_len} tokens"
+    def size_error(self, prompt: str | Sequence[int], field: str = "prompt") -> str | None:
+        """Why text or a token id list is too long for this model, or None if it is not."""
+        if isinstance(prompt, str):
+            if len(prompt) > self.max_prompt_chars:
+                return (
+                    f"{field} has {len(prompt)} characters; at most {self.max_prompt_chars} "
+                    f"are accepted for a model whose maximum length is "
+                    f"{self.engine.max_model_len} tokens"
+                )
+        elif len(prompt) > self.max_token_ids:
+            return (
+                f"{field} has {len(prompt)} token ids; at most {self.max_token_ids} (the "
+                f"model's maximum length) are accepted"
             )
+        return None
+
+    def check_prompt_size(self, prompt: str | Sequence[int], field: str = "prompt") -> None:
+        """Refuses text too long to be worth tokenizing, or more ids than a sequence holds."""
+        error = self.size_error(prompt, field)
+        if error is not None:
+            raise InvalidRequestError(error)
+
+    async def in_tokenizer_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs tokenizer work on the server's few tokenizer threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+
+    def close(self) -> None:
+        """Drops queued tokenizer work (the server has stopped)."""
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     async def encode_without_special_tokens(self, text: str) -> str | list[int]:
-        """Token ids of text that already starts with BOS (JetStream's has_bos), tokenized
-        off the event loop. Text the engine must refuse anyway (empty, no tokenizer) is
+        """Token ids of text without the tokenizer's special tokens (JetStream's BOS is
+        the server's to add), tokenized on the tokenizer threads. Text the engine must refuse anyway (empty, no tokenizer) is
         returned as is, for the engine's own message."""
         tok = self.tokenizer
         if tok is None or not text:
             return text
-        ids = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: tok.encode(text, add_special_tokens=False)
-        )
+        ids = await self.in_tokenizer_pool(lambda: tok.encode(text, add_special_tokens=False))
         if not ids:
             raise InvalidRequestError(f"prompt {text[:40]!r} tokenized to nothing")
         return ids
@@ -176,6 +210,16 @@ class ServingCore:
             context.set_details("internal error while preparing the request")
             return
 
+        if job.client_id is not None:
+            if job.client_id in self.client_ids:
+                rec.finish("invalid")
+                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(
+                    f"request id {job.client_id!r} is already in use by a running request; "
+                    "choose another, or leave it empty for the server to choose one"
+                )
+                return
+            self.client_ids.add(job.client_id)
         outcome: str | None = None  # stays None if the RPC ends before the request does
         gen = self.aengine.generate(job.prompt, job.params, job.request_id, job.priority)
         try:
@@ -213,6 +257,8 @@ class ServingCore:
             context.set_code(grpc.StatusCode.INTERNAL)
             context.set_details(f"internal error while serving request {job.request_id}")
         finally:
+            if job.client_id is not None:
+                self.client_ids.discard(job.client_id)
             rec.finish(outcome or "cancelled")
 
     def _not_live_reason(self) -> str:
@@ -236,10 +282,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             prompt = convert.generate_prompt(request)
             core.check_prompt_size(prompt)
             params = convert.sampling_params(request.sampling)
-            rid = request.request_id or core.new_request_id("gen")
-            return Job(
-                prompt, params, rid, request.priority, convert.GenerateResponder(rid, params)
-            )
+            rid = core.new_request_id("gen")
+            client_id = request.request_id or None
+            respond = convert.GenerateResponder(client_id or rid, params)
+            return Job(prompt, params, rid, request.priority, respond, client_id)
 
         async for msg in core.stream("generation", context, make_job):
             yield msg
@@ -252,10 +298,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer (tokenizer.json)"
             )
+        error = self.core.size_error(request.text, "text")
+        if error is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        ids = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: tok.encode(request.text, add_special_tokens=add)
-        )
+        text = request.text
+        ids = await self.core.in_tokenizer_pool(lambda: tok.encode(text, add_special_tokens=add))
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(
@@ -266,6 +314,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer (tokenizer.json)"
             )
+        error = self.core.size_error(request.token_ids, "token_ids")
+        if error is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         vocab = self.core.engine.cfg.vocab_size
         bad = [t for t in request.token_ids if not 0 <= t < vocab]
         if bad:
@@ -275,9 +326,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             )
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         ids = list(request.token_ids)
-        text = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: tok.decode(ids, skip_special_tokens=skip)
-        )
+        text = await self.core.in_tokenizer_pool(lambda: tok.decode(ids, skip_special_tokens=skip))
         return pb.DetokenizeResponse(text=text)
 
     async def GetModelInfo(
@@ -314,8 +363,12 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
             jp = convert.jetstream_request(request, core.bos_token_id, core.jetstream_params)
             prompt = jp.prompt
             core.check_prompt_size(prompt)
-            if isinstance(prompt, str) and not jp.add_special_tokens:
+            if isinstance(prompt, str):
                 prompt = await core.encode_without_special_tokens(prompt)
+                bos = core.bos_token_id
+                if jp.add_bos and bos is not None and isinstance(prompt, list):
+                    prompt.insert(0, bos)
+                    core.check_prompt_size(prompt)
             respond = convert.JetStreamResponder(
                 jp.params.n, jp.text_mode, core.engine.cfg.eos_token_ids
             )

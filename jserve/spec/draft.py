@@ -96,7 +96,7 @@ def propose(
             backend=backend,
             mesh=mesh,
         )
-        hidden, kv = model.forward(params, cfg, tok, kv, md)
+        hidden, kv, _ = model.forward(params, cfg, tok, kv, md)  # (the stats are the target's)
         logits = model.compute_logits(params, cfg, hidden)  # [lanes, V]
         if mesh is not None:
             logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
@@ -175,7 +175,7 @@ def catch_up(
     params: Any, cfg: Any, kv_pages: list[jax.Array], ids: jax.Array, md: AttentionMetadata
 ) -> list[jax.Array]:
     """The draft's forward over the step's tokens, for its K/V only."""
-    _, kv_pages = get_model(cfg).forward(params, cfg, ids, kv_pages, md)
+    _, kv_pages, _ = get_model(cfg).forward(params, cfg, ids, kv_pages, md)
     return kv_pages
 
 

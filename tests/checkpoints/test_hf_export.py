@@ -132,7 +132,7 @@ def test_replicated_kv_heads_load_and_export(tiny_model_dirs: dict[str, str], tm
         )
         pages = [jnp.zeros((8, 4, 2 * c.num_kv_heads, c.head_dim))] * c.num_layers
         model = get_model(c)
-        hidden, _ = model.forward(p, c, jnp.asarray(PROMPT, jnp.int32), pages, md)
+        hidden, _, _ = model.forward(p, c, jnp.asarray(PROMPT, jnp.int32), pages, md)
         return np.asarray(model.compute_logits(p, c, hidden))
 
     narrow = logits(cfg, load_params(src, cfg, jnp.float32))

@@ -8,7 +8,8 @@ import pytest
 
 from jserve import CapacityError, InvalidRequestError, SamplingParams
 from jserve.engine.async_engine import AsyncLLMEngine
-from jserve.errors import EngineDeadError
+from jserve.engine.llm_engine import MAX_FAILED_STEPS
+from jserve.errors import EngineDeadError, EngineStepError
 from tests.engine.helpers import greedy, make_engine, run
 
 
@@ -129,6 +130,11 @@ def test_engine_failure_fails_requests_and_later_adds(tok_model_dir) -> None:
 
     engine.runner.execute = broken
     try:
+        # Each failed step fails its request and the engine tries again (see
+        # tests/engine/test_recovery.py), until steps fail MAX_FAILED_STEPS times in a row.
+        for _ in range(MAX_FAILED_STEPS):
+            with pytest.raises(EngineStepError, match="device lost"):
+                asyncio.run(_collect(eng, "All:", greedy(5)))
         with pytest.raises(EngineDeadError, match="device lost"):
             asyncio.run(_collect(eng, "All:", greedy(5)))
         with pytest.raises(EngineDeadError):

@@ -48,7 +48,7 @@ def jserve_prefill_logits(model_dir: str, prompts: list[list[int]]) -> list[np.n
         jnp.full((3 * pps, page_size, 2 * cfg.num_kv_heads, cfg.head_dim), jnp.nan, jnp.float32)
         for _ in range(cfg.num_layers)
     ]
-    hidden, _ = model.forward(params, cfg, jnp.asarray(ids + [0] * pad, jnp.int32), pages, md)
+    hidden, _, _ = model.forward(params, cfg, jnp.asarray(ids + [0] * pad, jnp.int32), pages, md)
     logits = np.asarray(model.compute_logits(params, cfg, hidden))
     return [logits[cu[i] : cu[i + 1]] for i in range(len(prompts))]
 

@@ -257,3 +257,30 @@ def test_xla_ignores_an_infinite_mask_value_with_a_sliding_window() -> None:
     )
     n = b.num_real_tokens
     np.testing.assert_allclose(np.asarray(got[:n]), np.asarray(want), atol=2e-5)
+
+
+@pytest.mark.parametrize("table_in_smem", [True, False])
+def test_tpu_page_table_in_smem_or_hbm(table_in_smem: bool) -> None:
+    """A page table past SMEM's budget stays in HBM and is read through a
+    128-entry window: rows of 151 pages start off the window's tiles and span
+    two windows each; both placements give the reference's output."""
+    from pallas_kernels.tpu_attention import tpu_ragged_paged_attention
+
+    b = make_batch(
+        [(1, 300), (20, 280), (1, 5), (3, 290)],
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        page_size=2,
+    )
+    assert b.page_indices.shape[1] > 128
+    out = tpu_ragged_paged_attention(
+        *b.args(),
+        sm_scale=32**-0.5,
+        block_q=8,
+        pages_per_block=8,
+        table_in_smem=table_in_smem,
+        interpret=True,
+    )
+    expected = _reference_of(jax_reference, b, sm_scale=32**-0.5)
+    _check(out, b, expected, jnp.float32)

@@ -61,3 +61,71 @@ def test_run_serve_refuses_bad_setups(tok_model_dir: str, tmp_path) -> None:
         aeng = AsyncLLMEngine(make_engine(tok_model_dir, **ENGINE))
         assert run_serve(parse("--port", str(port)), aeng) == 1
     assert not aeng._thread.is_alive()  # run_serve shut the engine down
+
+
+def _serve_errors(monkeypatch, capsys, *argv: str) -> str:
+    """Runs ``jserve serve ARGV`` with model loading forbidden; returns its error line."""
+    from jserve.cli import serve
+    from jserve.cli.main import main
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(serve, "build_engine", no_model)
+    monkeypatch.setattr(serve, "load_model_from_args", no_model)
+    assert main(["serve", *argv]) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--port", "70000"), "--port 70000 is not a TCP port"),
+        (("--http-port", "65536"), "--http-port 65536 is not a TCP port"),
+        (("--metrics-port", "-1"), "--metrics-port -1 is not a TCP port"),
+    ],
+)
+def test_ports_out_of_range_are_refused_before_loading(monkeypatch, capsys, argv, message):
+    assert message in _serve_errors(monkeypatch, capsys, *argv)
+
+
+def test_bad_tls_files_are_refused_before_loading(monkeypatch, capsys, tmp_path) -> None:
+    from tests.server.test_security import _self_signed_cert
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cert, key = _self_signed_cert(tmp_path / "a")
+    _, other_key = _self_signed_cert(tmp_path / "b")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    err = _serve_errors(monkeypatch, capsys, "--tls-cert", cert, "--tls-key", other_key)
+    assert "does not match the certificate" in err, err
+    err = _serve_errors(monkeypatch, capsys, "--tls-cert", str(junk), "--tls-key", key)
+    assert f"--tls-cert {str(junk)!r} holds no usable PEM certificate" in err, err
+    err = _serve_errors(monkeypatch, capsys, "--tls-cert", cert, "--tls-key", str(junk))
+    assert f"--tls-key {str(junk)!r} holds no usable" in err, err
+
+
+def test_metrics_stay_on_loopback_when_the_apis_go_public(tok_model_dir: str) -> None:
+    """--host 0.0.0.0 publishes the APIs (token-protected), not the token-less metrics."""
+    import asyncio
+
+    from jserve.server.app import start_server
+
+    assert config_from_args(parse("--host", "0.0.0.0")).metrics_host == "127.0.0.1"
+    assert config_from_args(parse("--metrics-host", "::1")).metrics_host == "::1"
+    aeng = AsyncLLMEngine(make_engine(tok_model_dir, **ENGINE))
+
+    async def main():
+        h = await start_server(
+            aeng, host="0.0.0.0", port=0, metrics_port=0, auth_token="t", warmup=False
+        )
+        try:
+            assert h._metrics_http.httpd.server_address[0] == "127.0.0.1"
+        finally:
+            await h.stop(0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        aeng.shutdown()

@@ -148,11 +148,11 @@ def test_a_refused_duplicate_request_id_leaves_the_running_request_alone(
     """Another client's request with the id of a running one is refused, and only it ends."""
 
     async def main():
-        async with serving(aengine) as (_, c):
+        async with serving(aengine) as (h, c):
             first = asyncio.create_task(
                 c.generate(PROMPTS[0], request_id="x", max_tokens=400, ignore_eos=True)
             )
-            while "x" not in aengine.engine.requests:
+            while "x" not in h.core.client_ids:
                 await asyncio.sleep(0.005)
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await c.generate(PROMPTS[1], request_id="x", max_tokens=4)

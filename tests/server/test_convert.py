@@ -43,9 +43,10 @@ def test_jetstream_bos_handling() -> None:
     assert convert.jetstream_request(tokens, 1, GREEDY).prompt == [5, 6]
     text = js.DecodeRequest(text_content=js.DecodeRequest.TextContent(text="hi"))
     jp = convert.jetstream_request(text, 1, GREEDY)
-    assert jp.prompt == "hi" and jp.add_special_tokens and jp.text_mode
+    assert jp.prompt == "hi" and jp.add_bos and jp.text_mode
+    assert not convert.jetstream_request(text, None, GREEDY).add_bos
     text.has_bos = True
-    assert not convert.jetstream_request(text, 1, GREEDY).add_special_tokens
+    assert not convert.jetstream_request(text, 1, GREEDY).add_bos
 
 
 def test_jetstream_defaults_and_errors() -> None:

@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from jserve.engine.async_engine import AsyncLLMEngine
+from jserve.engine.llm_engine import MAX_FAILED_STEPS
 from jserve.server import app
 from jserve.server.app import start_server
 from jserve.server.client import Client
@@ -113,11 +114,16 @@ def test_engine_failure_is_internal_and_turns_health_not_serving(tok_model_dir: 
                 raise RuntimeError("device lost")
 
             engine.runner.execute = broken
-            for call in (lambda: c.generate("All:", max_tokens=3), lambda: c.decode("All:")):
+            calls = (lambda: c.generate("All:", max_tokens=3), lambda: c.decode("All:"))
+            # A failed step fails only its request; steps failing MAX_FAILED_STEPS times
+            # in a row end the engine.
+            for i in range(MAX_FAILED_STEPS + 1):
                 with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await asyncio.wait_for(call(), 10)
+                    await asyncio.wait_for(calls[i % 2](), 10)
                 assert e.value.code() == grpc.StatusCode.INTERNAL
-                assert "device lost" in e.value.details()
+                if i < MAX_FAILED_STEPS:
+                    assert await c.health() == "SERVING"
+            assert "device lost" in e.value.details()
             for _ in range(100):
                 if await c.health() == "NOT_SERVING":
                     break
