@@ -95,12 +95,10 @@ def _spec_metrics(engine: LLMEngine) -> dict[str, Any]:
     """Speculative decoding counters of the run (empty without speculation); printed too."""
     if engine.ecfg.speculative_config is None:
         return {}
-    s = engine.stats
     out = {
-        "spec_decode_num_drafts": s.spec_decode_num_drafts,
-        "spec_decode_num_draft_tokens": s.spec_decode_num_draft_tokens,
-        "spec_decode_num_accepted_tokens": s.spec_decode_num_accepted_tokens,
-        "spec_decode_mean_accepted_length": s.spec_decode_mean_accepted_length,
+        k.removeprefix("jserve_"): v
+        for k, v in engine.stats.as_metrics().items()
+        if k.startswith("jserve_spec_decode_")
     }
     print(
         f"Speculative decoding: {out['spec_decode_num_drafts']} drafts, "
