@@ -95,7 +95,7 @@ def target_devices(target: str) -> list:
         return targets.tpu_devices(target)
     m = re.fullmatch(r"h100(?:-(\d+))?", target)
     if m:
-        return list(targets.h100_mesh(int(m[1] or 1)).devices.flat)
+        return targets.h100_devices(int(m[1] or 1))
     known = [*targets.TPU_TARGETS, "h100", "h100-2", "h100-8"]
     raise ValueError(f"unknown target {target!r}; known: {', '.join(known)}")
 
@@ -141,32 +141,26 @@ def build_runner(
         attention_backend=backend,
         min_token_bucket=16,
     )
-    if mesh is None:
-        one = jax.sharding.Mesh(np.asarray(devices[:1]).reshape(1, 1), ("stage", "model"))
-        params = abstract_params(cfg, one, dtype)
-        single = NamedSharding(one, PartitionSpec())
-        return AbstractRunner(
-            params,
-            cfg,
-            ecfg,
-            dtype,
-            max_model_len,
-            ecfg.num_pages,
-            target_mesh=one,
-            device_sharding=single,
-        )
-    params = abstract_params(cfg, mesh, dtype)
+    # One device: the engine runs with no mesh, so everything is placed on the
+    # target's first device through a 1 x 1 mesh to compile under.
+    one = jax.sharding.Mesh(np.asarray(devices[:1]).reshape(1, 1), ("stage", "model"))
     return AbstractRunner(
-        params,
+        abstract_params(cfg, mesh or one, dtype),
         cfg,
         ecfg,
         dtype,
         max_model_len,
         ecfg.num_pages,
         mesh=mesh,
-        parallel=parallel,
-        target_mesh=mesh,
+        parallel=parallel if mesh is not None else None,
+        target_mesh=mesh or one,
+        device_sharding=None if mesh is not None else NamedSharding(one, PartitionSpec()),
     )
+
+
+def device_bytes(x: jax.ShapeDtypeStruct) -> int:
+    """Bytes of one device's shard of an abstract array."""
+    return int(np.prod(x.sharding.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
 
 
 def _count_collectives(hlo: str) -> dict[str, int]:
@@ -183,7 +177,7 @@ def _gathered(hlo: str) -> list[str]:
 
 def _pool_copies(hlo: str, page_shape: tuple[int, ...], dtype: Any) -> int:
     """HLO copies (layout changes) whose result is a whole layer's page pool."""
-    name = {jnp.bfloat16: "bf16", jnp.float32: "f32"}.get(jnp.dtype(dtype).type, "bf16")
+    name = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}[jnp.dtype(dtype).name]
     shape = f"{name}[{','.join(map(str, page_shape))}]"
     return len(re.findall(rf"= {re.escape(shape)}\{{[^}}]*\}} copy\(", hlo))
 
@@ -215,7 +209,6 @@ def compile_step(
     hlo = compiled.as_text()
     pool = runner.kv_pages[0]
     local_pool = pool.sharding.shard_shape(pool.shape)
-    pool_bytes = int(np.prod(local_pool)) * jnp.dtype(pool.dtype).itemsize * len(runner.kv_pages)
     return StepReport(
         target=target,
         shape=shape,
@@ -223,7 +216,7 @@ def compile_step(
         argument_bytes=mem.argument_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes,
         temp_bytes=mem.temp_size_in_bytes,
-        kv_pool_bytes=pool_bytes,
+        kv_pool_bytes=device_bytes(pool) * len(runner.kv_pages),
         flops=cost.get("flops") if cost else None,
         bytes_accessed=cost.get("bytes accessed") if cost else None,
         optimal_seconds=cost.get("optimal_seconds") if cost else None,

@@ -26,7 +26,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jserve.errors import ConfigError
@@ -56,23 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def _param_bytes(runner: Any) -> tuple[int, int]:
-    """(bytes per device, parameter count) of the abstract weights."""
-    per_device = 0
-    count = 0
-    for x in jax.tree_util.tree_leaves(runner.params):
-        count += int(np.prod(x.shape))
-        per_device += int(np.prod(x.sharding.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
-    return per_device, count
-
-
 def roofline(runner: Any, shape: tuple[int, int], context: int, hbm: float, peak: float) -> dict:
+    from jserve.aot import device_bytes
+
     tokens, rows = shape
-    weight_bytes, num_params = _param_bytes(runner)
-    pool = runner.kv_pages[0]
-    page_bytes = (
-        int(np.prod(pool.sharding.shard_shape(pool.shape)[1:])) * jnp.dtype(pool.dtype).itemsize
-    ) * len(runner.kv_pages)
+    weights = jax.tree_util.tree_leaves(runner.params)
+    weight_bytes = sum(device_bytes(x) for x in weights)
+    num_params = sum(int(np.prod(x.shape)) for x in weights)
+    page_bytes = device_bytes(runner.kv_pages[0]) * len(runner.kv_pages) // runner.num_pages
     pages_read = min(runner.num_pages, rows * math.ceil(context / runner.ecfg.page_size))
     kv_bytes = pages_read * page_bytes
     devices = runner.target_mesh.devices.size
@@ -90,12 +80,13 @@ def roofline(runner: Any, shape: tuple[int, int], context: int, hbm: float, peak
 
 
 def _chip(target: str) -> tuple[float, float]:
+    """(HBM bytes/s, peak bf16 flop/s) of one device: the published figures."""
     from pallas_kernels import targets
 
     if target in targets.TPU_TARGETS:
         t = targets.TPU_TARGETS[target]
         return t.hbm_bandwidth, t.peak_bf16_flops
-    return 3.35e12, 989e12  # H100 SXM: HBM3 bandwidth, dense bf16
+    return targets.H100_HBM_BANDWIDTH, targets.H100_PEAK_BF16_FLOPS
 
 
 def run(args: argparse.Namespace) -> int:
