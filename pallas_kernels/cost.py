@@ -25,9 +25,9 @@ def _nbytes(x: jax.Array | jax.ShapeDtypeStruct) -> int:
 
 
 def attention_cost(
-    q: jax.Array,  # [T, Hq, D]
-    kv_pages: jax.Array,  # [P, page_size, 2*Hkv, D]
-    page_indices: jax.Array,  # i32[max_num_seqs, pages_per_seq]
+    q: jax.Array | jax.ShapeDtypeStruct,  # [T, Hq, D]
+    kv_pages: jax.Array | jax.ShapeDtypeStruct,  # [P, page_size, 2*Hkv, D]
+    page_indices: jax.Array | jax.ShapeDtypeStruct,  # i32[max_num_seqs, pages_per_seq]
     *metadata: jax.Array,
 ) -> pl.CostEstimate:
     """The estimate of one full ragged attention step (see the module docstring)."""

@@ -1,14 +1,17 @@
 """What ptxas says about each kernel it compiled: registers, spills, stack.
 
-XLA logs ptxas' verbose output when started with
+XLA logs ptxas' verbose output to stderr when started with
 ``TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=subprocess_compilation=2`` (set
-before JAX is imported); ``parse`` reads that log.
+before JAX is imported); ``parse`` reads that log and ``compile_reports``
+compiles a lowered program while capturing it.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import NamedTuple
+import tempfile
+from typing import Any, NamedTuple
 
 _ENTRY = re.compile(
     r"Function properties for (?P<name>\w+)\n"
@@ -45,4 +48,37 @@ def parse(log: str) -> dict[str, KernelReport]:
             int(m["spill_loads"]),
             int(m["stack"]),
         )
+    return out
+
+
+def compile_reports(lowered: Any) -> dict[str, KernelReport]:
+    """Compiles ``lowered`` (a ``jax.stages.Lowered``) and returns ptxas' report
+    of each kernel, read from stderr at the file-descriptor level (XLA logs
+    from C++, past Python's ``sys.stderr``)."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            lowered.compile()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        return parse(log.read())
+
+
+def problems(
+    reports: dict[str, KernelReport], kernels: tuple[str, ...], registers_per_sm: int
+) -> list[str]:
+    """What is wrong with the kernels' reports: missing, spilling, or so many
+    registers that fewer than 8 warps (2 warp groups) fit on an SM."""
+    out = []
+    for name in kernels:
+        r = reports.get(name)
+        if r is None:
+            out.append(f"{name}: no ptxas report")
+        elif r.spill_stores:
+            out.append(f"{name}: {r.spill_stores} bytes of spill stores ({r.registers} registers)")
+        elif r.resident_warps(registers_per_sm) < 8:
+            out.append(f"{name}: {r.registers} registers leave room for under 8 warps per SM")
     return out

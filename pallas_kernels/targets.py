@@ -18,7 +18,10 @@ a device (tpu7x-8: 4 chips).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -79,6 +82,8 @@ def tpu_mesh(target: str, shape: tuple[int, ...] | None = None, axes: tuple[str,
 # XLA's description of an H100 SXM (GpuTargetConfigProto in text form), from
 # NVIDIA's published figures: 132 SMs, 228 KiB shared memory and 64K
 # registers per SM, 3.35 TB/s, 50 MiB L2, compute capability 9.0.
+H100_HBM_BANDWIDTH = 3_352_320_000_000  # bytes/s
+H100_PEAK_BF16_FLOPS = 989e12  # dense
 H100_TARGET_CONFIG = """
 gpu_device_info {
   threads_per_block_limit: 1024
@@ -91,7 +96,7 @@ gpu_device_info {
   block_dim_limit_x: 2147483647
   block_dim_limit_y: 65535
   block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000
+  memory_bandwidth: BANDWIDTH
   l2_cache_size: 52428800
   clock_rate_ghz: 1.98
   device_memory_size: 84942979072
@@ -103,19 +108,49 @@ gpu_device_info {
 platform_name: "CUDA"
 dnn_version_info { major: 9 minor: 8 }
 device_description_str: "NVIDIA H100 80GB HBM3"
-"""
+""".replace("BANDWIDTH", str(H100_HBM_BANDWIDTH))
 H100_REGISTERS_PER_SM = 65536
 
 
-def h100_mesh(num_gpus: int = 1, axes: tuple[str, ...] = ("x",)):
-    """A mesh of H100s for a deviceless compile (needs the CUDA plugin and
-    ptxas, no GPU; run with JAX_PLATFORMS=cpu). XLA's own matmuls get
-    untuned defaults (no autotuning without a device); Pallas kernels are
-    compiled exactly as on the GPU."""
+def h100_devices(num_gpus: int = 1) -> list:
+    """H100s for a deviceless compile (needs the CUDA plugin and ptxas, no GPU;
+    run with JAX_PLATFORMS=cpu). XLA's own matmuls get untuned defaults (no
+    autotuning without a device); Pallas kernels are compiled exactly as on
+    the GPU."""
     from jax.experimental import topologies
 
     desc = topologies.get_topology_desc(
         "h100", "cuda", target_config=H100_TARGET_CONFIG, topology=f"1x1x{num_gpus}"
     )
-    devices = list(desc.devices)[:num_gpus]
+    return list(desc.devices)[:num_gpus]
+
+
+def h100_mesh(num_gpus: int = 1, axes: tuple[str, ...] = ("x",)):
+    """A mesh over ``h100_devices`` (the first axis takes all of them)."""
+    devices = h100_devices(num_gpus)
     return Mesh(np.asarray(devices).reshape(len(devices), *([1] * (len(axes) - 1))), axes)
+
+
+def attention_args(
+    num_tokens: int,
+    heads: tuple[int, int],  # (q heads, KV heads)
+    *,
+    head_dim: int = 128,
+    dtype: Any = jnp.bfloat16,
+    page_size: int = 16,
+    max_num_seqs: int = 64,
+    pages_per_seq: int = 1024,
+    num_pages: int = 4096,
+) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract arguments of ``ragged_paged_attention`` (q, kv_pages, kv_lens,
+    page_indices, cu_q_lens, num_seqs) to compile a kernel for a target."""
+    num_q_heads, num_kv_heads = heads
+    i32 = jnp.int32
+    return (
+        jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype),
+        jax.ShapeDtypeStruct((num_pages, page_size, 2 * num_kv_heads, head_dim), dtype),
+        jax.ShapeDtypeStruct((max_num_seqs,), i32),
+        jax.ShapeDtypeStruct((max_num_seqs, pages_per_seq), i32),
+        jax.ShapeDtypeStruct((max_num_seqs + 1,), i32),
+        jax.ShapeDtypeStruct((1,), i32),
+    )

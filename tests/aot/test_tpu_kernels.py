@@ -13,14 +13,13 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 pytest.importorskip("libtpu")
 
 from pallas_kernels import tuned_block_sizes as tuned
 from pallas_kernels.cost import attention_cost
-from pallas_kernels.targets import tpu_mesh
+from pallas_kernels.targets import attention_args, tpu_mesh
 from pallas_kernels.tpu_attention import tpu_generation, tpu_ragged_paged_attention
 from tests.pallas_kernels.test_attention import CASES, LARGE
 
@@ -34,19 +33,6 @@ LLAMA3_8B_HEADS = {"tp1": (32, 8), "tp8": (4, 1)}
 PAGES_PER_SEQ = (1024, 8192)
 # Token buckets that select the table's decode and mixed entries.
 TOKENS = {"decode": 64, "mixed": 512}
-
-
-def _args(num_tokens, heads, head_dim, dtype, page_size, max_num_seqs, pages_per_seq):
-    num_q_heads, num_kv_heads = heads
-    i32 = jnp.int32
-    return (
-        jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype),
-        jax.ShapeDtypeStruct((4096, page_size, 2 * num_kv_heads, head_dim), dtype),
-        jax.ShapeDtypeStruct((max_num_seqs,), i32),
-        jax.ShapeDtypeStruct((max_num_seqs, pages_per_seq), i32),
-        jax.ShapeDtypeStruct((max_num_seqs + 1,), i32),
-        jax.ShapeDtypeStruct((1,), i32),
-    )
 
 
 def _compile(generation: str, args: tuple, **kwargs: Any):
@@ -63,7 +49,7 @@ def table_failures(generation: str) -> list[str]:
     for mode, num_tokens in TOKENS.items():
         for tp, heads in LLAMA3_8B_HEADS.items():
             for pages_per_seq in PAGES_PER_SEQ:
-                args = _args(num_tokens, heads, 128, jnp.bfloat16, 16, 64, pages_per_seq)
+                args = attention_args(num_tokens, heads, pages_per_seq=pages_per_seq)
                 try:
                     _compile(generation, args)
                 except Exception as e:  # the compiler's limit errors have no common type
@@ -95,8 +81,14 @@ def test_test_shapes_compile(generation: str) -> None:
         max_num_seqs = len(case.seqs) + 2
         pages = max(-(-kv // case.page_size) for _, kv in case.seqs) + 1
         num_tokens = -(-sum(q for q, _ in case.seqs) // 8) * 8
-        args = _args(
-            num_tokens, case.heads, case.head_dim, case.dtype, case.page_size, max_num_seqs, pages
+        args = attention_args(
+            num_tokens,
+            case.heads,
+            head_dim=case.head_dim,
+            dtype=case.dtype,
+            page_size=case.page_size,
+            max_num_seqs=max_num_seqs,
+            pages_per_seq=pages,
         )
         try:
             _compile(
@@ -114,10 +106,10 @@ def test_test_shapes_compile(generation: str) -> None:
 def test_cost_estimate_reaches_the_compiler() -> None:
     """XLA's cost analysis counts the kernel's estimated flops and bytes
     (without pl.CostEstimate a Mosaic kernel counts as zero)."""
-    args = _args(512, (32, 8), 128, jnp.bfloat16, 16, 64, 1024)
+    args = attention_args(512, (32, 8))
     cost = _compile("v6e", args).cost_analysis()
     if isinstance(cost, list):  # jax < 0.11 returns one dict per program
         cost = cost[0]
-    expected = attention_cost(*(jnp.zeros(a.shape, a.dtype) for a in args[:2]), args[3])
+    expected = attention_cost(args[0], args[1], args[3])
     assert cost["flops"] >= expected.flops > 0
     assert cost["bytes accessed"] >= expected.bytes_accessed * 0.9
