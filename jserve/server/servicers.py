@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -164,18 +164,26 @@ class ServingCore:
         make_job: Callable[[], Awaitable[Job]],
     ) -> AsyncIterator[Any]:
         """Runs one generation RPC: admission, streaming, error mapping, cleanup."""
-        task = asyncio.current_task()
-        if task is not None:
-            self.active.add(task)
-            self.idle.clear()
-        try:
+        with self.tracked():
             async for msg in self._stream(api, context, make_job):
                 yield msg
+
+    @contextlib.contextmanager
+    def tracked(self) -> Iterator[None]:
+        """Counts the current task among the open requests (``active``, which shutdown
+        waits for or cancels), for the gRPC and HTTP APIs alike."""
+        task = asyncio.current_task()
+        if task is None:
+            yield
+            return
+        self.active.add(task)
+        self.idle.clear()
+        try:
+            yield
         finally:
-            if task is not None:
-                self.active.discard(task)
-                if not self.active:
-                    self.idle.set()
+            self.active.discard(task)
+            if not self.active:
+                self.idle.set()
 
     async def _stream(
         self,

@@ -16,7 +16,6 @@ from jserve.server.openai_api.protocol import ChatCompletionRequest, ChatMessage
 from jserve.server.openai_api.runs import (
     EngineRun,
     sampling_params,
-    tracked,
     unless_disconnected,
 )
 from jserve.server.openai_api.state import APIState
@@ -176,7 +175,7 @@ class ChatCall:
             return fmt.sse({**head, "choices": [choice], **extra})
 
         prompt_tokens = completion_tokens = 0
-        with tracked(self.state.core):
+        with self.state.core.tracked():
             try:
                 # Each choice opens with the role, before any content.
                 for index in range(self.params.n):
@@ -208,10 +207,10 @@ async def create_chat_completion(
 ) -> Response:
     call = ChatCall(state, req)
     if not req.stream:
-        with tracked(state.core):
+        with state.core.tracked():
             body = await unless_disconnected(request, call.complete())
         return JSONResponse(body)
-    with tracked(state.core):
+    with state.core.tracked():
         await call.prepare()
         assert call.run is not None
         try:

@@ -16,7 +16,6 @@ from jserve.server.openai_api.protocol import CompletionRequest
 from jserve.server.openai_api.runs import (
     EngineRun,
     sampling_params,
-    tracked,
     unless_disconnected,
 )
 from jserve.server.openai_api.state import APIState
@@ -150,7 +149,7 @@ class CompletionCall:
         choices: dict[int, _Choice] = {}
         prompt_tokens = 0
         seen: set[int] = set()
-        with tracked(self.state.core):
+        with self.state.core.tracked():
             try:
                 async for i, out in self.run.outputs():
                     if i not in seen:
@@ -190,10 +189,10 @@ class CompletionCall:
 async def create_completion(state: APIState, req: CompletionRequest, request: Request) -> Response:
     call = CompletionCall(state, req)
     if not req.stream:
-        with tracked(state.core):
+        with state.core.tracked():
             body = await unless_disconnected(request, call.complete())
         return JSONResponse(body)
-    with tracked(state.core):
+    with state.core.tracked():
         try:
             await unless_disconnected(request, call.run.admit())
         except BaseException:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -61,23 +61,6 @@ def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> S
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
     )
-
-
-@contextlib.contextmanager
-def tracked(core: ServingCore) -> Iterator[None]:
-    """Counts the current task among the server's open requests (drained on shutdown)."""
-    task = asyncio.current_task()
-    if task is None:
-        yield
-        return
-    core.active.add(task)
-    core.idle.clear()
-    try:
-        yield
-    finally:
-        core.active.discard(task)
-        if not core.active:
-            core.idle.set()
 
 
 async def until_disconnected(request: Request) -> None:
