@@ -169,3 +169,21 @@ def test_chat_without_a_template_names_the_flag() -> None:
     err = r.json()["error"]
     assert "--chat-template" in err["message"] and err["code"] == "no_chat_template"
     assert err["param"] == "messages"
+
+
+def test_engine_errors_name_the_endpoints_field() -> None:
+    from jserve.errors import CapacityError, InvalidRequestError, RequestTooLargeError
+    from jserve.server.openai_api.errors import from_engine_error
+
+    chat = {"max_tokens": "max_completion_tokens", "prompt": "messages"}
+    err = from_engine_error(RequestTooLargeError("request needs up to 9 KV pages"), chat)
+    assert (err.status, err.param, err.code) == (
+        400,
+        "max_completion_tokens",
+        "context_length_exceeded",
+    )
+    err = from_engine_error(InvalidRequestError("prompt has 9 tokens but the model's ..."), chat)
+    assert (err.param, err.code) == ("messages", "context_length_exceeded")
+    err = from_engine_error(InvalidRequestError("invalid sampling parameters: top_p must be"))
+    assert err.param == "top_p"
+    assert from_engine_error(CapacityError("the queue is full")).status == 429
