@@ -187,3 +187,24 @@ def test_engine_errors_name_the_endpoints_field() -> None:
     err = from_engine_error(InvalidRequestError("invalid sampling parameters: top_p must be"))
     assert err.param == "top_p"
     assert from_engine_error(CapacityError("the queue is full")).status == 429
+
+
+def test_a_body_sent_without_a_length_is_bounded_too() -> None:
+    state = fake_state()
+    state.core.ready = True
+    state.max_request_bytes = 1024
+
+    async def main():
+        async def body():
+            for _ in range(4):
+                yield b"x" * 512
+
+        transport = httpx.ASGITransport(app=build_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            headers = {"content-type": "application/json"}
+            return await c.post("/v1/completions", content=body(), headers=headers)
+
+    r = asyncio.run(main())
+    assert r.status_code == 413 and "content-length" not in r.request.headers
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and "exceeds 1024 bytes" in err["message"]
