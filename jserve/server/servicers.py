@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -48,6 +48,13 @@ MAX_CHARS_PER_TOKEN = 32
 # thread off the CPU (and the GIL); first come, first served.
 TOKENIZER_THREADS = 2
 T = TypeVar("T")
+# The engine's errors whose message is the client's to read, and each outcome's status.
+_TYPED_ERRORS = (InvalidRequestError, CapacityError, EngineDeadError)
+_GRPC_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "rejected": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "error": grpc.StatusCode.INTERNAL,
+}
 
 
 @dataclasses.dataclass
@@ -164,18 +171,26 @@ class ServingCore:
         make_job: Callable[[], Awaitable[Job]],
     ) -> AsyncIterator[Any]:
         """Runs one generation RPC: admission, streaming, error mapping, cleanup."""
-        task = asyncio.current_task()
-        if task is not None:
-            self.active.add(task)
-            self.idle.clear()
-        try:
+        with self.tracked():
             async for msg in self._stream(api, context, make_job):
                 yield msg
+
+    @contextlib.contextmanager
+    def tracked(self) -> Iterator[None]:
+        """Counts the current task among the open requests (``active``, which shutdown
+        waits for or cancels), for the gRPC and HTTP APIs alike."""
+        task = asyncio.current_task()
+        if task is None:
+            yield
+            return
+        self.active.add(task)
+        self.idle.clear()
+        try:
+            yield
         finally:
-            if task is not None:
-                self.active.discard(task)
-                if not self.active:
-                    self.idle.set()
+            self.active.discard(task)
+            if not self.active:
+                self.idle.set()
 
     async def _stream(
         self,
@@ -235,31 +250,35 @@ class ServingCore:
                         outcome = convert.outcome_of(out)
                     for msg in job.respond(out):
                         yield msg
-        except InvalidRequestError as e:
-            outcome = "invalid"
-            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-            context.set_details(str(e))
-        except CapacityError as e:
-            outcome = "rejected"
-            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            context.set_details(str(e))
-        except EngineDeadError as e:
-            outcome = "error"
-            self.on_engine_dead()
-            context.set_code(grpc.StatusCode.INTERNAL)
-            context.set_details(str(e))
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
-        except Exception:
-            logger.exception("request %s failed", job.request_id)
-            outcome = "error"
-            context.set_code(grpc.StatusCode.INTERNAL)
-            context.set_details(f"internal error while serving request {job.request_id}")
+        except Exception as e:
+            outcome = self.failure_outcome(e, job.request_id)
+            context.set_code(_GRPC_CODES[outcome])
+            context.set_details(
+                str(e)
+                if isinstance(e, _TYPED_ERRORS)
+                else f"internal error while serving request {job.request_id}"
+            )
         finally:
             if job.client_id is not None:
                 self.client_ids.discard(job.client_id)
             rec.finish(outcome or "cancelled")
+
+    def failure_outcome(self, e: Exception, request_id: str) -> str:
+        """The metrics outcome of a request the engine ended with ``e``: "invalid",
+        "rejected" or "error". An engine failure is passed on (``on_engine_dead``); an
+        error of no expected type is logged with its traceback."""
+        if isinstance(e, InvalidRequestError):
+            return "invalid"
+        if isinstance(e, CapacityError):
+            return "rejected"
+        if isinstance(e, EngineDeadError):
+            self.on_engine_dead()
+        else:
+            logger.error("request %s failed", request_id, exc_info=e)
+        return "error"
 
     def _not_live_reason(self) -> str:
         if self.aengine.dead is not None:

@@ -169,3 +169,42 @@ def test_chat_without_a_template_names_the_flag() -> None:
     err = r.json()["error"]
     assert "--chat-template" in err["message"] and err["code"] == "no_chat_template"
     assert err["param"] == "messages"
+
+
+def test_engine_errors_name_the_endpoints_field() -> None:
+    from jserve.errors import CapacityError, InvalidRequestError, RequestTooLargeError
+    from jserve.server.openai_api.errors import from_engine_error
+
+    chat = {"max_tokens": "max_completion_tokens", "prompt": "messages"}
+    err = from_engine_error(RequestTooLargeError("request needs up to 9 KV pages"), chat)
+    assert (err.status, err.param, err.code) == (
+        400,
+        "max_completion_tokens",
+        "context_length_exceeded",
+    )
+    err = from_engine_error(InvalidRequestError("prompt has 9 tokens but the model's ..."), chat)
+    assert (err.param, err.code) == ("messages", "context_length_exceeded")
+    err = from_engine_error(InvalidRequestError("invalid sampling parameters: top_p must be"))
+    assert err.param == "top_p"
+    assert from_engine_error(CapacityError("the queue is full")).status == 429
+
+
+def test_a_body_sent_without_a_length_is_bounded_too() -> None:
+    state = fake_state()
+    state.core.ready = True
+    state.max_request_bytes = 1024
+
+    async def main():
+        async def body():
+            for _ in range(4):
+                yield b"x" * 512
+
+        transport = httpx.ASGITransport(app=build_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            headers = {"content-type": "application/json"}
+            return await c.post("/v1/completions", content=body(), headers=headers)
+
+    r = asyncio.run(main())
+    assert r.status_code == 413 and "content-length" not in r.request.headers
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and "exceeds 1024 bytes" in err["message"]

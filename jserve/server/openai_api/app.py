@@ -120,14 +120,10 @@ def build_app(state: APIState) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         status = exc.status_code
-        if status == 413:
-            message = (
-                f"the request body exceeds {state.max_request_bytes} bytes (--max-request-bytes)"
-            )
-        else:
-            message = str(exc.detail)
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
-        return APIError(status, message, None, code).response()
+        if status == 413:  # _BodyTooLarge, from a body sent without a length
+            return _too_large(state.max_request_bytes).response()
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+        return APIError(status, str(exc.detail), None, code).response()
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> Response:

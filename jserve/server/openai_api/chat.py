@@ -6,22 +6,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from jserve.outputs import CompletionOutput, RequestOutput, merge_delta
 from jserve.server.openai_api import format as fmt
+from jserve.server.openai_api.call import APICall
 from jserve.server.openai_api.chat_template import TemplateError
-from jserve.server.openai_api.errors import APIError, bad_request
+from jserve.server.openai_api.errors import bad_request
 from jserve.server.openai_api.protocol import ChatCompletionRequest, ChatMessage
-from jserve.server.openai_api.runs import (
-    EngineRun,
-    sampling_params,
-    tracked,
-    unless_disconnected,
-)
+from jserve.server.openai_api.runs import EngineRun, sampling_params
 from jserve.server.openai_api.state import APIState
 
 API = "chat"
+CHUNK = "chat.completion.chunk"
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -77,13 +74,9 @@ async def render_chat(
     return ids
 
 
-class ChatCall:
+class ChatCall(APICall):
     def __init__(self, state: APIState, req: ChatCompletionRequest) -> None:
-        self.state = state
-        self.req = req
-        state.check_model(req.model)
-        if req.stream_options is not None and not req.stream:
-            raise bad_request("stream_options needs stream: true", "stream_options")
+        super().__init__(state, req, "chatcmpl")
         if req.response_format is not None and req.response_format.get("type") != "text":
             raise bad_request(
                 "response_format (structured output) is not available on this server yet; "
@@ -100,9 +93,6 @@ class ChatCall:
         self.fields["prompt"] = "messages"
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
         self.params = sampling_params(req, max_tokens, self.top_n)
-        self.run: EngineRun | None = None
-        self.id = fmt.new_id("chatcmpl")
-        self.created = fmt.now()
 
     async def prepare(self) -> None:
         req = self.req
@@ -111,14 +101,6 @@ class ChatCall:
             self.state, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs
         )
         self.run = EngineRun(self.state.core, API, [ids], self.params, req.priority, self.fields)
-
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.state.model_name,
-        }
 
     def _logprobs(self, c: CompletionOutput) -> dict[str, Any] | None:
         if self.top_n is None:
@@ -129,7 +111,6 @@ class ChatCall:
         return {"content": content}
 
     async def complete(self) -> dict[str, Any]:
-        await self.prepare()
         assert self.run is not None
         acc: RequestOutput | None = None
         try:
@@ -151,18 +132,15 @@ class ChatCall:
         ]
         tokens = sum(len(c.token_ids) for c in acc.outputs)
         return {
-            **self._head("chat.completion"),
+            **self.head("chat.completion"),
             "choices": choices,
             "usage": fmt.usage(len(acc.prompt_token_ids), tokens),
         }
 
-    async def stream(self) -> AsyncIterator[str]:
+    async def events(self) -> AsyncIterator[str]:
         assert self.run is not None
-        include_usage = (
-            self.req.stream_options is not None and self.req.stream_options.include_usage
-        )
-        head = self._head("chat.completion.chunk")
-        extra = {"usage": None} if include_usage else {}
+        head = self.head(CHUNK)
+        extra = {"usage": None} if self.include_usage else {}
 
         def chunk(index: int, delta: dict[str, Any], c: CompletionOutput | None) -> str:
             choice = {
@@ -176,49 +154,21 @@ class ChatCall:
             return fmt.sse({**head, "choices": [choice], **extra})
 
         prompt_tokens = completion_tokens = 0
-        with tracked(self.state.core):
-            try:
-                # Each choice opens with the role, before any content.
-                for index in range(self.params.n):
-                    yield chunk(index, {"role": "assistant", "content": ""}, None)
-                async for _, out in self.run.outputs():
-                    prompt_tokens = len(out.prompt_token_ids)
-                    for c in out.outputs:
-                        if not (c.token_ids or c.text or c.finish_reason):
-                            continue
-                        completion_tokens += len(c.token_ids)
-                        yield chunk(c.index, {"content": c.text} if c.text else {}, c)
-                if include_usage:
-                    yield fmt.sse(
-                        {
-                            **head,
-                            "choices": [],
-                            "usage": fmt.usage(prompt_tokens, completion_tokens),
-                        }
-                    )
-            except APIError as e:
-                yield fmt.sse(e.body())
-            finally:
-                await self.run.close()
-        yield fmt.DONE
+        # Each choice opens with the role, before any content.
+        for index in range(self.params.n):
+            yield chunk(index, {"role": "assistant", "content": ""}, None)
+        async for _, out in self.run.outputs():
+            prompt_tokens = len(out.prompt_token_ids)
+            for c in out.outputs:
+                if not (c.token_ids or c.text or c.finish_reason):
+                    continue
+                completion_tokens += len(c.token_ids)
+                yield chunk(c.index, {"content": c.text} if c.text else {}, c)
+        if self.include_usage:
+            yield self.usage_event(CHUNK, prompt_tokens, completion_tokens)
 
 
 async def create_chat_completion(
     state: APIState, req: ChatCompletionRequest, request: Request
 ) -> Response:
-    call = ChatCall(state, req)
-    if not req.stream:
-        with tracked(state.core):
-            body = await unless_disconnected(request, call.complete())
-        return JSONResponse(body)
-    with tracked(state.core):
-        await call.prepare()
-        assert call.run is not None
-        try:
-            await unless_disconnected(request, call.run.admit())
-        except BaseException:
-            await call.run.close()
-            raise
-    return StreamingResponse(
-        call.stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
-    )
+    return await ChatCall(state, req).respond(request)

@@ -59,7 +59,14 @@ def _read(path: str, what: str) -> str:
 
 def special_tokens(model_dir: str | None) -> tuple[str | None, str | None]:
     """(bos, eos) token texts from the model's tokenizer_config.json, where it names them."""
-    cfg = _tokenizer_config(model_dir) if model_dir and os.path.isdir(model_dir) else {}
+    return _special(_model_config(model_dir))
+
+
+def _model_config(model_dir: str | None) -> dict[str, Any]:
+    return _tokenizer_config(model_dir) if model_dir and os.path.isdir(model_dir) else {}
+
+
+def _special(cfg: dict[str, Any]) -> tuple[str | None, str | None]:
     return _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
 
 
@@ -78,8 +85,8 @@ class ChatTemplate:
     @classmethod
     def load(cls, model_dir: str | None, override: str | None = None) -> ChatTemplate | None:
         """The model's template (or ``override``, a file); None when it has none."""
-        cfg = _tokenizer_config(model_dir) if model_dir and os.path.isdir(model_dir) else {}
-        bos, eos = special_tokens(model_dir)
+        cfg = _model_config(model_dir)
+        bos, eos = _special(cfg)
         if override is not None:
             return cls(_read(override, "chat template file (--chat-template)"), bos, eos)
         source = cfg.get("chat_template")

@@ -6,22 +6,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from jserve.outputs import CompletionOutput, RequestOutput, merge_delta
 from jserve.prompts import normalize_prompts
 from jserve.server.openai_api import format as fmt
+from jserve.server.openai_api.call import APICall
 from jserve.server.openai_api.errors import APIError, bad_request
 from jserve.server.openai_api.protocol import CompletionRequest
-from jserve.server.openai_api.runs import (
-    EngineRun,
-    sampling_params,
-    tracked,
-    unless_disconnected,
-)
+from jserve.server.openai_api.runs import EngineRun, sampling_params
 from jserve.server.openai_api.state import APIState
 
 API = "completions"
+OBJECT = "text_completion"
 # SamplingParams names that differ from this endpoint's fields (for error messages).
 FIELDS = {"prompt_logprobs": "logprobs"}  # echo's prompt scoring takes logprobs' count
 
@@ -36,13 +33,9 @@ class _Choice:
         self.tokens = 0
 
 
-class CompletionCall:
+class CompletionCall(APICall):
     def __init__(self, state: APIState, req: CompletionRequest) -> None:
-        self.state = state
-        self.req = req
-        state.check_model(req.model)
-        if req.stream_options is not None and not req.stream:
-            raise bad_request("stream_options needs stream: true", "stream_options")
+        super().__init__(state, req, "cmpl")
         prompts = normalize_prompts(req.prompt)
         if not prompts:
             raise bad_request("prompt is empty; give text or token ids", "prompt")
@@ -55,9 +48,10 @@ class CompletionCall:
         self.echo_logprobs = req.echo and req.logprobs is not None
         if self.echo_logprobs or (req.echo and req.max_tokens == 0):
             self.params = state.with_prompt_logprobs(self.params, req.logprobs or 0)
-        self.run = EngineRun(state.core, API, prompts, self.params, req.priority, FIELDS)
-        self.id = fmt.new_id("cmpl")
-        self.created = fmt.now()
+
+    async def prepare(self) -> None:
+        req = self.req
+        self.run = EngineRun(self.state.core, API, self.prompts, self.params, req.priority, FIELDS)
 
     # -- the echoed prompt --------------------------------------------------
 
@@ -104,14 +98,6 @@ class CompletionCall:
             "stop_reason": c.stop_reason,
         }
 
-    def _head(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.state.model_name,
-        }
-
     # -- whole answers ------------------------------------------------------
 
     async def complete(self) -> dict[str, Any]:
@@ -135,70 +121,38 @@ class CompletionCall:
                 completion_tokens += len(c.token_ids)
         choices.sort(key=lambda ch: ch["index"])
         return {
-            **self._head(),
+            **self.head(OBJECT),
             "choices": choices,
             "usage": fmt.usage(prompt_tokens, completion_tokens),
         }
 
     # -- streamed answers ---------------------------------------------------
 
-    async def stream(self) -> AsyncIterator[str]:
-        include_usage = (
-            self.req.stream_options is not None and self.req.stream_options.include_usage
-        )
+    async def events(self) -> AsyncIterator[str]:
         n = self.params.n
+        head = self.head(OBJECT)
+        extra = {"usage": None} if self.include_usage else {}
         choices: dict[int, _Choice] = {}
         prompt_tokens = 0
         seen: set[int] = set()
-        with tracked(self.state.core):
-            try:
-                async for i, out in self.run.outputs():
-                    if i not in seen:
-                        seen.add(i)
-                        prompt_tokens += len(out.prompt_token_ids)
-                    for c in out.outputs:
-                        index = i * n + c.index
-                        choice = choices.get(index)
-                        if choice is None:
-                            choice = choices[index] = _Choice(index, self.state.decode_token)
-                        if not (c.token_ids or c.text or c.finish_reason or not choice.started):
-                            continue
-                        text, logprobs = self._piece(i, out, c, choice)
-                        chunk = {
-                            **self._head(),
-                            "choices": [self._choice_body(index, text, logprobs, c)],
-                        }
-                        if include_usage:
-                            chunk["usage"] = None
-                        yield fmt.sse(chunk)
-                if include_usage:
-                    completion = sum(ch.tokens for ch in choices.values())
-                    yield fmt.sse(
-                        {
-                            **self._head(),
-                            "choices": [],
-                            "usage": fmt.usage(prompt_tokens, completion),
-                        }
-                    )
-            except APIError as e:  # after the 200: the error goes in the stream
-                yield fmt.sse(e.body())
-            finally:
-                await self.run.close()
-        yield fmt.DONE
+        async for i, out in self.run.outputs():
+            if i not in seen:
+                seen.add(i)
+                prompt_tokens += len(out.prompt_token_ids)
+            for c in out.outputs:
+                index = i * n + c.index
+                choice = choices.get(index)
+                if choice is None:
+                    choice = choices[index] = _Choice(index, self.state.decode_token)
+                if not (c.token_ids or c.text or c.finish_reason or not choice.started):
+                    continue
+                text, logprobs = self._piece(i, out, c, choice)
+                body = self._choice_body(index, text, logprobs, c)
+                yield fmt.sse({**head, "choices": [body], **extra})
+        if self.include_usage:
+            completion = sum(ch.tokens for ch in choices.values())
+            yield self.usage_event(OBJECT, prompt_tokens, completion)
 
 
 async def create_completion(state: APIState, req: CompletionRequest, request: Request) -> Response:
-    call = CompletionCall(state, req)
-    if not req.stream:
-        with tracked(state.core):
-            body = await unless_disconnected(request, call.complete())
-        return JSONResponse(body)
-    with tracked(state.core):
-        try:
-            await unless_disconnected(request, call.run.admit())
-        except BaseException:
-            await call.run.close()
-            raise
-    return StreamingResponse(
-        call.stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
-    )
+    return await CompletionCall(state, req).respond(request)

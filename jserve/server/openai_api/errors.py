@@ -18,7 +18,12 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from jserve.errors import CapacityError, EngineDeadError, InvalidRequestError
+from jserve.errors import (
+    CapacityError,
+    EngineDeadError,
+    InvalidRequestError,
+    RequestTooLargeError,
+)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -70,7 +75,6 @@ _SAMPLING = re.compile(r"invalid sampling parameters: (\w+)")
 _ENGINE_MESSAGES: tuple[tuple[re.Pattern[str], str, str | None], ...] = (
     (re.compile(r"prompt has \d+ tokens but"), "prompt", "context_length_exceeded"),
     (re.compile(r"prompt \(\d+ tokens\) \+ max_tokens"), "max_tokens", "context_length_exceeded"),
-    (re.compile(r"request needs up to \d+ KV pages"), "max_tokens", "context_length_exceeded"),
     (re.compile(r"prompt|token id \d+ is outside"), "prompt", None),
     (re.compile(r"n \(\d+\) exceeds"), "n", None),
     (re.compile(r"stop token id"), "stop_token_ids", None),
@@ -90,6 +94,8 @@ def from_engine_error(e: Exception, fields: dict[str, str] | None = None) -> API
         return APIError(500, msg, None, "engine_dead")
     if not isinstance(e, InvalidRequestError):
         return APIError(500, "internal error", None, "internal_error")
+    if isinstance(e, RequestTooLargeError):  # more KV pages than the pool has
+        return bad_request(msg, fields.get("max_tokens", "max_tokens"), "context_length_exceeded")
     m = _SAMPLING.match(msg)
     if m:
         return bad_request(msg, fields.get(m.group(1), m.group(1)))

@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from jserve.errors import CapacityError, EngineDeadError, InvalidRequestError
 from jserve.outputs import RequestOutput
 from jserve.sampling_params import SamplingParams
 from jserve.server import convert
 from jserve.server.openai_api.errors import APIError, from_engine_error
 from jserve.server.servicers import ServingCore
-
-logger = logging.getLogger(__name__)
 
 _END = object()  # a prompt's stream ended
 T = TypeVar("T")
@@ -61,23 +57,6 @@ def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> S
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
     )
-
-
-@contextlib.contextmanager
-def tracked(core: ServingCore) -> Iterator[None]:
-    """Counts the current task among the server's open requests (drained on shutdown)."""
-    task = asyncio.current_task()
-    if task is None:
-        yield
-        return
-    core.active.add(task)
-    core.idle.clear()
-    try:
-        yield
-    finally:
-        core.active.discard(task)
-        if not core.active:
-            core.idle.set()
 
 
 async def until_disconnected(request: Request) -> None:
@@ -202,16 +181,7 @@ class EngineRun:
             outcome = "cancelled"
             raise
         except Exception as e:
-            if isinstance(e, InvalidRequestError):
-                outcome = "invalid"
-            elif isinstance(e, EngineDeadError):
-                outcome = "error"
-                core.on_engine_dead()
-            elif isinstance(e, CapacityError):
-                outcome = "rejected"
-            else:
-                logger.exception("request %s failed", rid)
-                outcome = "error"
+            outcome = core.failure_outcome(e, rid)
             self._queue.put_nowait((i, e))
         finally:
             rec.finish(outcome or "cancelled")
