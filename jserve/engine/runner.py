@@ -405,16 +405,14 @@ class ModelRunner:
         """Blocks until the step is done and copies its samples to the host."""
         n = handle.num_rows
         o = handle.out
-        drafts = None if handle.drafts is None else np.asarray(handle.drafts)[:n].tolist()
-        if not handle.with_logprobs:
-            tokens, stats = jax.device_get((o.tokens, handle.stats))
-            return StepResult(tokens[:n].tolist(), None, None, None, None, stats, drafts)
-        tokens, lps, ranks, top_ids, top_lps, stats = jax.device_get(
-            (o.tokens, o.logprobs, o.ranks, o.top_ids, o.top_logprobs, handle.stats)
-        )
-        return StepResult(
-            tokens[:n].tolist(), lps[:n], ranks[:n], top_ids[:n], top_lps[:n], stats, drafts
-        )
+        lp = (o.logprobs, o.ranks, o.top_ids, o.top_logprobs) if handle.with_logprobs else ()
+        if not lp and handle.drafts is None and not handle.stats:  # most steps
+            return StepResult(np.asarray(o.tokens)[:n].tolist(), None, None, None, None)
+        # Everything else the host reads comes back in one transfer.
+        tokens, drafts, stats, *lp = jax.device_get((o.tokens, handle.drafts, handle.stats, *lp))
+        lps, ranks, top_ids, top_lps = [x[:n] for x in lp] or (None,) * 4
+        drafts = None if drafts is None else drafts[:n].tolist()
+        return StepResult(tokens[:n].tolist(), lps, ranks, top_ids, top_lps, stats, drafts)
 
     # -- start-up -----------------------------------------------------------
 
