@@ -78,9 +78,7 @@ def _step(
     backend: str,
     mesh: Any,  # None on one device
     draft: DraftSpec | None = None,
-) -> tuple[
-    list[jax.Array], jax.Array, jax.Array, SamplerOutput, dict[str, jax.Array], list, jax.Array
-]:
+) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput, dict[str, jax.Array], list, Any]:
     f = shapes.layout(*shape).unpack(packed)
     src = f["src_rows"]
     ids = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], f["ids"])
@@ -127,9 +125,11 @@ def _step(
         num_logprobs=shapes.num_logprobs,
         draft_probs=draft_probs,
     )
+    drafts = None  # the proposals each row verified, made here by the draft model
     if draft is not None:
         draft_kv = spec_draft.catch_up(draft_params, draft.cfg, draft_kv, ids, md)
-    return kv_pages, table, history, out, stats, draft_kv or [], f["draft_ids"]
+        drafts = f["draft_ids"]
+    return kv_pages, table, history, out, stats, draft_kv or [], drafts
 
 
 @functools.cache
@@ -391,7 +391,6 @@ class ModelRunner:
             self.draft_kv,
         )
         self._prev_tokens = out.tokens
-        drafts = drafts if self._draft is not None else None
         return StepHandle(out, plan.num_rows, plan.want_logprobs, stats, drafts)
 
     def _write(self, kind: tuple, target: jax.Array, w: RowWrites) -> jax.Array:
