@@ -137,8 +137,12 @@ class InputBuilder:
         hist_lens: list[int] = []
         # (sequence, output position) per row; None on a row scoring a prompt position.
         targets: list[tuple[_SeqInfo | None, int]] = []
-        score_ids: list[int] = []  # per row: the prompt token scored, or -1
-        draft_ids: list[int] = []  # per row: the speculative proposal it verifies, or -1
+        # Only rows whose score_ids (the prompt token scored) or draft_ids (the
+        # proposal verified) differ from the padding -1: their indices and values.
+        score_rows: list[int] = []
+        score_ids: list[int] = []
+        draft_rows: list[int] = []
+        draft_ids: list[int] = []
         # Draft-model lanes (proposed on the device): (table row, index of the last known
         # input, its position, first verifying row, proposals); and (input index, row).
         lanes: list[tuple[int, int, int, int, int]] = []
@@ -188,24 +192,24 @@ class InputBuilder:
                 logits_indices += range(at, at + k)
                 hist_rows += [self.pad_row] * k
                 hist_lens += [0] * k
-                targets += [(None, 0)] * k
+                score_rows += range(len(targets), len(targets) + k)
                 score_ids += e.prompt_targets
-                draft_ids += [-1] * k
+                targets += [(None, 0)] * k
             if e.num_scored:
                 first = end - e.num_scored
-                # Row k of a speculating entry verifies proposal k (its next input);
-                # its last row has none (the bonus token). Proposals of a draft model
-                # (-1 here) are filled in on the device.
-                drafts = [*e.draft_ids, -1]
                 for seq_id in e.targets:
                     target = seqs[seq_id]
+                    # Row k of a speculating entry verifies proposal k (its next input);
+                    # its last row has none (the bonus token). Proposals of a draft
+                    # model (-1 here) are filled in on the device.
+                    if e.draft_ids:
+                        draft_rows += range(len(targets), len(targets) + len(e.draft_ids))
+                        draft_ids += e.draft_ids
                     for k in range(e.num_scored):
                         logits_indices.append(cu[-2] + first - start + k)
                         hist_rows.append(row)  # siblings share the history when they fork
                         hist_lens.append(first + k + 1)
                         targets.append((target, e.out_pos + k))
-                        score_ids.append(-1)
-                        draft_ids.append(drafts[k])
 
         nt, ns = len(ids), len(seq_rows)
         v["ids"][:nt] = ids
@@ -229,8 +233,10 @@ class InputBuilder:
         v["logits_indices"][:nr] = logits_indices
         v["history_rows"][:nr] = hist_rows
         v["history_lens"][:nr] = hist_lens
-        v["score_ids"][:nr] = score_ids
-        v["draft_ids"][:nr] = draft_ids
+        if score_rows:
+            v["score_ids"][score_rows] = score_ids
+        if draft_rows:
+            v["draft_ids"][draft_rows] = draft_ids
         if lanes:
             cols = list(zip(*lanes, strict=True))
             nl = len(lanes)

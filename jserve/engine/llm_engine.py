@@ -379,9 +379,10 @@ class LLMEngine:
         res = self.runner.fetch(handle)
         if "expert_tokens" in res.stats:
             self.stats.record_experts(res.stats["expert_tokens"])
-        for e in so.entries:  # before update: a sample there may end the sequence
-            if e.prompt_targets:
-                self._record_prompt_logprobs(e, res)
+        if res.logprobs is not None:  # (a step scoring prompt positions returns them)
+            for e in so.entries:  # before update: a sample there may end the sequence
+                if e.prompt_targets:
+                    self._record_prompt_logprobs(e, res)
         for upd in self.scheduler.update(so, res.tokens, res.drafts):
             req = upd.seq.request
             kept = self._find_stop_string(upd)

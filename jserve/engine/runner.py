@@ -78,9 +78,7 @@ def _step(
     backend: str,
     mesh: Any,  # None on one device
     draft: DraftSpec | None = None,
-) -> tuple[
-    list[jax.Array], jax.Array, jax.Array, SamplerOutput, dict[str, jax.Array], list, jax.Array
-]:
+) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput, dict[str, jax.Array], list, Any]:
     f = shapes.layout(*shape).unpack(packed)
     src = f["src_rows"]
     ids = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], f["ids"])
@@ -127,9 +125,11 @@ def _step(
         num_logprobs=shapes.num_logprobs,
         draft_probs=draft_probs,
     )
+    drafts = None  # the proposals each row verified, made here by the draft model
     if draft is not None:
         draft_kv = spec_draft.catch_up(draft_params, draft.cfg, draft_kv, ids, md)
-    return kv_pages, table, history, out, stats, draft_kv or [], f["draft_ids"]
+        drafts = f["draft_ids"]
+    return kv_pages, table, history, out, stats, draft_kv or [], drafts
 
 
 @functools.cache
@@ -391,7 +391,6 @@ class ModelRunner:
             self.draft_kv,
         )
         self._prev_tokens = out.tokens
-        drafts = drafts if self._draft is not None else None
         return StepHandle(out, plan.num_rows, plan.want_logprobs, stats, drafts)
 
     def _write(self, kind: tuple, target: jax.Array, w: RowWrites) -> jax.Array:
@@ -405,16 +404,14 @@ class ModelRunner:
         """Blocks until the step is done and copies its samples to the host."""
         n = handle.num_rows
         o = handle.out
-        drafts = None if handle.drafts is None else np.asarray(handle.drafts)[:n].tolist()
-        if not handle.with_logprobs:
-            tokens, stats = jax.device_get((o.tokens, handle.stats))
-            return StepResult(tokens[:n].tolist(), None, None, None, None, stats, drafts)
-        tokens, lps, ranks, top_ids, top_lps, stats = jax.device_get(
-            (o.tokens, o.logprobs, o.ranks, o.top_ids, o.top_logprobs, handle.stats)
-        )
-        return StepResult(
-            tokens[:n].tolist(), lps[:n], ranks[:n], top_ids[:n], top_lps[:n], stats, drafts
-        )
+        lp = (o.logprobs, o.ranks, o.top_ids, o.top_logprobs) if handle.with_logprobs else ()
+        if not lp and handle.drafts is None and not handle.stats:  # most steps
+            return StepResult(np.asarray(o.tokens)[:n].tolist(), None, None, None, None)
+        # Everything else the host reads comes back in one transfer.
+        tokens, drafts, stats, *lp = jax.device_get((o.tokens, handle.drafts, handle.stats, *lp))
+        lps, ranks, top_ids, top_lps = [x[:n] for x in lp] or (None,) * 4
+        drafts = None if drafts is None else drafts[:n].tolist()
+        return StepResult(tokens[:n].tolist(), lps, ranks, top_ids, top_lps, stats, drafts)
 
     # -- start-up -----------------------------------------------------------
 

@@ -290,7 +290,9 @@ class Scheduler:
         # A step has max_num_seqs rows. Each sequence slot keeps a row for its
         # sample, except the slots of sequences chosen with a chunk short of their
         # last token (they sample nothing this step); prompt-logprob positions take
-        # what is left. `spare` is those freed rows minus the prompt rows taken.
+        # what is left. `spare` is those freed rows minus the prompt rows (and
+        # proposals) taken. While it is >= 0 every sequence's own rows fit, so only
+        # one that scores its prompt needs ``_fit_rows``.
         spare = 0
 
         def rows_free() -> int:
@@ -336,13 +338,17 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted as a victim this step
                 continue
-            if seq.num_output_tokens >= max(seq.request.max_output_tokens, 1):
+            if seq.num_output_tokens >= (seq.request.max_output_tokens or 1):
                 continue  # its last token is in flight; it ends when that arrives
-            num_new = min(seq.num_tokens - seq.num_computed, budget)
-            num_new = self._fit_rows(seq, num_new, rows_free() + self._slots_of(seq))
-            if num_new == 0:
-                continue  # no rows left for its prompt positions this step
-            seq.drafts = self._propose(seq, num_new, budget, rows_free())
+            left = seq.num_tokens - seq.num_computed
+            num_new = min(left, budget)
+            scores = seq.request.prompt_logprobs is not None
+            if scores or spare < 0:  # else its rows fit (see `spare`)
+                num_new = self._fit_rows(seq, num_new, rows_free() + self._slots_of(seq))
+                if num_new == 0:
+                    continue  # no rows left for its prompt positions this step
+            if self.speculator is not None:
+                seq.drafts = self._propose(seq, num_new, budget, rows_free())
             while not self._reserve(seq, num_new + len(seq.drafts), copies):
                 if seq.drafts:  # page pressure: fewer proposals before any preemption
                     seq.drafts.pop()
@@ -355,10 +361,12 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
+            short = num_new < left
             num_new += len(seq.drafts)
             chosen.append((seq, num_new))
             budget -= num_new
-            take(seq, num_new)
+            if scores or short or seq.drafts:
+                take(seq, num_new)  # (a no-op for any other chosen sequence)
 
         while self.waiting and budget > 0:
             # A sequence preempted this step, or whose last token is still on
@@ -375,7 +383,8 @@ class Scheduler:
             hit = len(seq.pages) * self.pool.page_size
             seq.num_computed = hit
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            num_new = self._fit_rows(seq, num_new, rows_free())
+            if seq.request.prompt_logprobs is not None or spare < 0:
+                num_new = self._fit_rows(seq, num_new, rows_free())
             if num_new == 0 or not self._reserve(seq, num_new, copies):
                 self.pool.free(seq.pages)
                 seq.pages, seq.page_hashes, seq.num_computed = [], [], 0
@@ -395,10 +404,10 @@ class Scheduler:
         """Speculative proposals for a sequence that decodes, within the step's budgets and
         its max_tokens (the accepted run plus its bonus token never exceeds it)."""
         spec = self.speculator
+        assert spec is not None
         req = seq.request
         if (
-            spec is None
-            or num_new != 1
+            num_new != 1
             or seq.num_pending
             or seq.num_computed != seq.num_tokens - 1
             or seq.num_tokens <= seq.num_prompt_tokens  # its prompt's last token (n > 1 forks)
@@ -422,7 +431,9 @@ class Scheduler:
         its last token. Without prompt logprobs that is num_new, or num_new - 1 when
         the samples do not fit (then nothing is sampled this step)."""
         start = seq.num_computed
-        n = logprobs.cap_chunk(seq.request, start, num_new, rows)
+        n = num_new
+        if seq.request.prompt_logprobs is not None:
+            n = logprobs.cap_chunk(seq.request, start, num_new, rows)
         samples = n > 0 and start + n == seq.num_tokens
         if samples and self._prompt_rows(seq, n) + self._slots_of(seq) > rows:
             n -= 1  # stop one short: nothing sampled, and its positions still fit
@@ -430,6 +441,8 @@ class Scheduler:
 
     @staticmethod
     def _prompt_rows(seq: Sequence, num_new: int) -> int:
+        if seq.request.prompt_logprobs is None:  # the common case, on every step
+            return 0
         return logprobs.owed(seq.request, seq.num_computed, seq.num_computed + num_new)[1]
 
     def _start_running(self, seq: Sequence, take_slots: bool = True) -> None:
@@ -495,12 +508,17 @@ class Scheduler:
             seq.num_computed = end
             num_tokens += num_new
             req = seq.request
-            prompt_first, num_prompt = logprobs.owed(req, start, end)
-            # Positions are planned in order: none may be skipped.
-            assert num_prompt == 0 or prompt_first == req.num_prompt_scored, (seq, start)
-            req.num_prompt_scored += num_prompt
             prompt_row = rows
-            rows += num_prompt
+            prompt_first, prompt_targets = start, []
+            if req.prompt_logprobs is not None:
+                prompt_first, num_prompt = logprobs.owed(req, start, end)
+                # Positions are planned in order: none may be skipped.
+                assert num_prompt == 0 or prompt_first == req.num_prompt_scored, (seq, start)
+                req.num_prompt_scored += num_prompt
+                rows += num_prompt
+                prompt_targets = req.prompt_token_ids[
+                    prompt_first + 1 : prompt_first + 1 + num_prompt
+                ]
             total = len(token_ids) + seq.num_pending
             scored = 1 + len(drafts)
             ids = []
@@ -514,7 +532,7 @@ class Scheduler:
                 seq.seq_id,
                 start,
                 num_new,
-                token_ids[start:known] + drafts,
+                token_ids[start:known] + drafts if drafts else token_ids[start:known],
                 src_row,
                 offset,
                 new_pages,
@@ -523,7 +541,7 @@ class Scheduler:
                 rows,
                 total - seq.num_prompt_tokens,
                 prompt_first,
-                req.prompt_token_ids[prompt_first + 1 : prompt_first + 1 + num_prompt],
+                prompt_targets,
                 prompt_row,
                 drafts,
             )
@@ -575,23 +593,41 @@ class Scheduler:
                     self.finish(seq, "length")
                     updates.append(SeqUpdate(seq, [], []))
                     continue
-                got = []
-                if entry.draft_ids and entry.draft_ids[0] < 0:
-                    assert drafts is not None, "a step with device proposals returns them"
-                    entry.draft_ids = list(drafts[rows[0] : rows[-1]])
-                drafts_j = entry.draft_ids
-                for j, r in enumerate(rows):
-                    token = int(tokens[r])
+                if entry.draft_ids:
+                    got = self._take_verified(seq, entry, rows, tokens, drafts)
+                else:  # one row: its sample
+                    token = int(tokens[rows[0]])
                     seq.token_ids.append(token)
-                    got.append(token)
-                    if self._check_stop(seq, token):
-                        break
-                    if j < len(drafts_j) and token != drafts_j[j]:
-                        break  # proposal j was rejected: later rows assumed it
-                if drafts_j:
-                    self._after_verification(seq, entry, [int(tokens[r]) for r in rows])
+                    self._check_stop(seq, token)
+                    got = [token]
                 updates.append(SeqUpdate(seq, got, list(rows[: len(got)])))
         return updates
+
+    def _take_verified(
+        self,
+        seq: Sequence,
+        entry: ScheduledEntry,
+        rows: range,
+        tokens: Seq[int],
+        drafts: Seq[int] | None,
+    ) -> list[int]:
+        """The tokens a speculating sequence keeps from its rows: up to its first stop or
+        rejected proposal (later rows assumed it)."""
+        if entry.draft_ids[0] < 0:
+            assert drafts is not None, "a step with device proposals returns them"
+            entry.draft_ids = list(drafts[rows[0] : rows[-1]])
+        proposed = entry.draft_ids
+        got = []
+        for j, r in enumerate(rows):
+            token = int(tokens[r])
+            seq.token_ids.append(token)
+            got.append(token)
+            if self._check_stop(seq, token):
+                break
+            if j < len(proposed) and token != proposed[j]:
+                break  # proposal j was rejected
+        self._after_verification(seq, entry, [int(tokens[r]) for r in rows])
+        return got
 
     def _after_verification(self, seq: Sequence, entry: ScheduledEntry, tokens: list[int]) -> None:
         """Counts what was accepted, and rolls back the positions computed for rejected
