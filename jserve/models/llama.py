@@ -139,8 +139,10 @@ def _fused_qkv(prefix: str, cfg: ModelConfig, suffix: str) -> HFSource:
     )
 
 
-def _gate_up(prefix: str, suffix: str, e: int, f: int) -> HFSource:
-    names = (f"{prefix}.mlp.gate_proj.{suffix}", f"{prefix}.mlp.up_proj.{suffix}")
+def _gate_up(module: str, suffix: str, e: int, f: int) -> HFSource:
+    """[E, 2, F] (or the bias [2, F]) from ``module``'s gate_proj and up_proj, e.g. module
+    "model.layers.0.mlp" (a Qwen2-MoE shared expert's is "...mlp.shared_expert")."""
+    names = (f"{module}.gate_proj.{suffix}", f"{module}.up_proj.{suffix}")
     if suffix == "weight":  # [F, E] each -> [E, 2, F]
 
         def build(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -202,7 +204,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
             ),
             "mlp_norm": norm(f"{p}.post_attention_layernorm.weight"),
             "w_gate_up": ParamSpec(
-                (e, 2, f), ("embed", None, "mlp"), "normal", _gate_up(p, "weight", e, f)
+                (e, 2, f), ("embed", None, "mlp"), "normal", _gate_up(f"{p}.mlp", "weight", e, f)
             ),
             "w_down": ParamSpec(
                 (f, e),
@@ -221,7 +223,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
             )
         if opts.mlp_bias:
             layer["b_gate_up"] = ParamSpec(
-                (2, f), (None, "mlp"), "zeros", _gate_up(p, "bias", e, f)
+                (2, f), (None, "mlp"), "zeros", _gate_up(f"{p}.mlp", "bias", e, f)
             )
             layer["b_down"] = ParamSpec(
                 (e,), (None,), "zeros", _copy(f"{p}.mlp.down_proj.bias", (e,))

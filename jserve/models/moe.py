@@ -87,10 +87,6 @@ def _names(cfg: ModelConfig, i: int) -> dict[str, Any]:
     return {"router": f"{p}.gate.weight", "gate": gate, "up": up, "down": down, "prefix": p}
 
 
-def _bounds(idx: slice) -> tuple[int, int]:
-    return idx.start, idx.stop
-
-
 def _experts_gate_up(gates: tuple[str, ...], ups: tuple[str, ...], e: int, f: int) -> HFSource:
     """[X, E, 2, F] from each expert's gate and up [F, E]; a slice reads only its experts'
     tensors, and of those only its rows."""
@@ -102,9 +98,9 @@ def _experts_gate_up(gates: tuple[str, ...], ups: tuple[str, ...], e: int, f: in
 
     def read_slice(read: Any, idx: tuple[slice, ...]) -> np.ndarray:
         xs, es, cs, fs = idx
-        if _bounds(cs) != (0, 2):
+        if not llama._whole(cs, 2):
             raise NotImplementedError("gate and up are split only along the hidden units")
-        x0, x1 = _bounds(xs)
+        x0, x1 = llama._range(xs)
         g = np.stack([read(gates[j], (fs, es)) for j in range(x0, x1)])  # [X', F', E']
         u = np.stack([read(ups[j], (fs, es)) for j in range(x0, x1)])
         return np.ascontiguousarray(np.stack([g, u], axis=-1).transpose(0, 2, 3, 1))
@@ -127,35 +123,13 @@ def _experts_down(downs: tuple[str, ...], e: int, f: int) -> HFSource:
 
     def read_slice(read: Any, idx: tuple[slice, ...]) -> np.ndarray:
         xs, fs, es = idx
-        x0, x1 = _bounds(xs)
+        x0, x1 = llama._range(xs)
         return build(*(read(downs[j], (es, fs)) for j in range(x0, x1)))
 
     def export(w: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(np.ascontiguousarray(w[j].T) for j in range(len(downs)))
 
     return HFSource(downs, build, export, shapes=((e, f),) * len(downs), read_slice=read_slice)
-
-
-def _shared_gate_up(prefix: str, e: int, f: int) -> HFSource:
-    """The shared expert's [E, 2, F] from its gate and up [F, E]."""
-    names = (f"{prefix}.shared_expert.gate_proj.weight", f"{prefix}.shared_expert.up_proj.weight")
-
-    def build(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.stack([gate.T, up.T], axis=1))
-
-    def read_slice(read: Any, idx: tuple[slice, ...]) -> np.ndarray:
-        es, cs, fs = idx
-        if _bounds(cs) != (0, 2):
-            raise NotImplementedError("gate and up are split only along the hidden units")
-        return build(read(names[0], (fs, es)), read(names[1], (fs, es)))
-
-    return HFSource(
-        names,
-        build,
-        lambda w: (np.ascontiguousarray(w[:, 0].T), np.ascontiguousarray(w[:, 1].T)),
-        shapes=((f, e), (f, e)),
-        read_slice=read_slice,
-    )
 
 
 def expert_axes(cfg: ModelConfig) -> tuple[tuple, tuple]:
@@ -189,7 +163,10 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
         if fs:
             p = n["prefix"]
             layer["shared_gate_up"] = ParamSpec(
-                (e, 2, fs), ("embed", None, "mlp"), "normal", _shared_gate_up(p, e, fs)
+                (e, 2, fs),
+                ("embed", None, "mlp"),
+                "normal",
+                llama._gate_up(f"{p}.shared_expert", "weight", e, fs),
             )
             layer["shared_down"] = ParamSpec(
                 (fs, e),
