@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from checkpoints.files import check_file, read_json
+from checkpoints.files import read_json
 from checkpoints.hf_export import dtype_name
 from jserve.errors import ConfigError
 
@@ -470,16 +470,16 @@ def config_from_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
 def load_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
     """Reads ``config.json`` (and ``generation_config.json`` eos ids) from a model directory."""
     path = os.path.join(model_dir, "config.json")
-    if not check_file(path, ConfigError, required=False):
+    raw = read_json(path, ConfigError, required=False)
+    if raw is None:
         raise ConfigError(
             f"{path} not found: a model directory needs a Hugging Face config.json "
             "(pass the directory that save_pretrained wrote)"
         )
-    raw = read_json(path, ConfigError)
     cfg = config_from_dict(raw, name=os.path.basename(os.path.normpath(model_dir)))
     gen_path = os.path.join(model_dir, "generation_config.json")
-    if check_file(gen_path, ConfigError, required=False):
-        gen = read_json(gen_path, ConfigError)
+    gen = read_json(gen_path, ConfigError, required=False)
+    if gen is not None:
         eos = _as_ids(gen.get("eos_token_id"), f"{gen_path}: eos_token_id")
         if eos:
             cfg = cfg.replace(eos_token_ids=eos).validate()
