@@ -77,11 +77,14 @@ def read_json(
     error: type[Exception] = CheckpointError,
     expect: type = dict,
     max_bytes: int = MAX_JSON_BYTES,
+    required: bool = True,
 ) -> Any:
     """The parsed contents of a JSON file that must hold an ``expect`` (an object by
-    default); every way it can be wrong raises ``error`` naming the file."""
+    default); every way it can be wrong raises ``error`` naming the file. None if the
+    file does not exist and is not ``required``."""
     path = os.fspath(path)
-    check_file(path, error)
+    if not check_file(path, error, required):
+        return None
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)

@@ -51,13 +51,7 @@ def _shard_path(model_dir: str, index_path: str, name: Any, fname: Any) -> str:
         )
     # Links the directory itself holds are followed (the Hugging Face cache keeps each
     # snapshot's files as links to its blobs); names that leave it are refused above.
-    path = os.path.join(model_dir, fname)
-    if not check_file(path, required=False):
-        raise CheckpointError(
-            f"{index_path} names shard {fname} for tensor {name}, but the file is "
-            "missing; copy the complete checkpoint directory"
-        )
-    return path
+    return os.path.join(model_dir, fname)
 
 
 def _non_finite(x: np.ndarray) -> int:
@@ -87,15 +81,25 @@ class SafetensorsReader:
         self._stack = contextlib.ExitStack()
         self._open: dict[str, Any] = {}
         self._keys: dict[str, set[str]] = {}
-        if check_file(index_path, required=False):
-            index = read_json(index_path)
+        index = read_json(index_path, required=False)
+        if index is not None:
             weight_map = index.get("weight_map", {})
             if not isinstance(weight_map, dict):
                 raise CheckpointError(
                     f"{index_path}: weight_map must be an object of tensor name -> shard file"
                 )
+            # shard path -> (the first tensor the index puts there, the name it gives)
+            first: dict[str, tuple[str, str]] = {}
             for name, fname in weight_map.items():
-                self._where[name] = _shard_path(self.model_dir, index_path, name, fname)
+                path = _shard_path(self.model_dir, index_path, name, fname)
+                self._where[name] = path
+                first.setdefault(path, (name, fname))
+            for path, (name, fname) in first.items():  # each shard once, not per tensor
+                if not check_file(path, required=False):
+                    raise CheckpointError(
+                        f"{index_path} names shard {fname} for tensor {name}, but the file "
+                        "is missing; copy the complete checkpoint directory"
+                    )
         else:
             files = sorted(glob.glob(os.path.join(self.model_dir, "*.safetensors")))
             if not files:

@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from checkpoints.files import check_file, read_json
+from checkpoints.files import read_json
 from checkpoints.hf_export import dtype_name
 from jserve.errors import ConfigError
 
@@ -173,9 +173,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
         }
         for key, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config.json: {key} must be a positive integer, got {value!r}")
-            if value > MAX_INT32:
+            if _positive(value, key) > MAX_INT32:
                 raise ConfigError(f"config.json: {key} {value} does not fit in 32 bits")
         if self.num_layers > MAX_LAYERS:
             raise ConfigError(
@@ -238,6 +236,13 @@ def _int(value: Any, key: str) -> int:
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"config.json: {key} must be an integer, got {value!r}")
+    return value
+
+
+def _positive(value: Any, key: str) -> int:
+    """``value`` if it is a positive int (never a bool); parse config text with ``_int``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"config.json: {key} must be a positive integer, got {value!r}")
     return value
 
 
@@ -343,25 +348,30 @@ def _moe_options(raw: dict[str, Any], family: str) -> MoeOptions:
     attn = _llama_options(raw, base)
     if family == "qwen2_moe":  # Qwen2-MoE's q/k/v biases are a config switch
         attn = dataclasses.replace(attn, qkv_bias=bool(raw.get("qkv_bias", True)))
-    num_layers = int(raw["num_hidden_layers"])
+
+    def count(key: str, value: Any) -> int:
+        return _positive(value if value is None else _int(value, key), key)
+
+    num_layers = _int(raw["num_hidden_layers"], "num_hidden_layers")
     if family == "mixtral":
         experts, inter, norm = raw.get("num_local_experts", 8), raw["intermediate_size"], True
         sparse = [True] * num_layers
     else:
         experts = raw.get("num_experts", raw.get("num_local_experts"))
         inter, norm = raw.get("moe_intermediate_size"), bool(raw.get("norm_topk_prob", False))
-        step = int(raw.get("decoder_sparse_step", 1) or 1)
-        dense = set(raw.get("mlp_only_layers") or [])
+        step = count("decoder_sparse_step", raw.get("decoder_sparse_step") or 1)
+        dense = raw.get("mlp_only_layers") or []
+        if not isinstance(dense, list):
+            raise ConfigError(f"config.json: mlp_only_layers must be a list, got {dense!r}")
+        dense = {_int(i, "mlp_only_layers") for i in dense}
         sparse = [i not in dense and (i + 1) % step == 0 for i in range(num_layers)]
     top_k = raw.get("num_experts_per_tok", 2)
-    shared = int(raw.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0
-    for key, value in (
-        ("num_experts", experts),
-        ("num_experts_per_tok", top_k),
-        ("moe_intermediate_size", inter),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"config.json: {key} must be a positive integer, got {value!r}")
+    shared = 0
+    if family == "qwen2_moe":
+        key = "shared_expert_intermediate_size"
+        shared = _int(raw.get(key) or 0, key)
+    experts, top_k = count("num_experts", experts), count("num_experts_per_tok", top_k)
+    inter = count("moe_intermediate_size", inter)
     if top_k > experts:
         raise ConfigError(
             f"config.json: num_experts_per_tok ({top_k}) exceeds the {experts} experts"
@@ -470,16 +480,16 @@ def config_from_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
 def load_config(model_dir: str | os.PathLike[str]) -> ModelConfig:
     """Reads ``config.json`` (and ``generation_config.json`` eos ids) from a model directory."""
     path = os.path.join(model_dir, "config.json")
-    if not check_file(path, ConfigError, required=False):
+    raw = read_json(path, ConfigError, required=False)
+    if raw is None:
         raise ConfigError(
             f"{path} not found: a model directory needs a Hugging Face config.json "
             "(pass the directory that save_pretrained wrote)"
         )
-    raw = read_json(path, ConfigError)
     cfg = config_from_dict(raw, name=os.path.basename(os.path.normpath(model_dir)))
     gen_path = os.path.join(model_dir, "generation_config.json")
-    if check_file(gen_path, ConfigError, required=False):
-        gen = read_json(gen_path, ConfigError)
+    gen = read_json(gen_path, ConfigError, required=False)
+    if gen is not None:
         eos = _as_ids(gen.get("eos_token_id"), f"{gen_path}: eos_token_id")
         if eos:
             cfg = cfg.replace(eos_token_ids=eos).validate()

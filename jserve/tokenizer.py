@@ -55,8 +55,8 @@ class Tokenizer:
         eos = list(eos_token_ids)
         bos = None
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
-        if check_file(cfg_path, ConfigError, required=False):
-            tcfg = read_json(cfg_path, ConfigError)
+        tcfg = read_json(cfg_path, ConfigError, required=False)
+        if tcfg is not None:
             eos_tok = _token_content(tcfg.get("eos_token"))
             if eos_tok is not None and tok.token_to_id(eos_tok) is not None:
                 eos.append(tok.token_to_id(eos_tok))

@@ -55,3 +55,20 @@ def tok_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from tests.hf_models import make_tiny_model_with_tokenizer
 
     return make_tiny_model_with_tokenizer(str(tmp_path_factory.mktemp("tokmodel") / "m"))
+
+
+@pytest.fixture(scope="module")
+def tok_llm(tok_model_dir: str):
+    """An LLM over tok_model_dir, one per test module, not warmed up: for tests of the
+    Python API (short prompts; max_model_len 64 keeps its programs small)."""
+    from jserve import LLM
+
+    return LLM(
+        model=tok_model_dir,
+        dtype="float32",
+        page_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        max_model_len=64,
+        warmup=False,
+    )

@@ -15,26 +15,14 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 TEXT = "First Citizen:"
 
 
-@pytest.fixture(scope="module")
-def llm(tok_model_dir: str) -> LLM:
-    return LLM(
-        model=tok_model_dir,
-        dtype="float32",
-        page_size=4,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,
-        warmup=False,
-    )
-
-
 def _tokens(out) -> list[int]:
     return out.outputs[0].token_ids
 
 
-def test_vllm_dict_prompts_mean_what_they_say(llm: LLM) -> None:
-    ids = llm.get_tokenizer().encode(TEXT)
-    plain = llm.generate([TEXT, ids], GREEDY, use_tqdm=False)
-    outs = llm.generate(
+def test_vllm_dict_prompts_mean_what_they_say(tok_llm: LLM) -> None:
+    ids = tok_llm.get_tokenizer().encode(TEXT)
+    plain = tok_llm.generate([TEXT, ids], GREEDY, use_tqdm=False)
+    outs = tok_llm.generate(
         [{"prompt": TEXT}, {"prompt_token_ids": ids}, {"prompt_token_ids": np.array(ids)}],
         GREEDY,
         use_tqdm=False,
@@ -43,7 +31,7 @@ def test_vllm_dict_prompts_mean_what_they_say(llm: LLM) -> None:
     assert outs[1].prompt is None and outs[1].prompt_token_ids == ids
     assert [_tokens(o) for o in outs] == [_tokens(plain[0]), _tokens(plain[1]), _tokens(plain[1])]
     # A single dict is one prompt, as a single string is.
-    (one,) = llm.generate({"prompt": TEXT}, GREEDY, use_tqdm=False)
+    (one,) = tok_llm.generate({"prompt": TEXT}, GREEDY, use_tqdm=False)
     assert _tokens(one) == _tokens(plain[0])
 
 
@@ -80,10 +68,10 @@ NOT_PROMPTS = [
 @pytest.mark.parametrize(
     ("prompt", "pattern"), NOT_PROMPTS, ids=[repr(p)[:30] for p, _ in NOT_PROMPTS]
 )
-def test_what_is_not_a_prompt_is_refused_naming_it(llm: LLM, prompt, pattern: str) -> None:  # fmt: skip
+def test_what_is_not_a_prompt_is_refused_naming_it(tok_llm: LLM, prompt, pattern: str) -> None:  # fmt: skip
     with pytest.raises(InvalidRequestError, match=pattern):
-        llm.generate(prompt, GREEDY, use_tqdm=False)
-    assert llm.engine.is_idle()
+        tok_llm.generate(prompt, GREEDY, use_tqdm=False)
+    assert tok_llm.engine.is_idle()
 
 
 @pytest.mark.parametrize(
@@ -130,42 +118,42 @@ BAD_PARAMS = [
 
 @pytest.mark.parametrize(("fields", "pattern"), BAD_PARAMS)
 def test_sampling_values_past_the_device_ranges_are_refused(
-    llm: LLM, fields: dict, pattern: str
+    tok_llm: LLM, fields: dict, pattern: str
 ) -> None:
     with pytest.raises(InvalidRequestError, match=pattern):
-        llm.generate([1, 2, 3], SamplingParams(**{"max_tokens": 4, **fields}), use_tqdm=False)
-    assert llm.engine.is_idle()
+        tok_llm.generate([1, 2, 3], SamplingParams(**{"max_tokens": 4, **fields}), use_tqdm=False)
+    assert tok_llm.engine.is_idle()
 
 
-def test_fields_changed_after_construction_are_checked_too(llm: LLM) -> None:
+def test_fields_changed_after_construction_are_checked_too(tok_llm: LLM) -> None:
     sp = SamplingParams(max_tokens=4)
     sp.stop = 5
     with pytest.raises(InvalidRequestError, match=r"stop must be a string or a list"):
-        llm.generate([1, 2, 3], sp, use_tqdm=False)
+        tok_llm.generate([1, 2, 3], sp, use_tqdm=False)
     with pytest.raises(InvalidRequestError, match=r"sampling_params must be a SamplingParams"):
-        llm.generate([1, 2, 3], {"max_tokens": 4}, use_tqdm=False)
+        tok_llm.generate([1, 2, 3], {"max_tokens": 4}, use_tqdm=False)
     with pytest.raises(InvalidRequestError, match=r"sampling params must be a SamplingParams"):
-        llm.generate([[1, 2, 3]], [None], use_tqdm=False)
+        tok_llm.generate([[1, 2, 3]], [None], use_tqdm=False)
     with pytest.raises(InvalidRequestError, match=r"priority must be a list"):
-        llm.generate([1, 2, 3], GREEDY, priority=5, use_tqdm=False)
+        tok_llm.generate([1, 2, 3], GREEDY, priority=5, use_tqdm=False)
 
 
-def test_the_largest_values_the_device_holds_still_work(llm: LLM) -> None:
-    greedy = llm.generate([1, 2, 3], GREEDY, use_tqdm=False)[0]
+def test_the_largest_values_the_device_holds_still_work(tok_llm: LLM) -> None:
+    greedy = tok_llm.generate([1, 2, 3], GREEDY, use_tqdm=False)[0]
     sp = SamplingParams(
         max_tokens=4, temperature=1e-5, top_k=INT32 - 1, seed=2**64 - 1, ignore_eos=True
     )
-    (out,) = llm.generate([1, 2, 3], sp, use_tqdm=False)
+    (out,) = tok_llm.generate([1, 2, 3], sp, use_tqdm=False)
     assert len(_tokens(out)) == 4
     # Below vLLM's 1e-5 a temperature is greedy, rather than overflowing float32.
     tiny = SamplingParams(max_tokens=4, temperature=1e-40, ignore_eos=True)
     assert tiny.temperature == 0.0
-    assert _tokens(llm.generate([1, 2, 3], tiny, use_tqdm=False)[0]) == _tokens(greedy)
+    assert _tokens(tok_llm.generate([1, 2, 3], tiny, use_tqdm=False)[0]) == _tokens(greedy)
 
 
-def test_async_engine_takes_dict_prompts_and_refuses_non_prompts(llm: LLM) -> None:
-    offline = llm.generate(TEXT, GREEDY, use_tqdm=False)[0]
-    aengine = AsyncLLMEngine(llm.engine)
+def test_async_engine_takes_dict_prompts_and_refuses_non_prompts(tok_llm: LLM) -> None:
+    offline = tok_llm.generate(TEXT, GREEDY, use_tqdm=False)[0]
+    aengine = AsyncLLMEngine(tok_llm.engine)
 
     async def collect(prompt) -> list[int]:
         ids: list[int] = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,19 +19,6 @@ from jserve import LLM, InvalidRequestError, SamplingParams
 
 VOCAB = 320  # tok_model_dir's embedding rows
 KNOWN_GOOD = ([5, 17, 200, 3, 9], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
-
-
-@pytest.fixture(scope="module")
-def llm(tok_model_dir: str) -> LLM:
-    return LLM(
-        model=tok_model_dir,
-        dtype="float32",
-        page_size=4,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,
-        max_model_len=64,
-        warmup=False,
-    )
 
 
 # Values of every kind a caller might pass, mostly hostile.
@@ -121,9 +107,9 @@ def _check(outs: list, sp: SamplingParams) -> None:
                 assert len(c.token_ids) <= sp.max_tokens
 
 
-def test_fuzz_sampling_params_and_prompts(llm: LLM) -> None:
+def test_fuzz_sampling_params_and_prompts(tok_llm: LLM) -> None:
     prompt, good = KNOWN_GOOD
-    expected = llm.generate(prompt, good, use_tqdm=False)[0].outputs[0].token_ids
+    expected = tok_llm.generate(prompt, good, use_tqdm=False)[0].outputs[0].token_ids
     outcomes = {"ran": 0, "refused": 0}
 
     @settings(
@@ -137,15 +123,15 @@ def test_fuzz_sampling_params_and_prompts(llm: LLM) -> None:
     def one(prompt: Any, fields: dict[str, Any]) -> None:
         try:
             sp = SamplingParams(**fields)
-            outs = llm.generate(prompt, sp, use_tqdm=False)
+            outs = tok_llm.generate(prompt, sp, use_tqdm=False)
         except InvalidRequestError:
             outcomes["refused"] += 1
         else:
             _check(outs, sp)
             outcomes["ran"] += 1
-        assert llm.engine.is_idle()
+        assert tok_llm.engine.is_idle()
 
     one()
     # Both branches were exercised, and the engine serves as before.
     assert outcomes["ran"] >= 5 and outcomes["refused"] >= 5, outcomes
-    assert llm.generate(prompt, good, use_tqdm=False)[0].outputs[0].token_ids == expected
+    assert tok_llm.generate(prompt, good, use_tqdm=False)[0].outputs[0].token_ids == expected

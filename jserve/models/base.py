@@ -45,8 +45,11 @@ class Model(Protocol):
         positions: jax.Array,
         attend: Attend,
         state: State,
+        md: AttentionMetadata | None = None,
     ) -> tuple[jax.Array, State]:
-        """One block: x [..., E] at positions [...] -> (x [..., E], attend's new state)."""
+        """One block: x [..., E] at positions [...] -> (x [..., E], attend's new state).
+        ``md`` is the step's metadata when attending over pages (a mixture-of-experts
+        layer reads which tokens are padding and the mesh from it), None otherwise."""
         ...
 
     def final_norm(self, params: dict[str, Any], cfg: ModelConfig, x: jax.Array) -> jax.Array:

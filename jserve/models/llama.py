@@ -3,9 +3,10 @@
 This module is the family's implementation of ``jserve.models.base.Model``
 (reach it through ``jserve.models.get_model``). Weights are declared once in
 ``param_specs``; the forward passes are plain functions of (params, config,
-inputs), and both run the one ``decoder_layer``, which takes the attention
-as a callable: paged attention over KV pages in ``forward``, dense causal
-attention in ``forward_dense``. The family's switches (biases, q/k norm) are
+inputs), and both run the one ``layer``, which takes the attention as a
+callable: paged attention over KV pages in ``forward`` (``run_paged``), dense
+causal attention in ``forward_dense`` (``run_dense``); the mixture-of-experts
+family runs the same loops with its own ``layer``. The family's switches (biases, q/k norm) are
 ``cfg.options``, a ``LlamaOptions``. Layers are unrolled in Python: each
 layer's weights are separate arrays and each layer's KV pages a separate
 buffer, so XLA updates the pages in place and never copies a stacked cache.
@@ -19,6 +20,7 @@ h query head, d head dim, c gate/up, f MLP hidden, v vocab.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -137,8 +139,10 @@ def _fused_qkv(prefix: str, cfg: ModelConfig, suffix: str) -> HFSource:
     )
 
 
-def _gate_up(prefix: str, suffix: str, e: int, f: int) -> HFSource:
-    names = (f"{prefix}.mlp.gate_proj.{suffix}", f"{prefix}.mlp.up_proj.{suffix}")
+def _gate_up(module: str, suffix: str, e: int, f: int) -> HFSource:
+    """[E, 2, F] (or the bias [2, F]) from ``module``'s gate_proj and up_proj, e.g. module
+    "model.layers.0.mlp" (a Qwen2-MoE shared expert's is "...mlp.shared_expert")."""
+    names = (f"{module}.gate_proj.{suffix}", f"{module}.up_proj.{suffix}")
     if suffix == "weight":  # [F, E] each -> [E, 2, F]
 
         def build(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -200,7 +204,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
             ),
             "mlp_norm": norm(f"{p}.post_attention_layernorm.weight"),
             "w_gate_up": ParamSpec(
-                (e, 2, f), ("embed", None, "mlp"), "normal", _gate_up(p, "weight", e, f)
+                (e, 2, f), ("embed", None, "mlp"), "normal", _gate_up(f"{p}.mlp", "weight", e, f)
             ),
             "w_down": ParamSpec(
                 (f, e),
@@ -219,7 +223,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
             )
         if opts.mlp_bias:
             layer["b_gate_up"] = ParamSpec(
-                (2, f), (None, "mlp"), "zeros", _gate_up(p, "bias", e, f)
+                (2, f), (None, "mlp"), "zeros", _gate_up(f"{p}.mlp", "bias", e, f)
             )
             layer["b_down"] = ParamSpec(
                 (e,), (None,), "zeros", _copy(f"{p}.mlp.down_proj.bias", (e,))
@@ -307,6 +311,30 @@ def attention_block(
         return _attn_out(lp, x, attn), state
 
 
+# A layer as the forward loops run it: (lp, cfg, x, positions, attend, state, md) ->
+# (x, attend's state, the layer's statistics or None); md is the step's metadata on the
+# paged path and None on the dense one. A family's ``layer`` (this module's, or
+# ``moe.layer``) is all that differs between the families' forward passes.
+LayerFn = Callable[..., tuple[jax.Array, Any, Any]]
+
+
+def layer(
+    lp: dict[str, jax.Array],
+    cfg: ModelConfig,
+    x: jax.Array,  # [..., E]
+    positions: jax.Array,  # i32[...]
+    attend: Attend,
+    state: Any,
+    md: AttentionMetadata | None = None,
+) -> tuple[jax.Array, Any, None]:
+    """One transformer block as the forward loops run it (``run_paged``, ``run_dense``):
+    (x, the state ``attend`` hands back, the layer's statistics: none for a dense MLP)."""
+    x, state = attention_block(lp, cfg, x, positions, attend, state)
+    with jax.named_scope("mlp"):
+        x = mlp_block(lp, cfg, x)
+    return x, state, None
+
+
 def decoder_layer(
     lp: dict[str, jax.Array],
     cfg: ModelConfig,
@@ -314,11 +342,10 @@ def decoder_layer(
     positions: jax.Array,  # i32[...]
     attend: Attend,
     state: Any,
+    md: AttentionMetadata | None = None,
 ) -> tuple[jax.Array, Any]:
     """One transformer block; returns (x, the state ``attend`` hands back)."""
-    x, state = attention_block(lp, cfg, x, positions, attend, state)
-    with jax.named_scope("mlp"):
-        x = mlp_block(lp, cfg, x)
+    x, state, _ = layer(lp, cfg, x, positions, attend, state, md)
     return x, state
 
 
@@ -366,6 +393,27 @@ def final_norm(params: dict[str, Any], cfg: ModelConfig, x: jax.Array) -> jax.Ar
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
+def run_paged(
+    params: dict[str, Any],
+    cfg: ModelConfig,
+    input_ids: jax.Array,  # i32[T]
+    kv_pages: list[jax.Array],  # per layer [P, S, 2*Hkv, D]
+    md: AttentionMetadata,
+    layer_fn: LayerFn = layer,
+) -> tuple[jax.Array, list[jax.Array], list[Any]]:
+    """One step over a flat ragged batch with ``layer_fn`` per layer; returns final hidden
+    states [T, E], new pages and each layer's statistics."""
+    x = embed(params, cfg, input_ids)  # [T, E]
+    new_pages, stats = [], []
+    for i, lp in enumerate(params["layers"]):
+        with jax.named_scope(f"layer_{i}"):
+            attend = paged_attend(cfg, md, cfg.sliding_windows[i])
+            x, pages, s = layer_fn(lp, cfg, x, md.positions, attend, kv_pages[i], md)
+        new_pages.append(pages)
+        stats.append(s)
+    return final_norm(params, cfg, x), new_pages, stats
+
+
 def forward(
     params: dict[str, Any],
     cfg: ModelConfig,
@@ -375,14 +423,8 @@ def forward(
 ) -> tuple[jax.Array, list[jax.Array], dict[str, jax.Array]]:
     """One step over a flat ragged batch; returns final hidden states [T, E], new pages,
     and the step's statistics (none for a dense model)."""
-    x = embed(params, cfg, input_ids)  # [T, E]
-    new_pages = []
-    for i, lp in enumerate(params["layers"]):
-        with jax.named_scope(f"layer_{i}"):
-            attend = paged_attend(cfg, md, cfg.sliding_windows[i])
-            x, pages = decoder_layer(lp, cfg, x, md.positions, attend, kv_pages[i])
-        new_pages.append(pages)
-    return final_norm(params, cfg, x), new_pages, {}
+    hidden, new_pages, _ = run_paged(params, cfg, input_ids, kv_pages, md)
+    return hidden, new_pages, {}
 
 
 def compute_logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
@@ -394,18 +436,26 @@ def compute_logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) 
     return logits.astype(jnp.float32)
 
 
-def forward_dense(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """Causal forward over a padded batch [B, L] -> logits [B, L, V], no cache.
-
-    Used for training and for scoring; the same blocks as ``forward`` with
-    dense attention in place of paged attention.
-    """
+def run_dense(
+    params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array, layer_fn: LayerFn = layer
+) -> jax.Array:
+    """Causal forward over a padded batch [B, L] -> logits [B, L, V], no cache, with
+    ``layer_fn`` per layer."""
     b, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length), (b, length))
     x = embed(params, cfg, tokens)  # [B, L, E]
     for i, lp in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
             attend = dense_attend(cfg, cfg.sliding_windows[i])
-            x, _ = decoder_layer(lp, cfg, x, positions, attend, None)
+            x, _, _ = layer_fn(lp, cfg, x, positions, attend, None, None)
     x = final_norm(params, cfg, x)
     return compute_logits(params, cfg, x.reshape(b * length, -1)).reshape(b, length, -1)
+
+
+def forward_dense(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Causal forward over a padded batch [B, L] -> logits [B, L, V], no cache.
+
+    Used for training and for scoring; the same blocks as ``forward`` with
+    dense attention in place of paged attention.
+    """
+    return run_dense(params, cfg, tokens)

@@ -58,6 +58,7 @@ embed = llama.embed
 final_norm = llama.final_norm
 compute_logits = llama.compute_logits
 dense_attend = llama.dense_attend
+paged_attend = llama.paged_attend
 
 
 def moe_options(cfg: ModelConfig) -> MoeOptions:
@@ -86,10 +87,6 @@ def _names(cfg: ModelConfig, i: int) -> dict[str, Any]:
     return {"router": f"{p}.gate.weight", "gate": gate, "up": up, "down": down, "prefix": p}
 
 
-def _bounds(idx: slice) -> tuple[int, int]:
-    return idx.start, idx.stop
-
-
 def _experts_gate_up(gates: tuple[str, ...], ups: tuple[str, ...], e: int, f: int) -> HFSource:
     """[X, E, 2, F] from each expert's gate and up [F, E]; a slice reads only its experts'
     tensors, and of those only its rows."""
@@ -101,9 +98,9 @@ def _experts_gate_up(gates: tuple[str, ...], ups: tuple[str, ...], e: int, f: in
 
     def read_slice(read: Any, idx: tuple[slice, ...]) -> np.ndarray:
         xs, es, cs, fs = idx
-        if _bounds(cs) != (0, 2):
+        if not llama._whole(cs, 2):
             raise NotImplementedError("gate and up are split only along the hidden units")
-        x0, x1 = _bounds(xs)
+        x0, x1 = llama._range(xs)
         g = np.stack([read(gates[j], (fs, es)) for j in range(x0, x1)])  # [X', F', E']
         u = np.stack([read(ups[j], (fs, es)) for j in range(x0, x1)])
         return np.ascontiguousarray(np.stack([g, u], axis=-1).transpose(0, 2, 3, 1))
@@ -126,35 +123,13 @@ def _experts_down(downs: tuple[str, ...], e: int, f: int) -> HFSource:
 
     def read_slice(read: Any, idx: tuple[slice, ...]) -> np.ndarray:
         xs, fs, es = idx
-        x0, x1 = _bounds(xs)
+        x0, x1 = llama._range(xs)
         return build(*(read(downs[j], (es, fs)) for j in range(x0, x1)))
 
     def export(w: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(np.ascontiguousarray(w[j].T) for j in range(len(downs)))
 
     return HFSource(downs, build, export, shapes=((e, f),) * len(downs), read_slice=read_slice)
-
-
-def _shared_gate_up(prefix: str, e: int, f: int) -> HFSource:
-    """The shared expert's [E, 2, F] from its gate and up [F, E]."""
-    names = (f"{prefix}.shared_expert.gate_proj.weight", f"{prefix}.shared_expert.up_proj.weight")
-
-    def build(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.stack([gate.T, up.T], axis=1))
-
-    def read_slice(read: Any, idx: tuple[slice, ...]) -> np.ndarray:
-        es, cs, fs = idx
-        if _bounds(cs) != (0, 2):
-            raise NotImplementedError("gate and up are split only along the hidden units")
-        return build(read(names[0], (fs, es)), read(names[1], (fs, es)))
-
-    return HFSource(
-        names,
-        build,
-        lambda w: (np.ascontiguousarray(w[:, 0].T), np.ascontiguousarray(w[:, 1].T)),
-        shapes=((f, e), (f, e)),
-        read_slice=read_slice,
-    )
 
 
 def expert_axes(cfg: ModelConfig) -> tuple[tuple, tuple]:
@@ -188,7 +163,10 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
         if fs:
             p = n["prefix"]
             layer["shared_gate_up"] = ParamSpec(
-                (e, 2, fs), ("embed", None, "mlp"), "normal", _shared_gate_up(p, e, fs)
+                (e, 2, fs),
+                ("embed", None, "mlp"),
+                "normal",
+                llama._gate_up(f"{p}.shared_expert", "weight", e, fs),
             )
             layer["shared_down"] = ParamSpec(
                 (fs, e),
@@ -333,39 +311,22 @@ def moe_block(
 # Layers and the forward passes.
 
 
-@dataclasses.dataclass(frozen=True)
-class StepAttend:
-    """Paged attention that also tells the MoE block which tokens are real and the mesh
-    (the protocol's ``decoder_layer`` receives the attention, not the metadata)."""
-
-    attend: Attend
-    md: AttentionMetadata
-
-    def __call__(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, pages: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
-        return self.attend(q, k, v, pages)
-
-
-def paged_attend(cfg: ModelConfig, md: AttentionMetadata, sliding_window: int | None) -> Attend:
-    return StepAttend(llama.paged_attend(cfg, md, sliding_window), md)
-
-
-def _layer(
+def layer(
     lp: dict[str, jax.Array],
     cfg: ModelConfig,
-    x: jax.Array,
-    positions: jax.Array,
+    x: jax.Array,  # [..., E]
+    positions: jax.Array,  # i32[...]
     attend: Attend,
     state: Any,
+    md: AttentionMetadata | None = None,
 ) -> tuple[jax.Array, Any, jax.Array | None]:
-    """One block; returns (x, attention state, expert counts i32[X] or None for a dense
-    layer). Tokens with slot -1 are padding when ``attend`` is a StepAttend."""
+    """One block (``llama.LayerFn``); returns (x, attention state, expert counts i32[X] or
+    None for a dense layer). With ``md`` (the paged path), tokens with slot -1 are
+    padding and the experts split over ``md.mesh``."""
     x, state = llama.attention_block(lp, cfg, x, positions, attend, state)
     if "router" not in lp:
         with jax.named_scope("mlp"):
             return llama.mlp_block(lp, cfg, x), state, None
-    md = attend.md if isinstance(attend, StepAttend) else None
     flat = x.reshape(-1, x.shape[-1])  # [T, E]
     valid = jnp.ones(flat.shape[0], bool) if md is None else md.slot_mapping.reshape(-1) >= 0
     with jax.named_scope("moe"):
@@ -380,8 +341,9 @@ def decoder_layer(
     positions: jax.Array,  # i32[...]
     attend: Attend,
     state: Any,
+    md: AttentionMetadata | None = None,
 ) -> tuple[jax.Array, Any]:
-    x, state, _ = _layer(lp, cfg, x, positions, attend, state)
+    x, state, _ = layer(lp, cfg, x, positions, attend, state, md)
     return x, state
 
 
@@ -394,30 +356,14 @@ def forward(
 ) -> tuple[jax.Array, list[jax.Array], dict[str, jax.Array]]:
     """One step; returns final hidden states [T, E], new pages and
     {"expert_tokens": i32[MoE layers, X]}, the real tokens each expert took."""
-    x = embed(params, cfg, input_ids)
-    new_pages, counts = [], []
-    for i, lp in enumerate(params["layers"]):
-        with jax.named_scope(f"layer_{i}"):
-            attend = paged_attend(cfg, md, cfg.sliding_windows[i])
-            x, pages, c = _layer(lp, cfg, x, md.positions, attend, kv_pages[i])
-        new_pages.append(pages)
-        if c is not None:
-            counts.append(c)
-    return final_norm(params, cfg, x), new_pages, {"expert_tokens": jnp.stack(counts)}
+    hidden, new_pages, counts = llama.run_paged(params, cfg, input_ids, kv_pages, md, layer)
+    counts = [c for c in counts if c is not None]
+    return hidden, new_pages, {"expert_tokens": jnp.stack(counts)}
 
 
 def forward_dense(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """Causal forward over a padded batch [B, L] -> logits [B, L, V], no cache."""
-    b, length = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-    x = embed(params, cfg, tokens)
-    for i, lp in enumerate(params["layers"]):
-        with jax.named_scope(f"layer_{i}"):
-            x, _ = decoder_layer(
-                lp, cfg, x, positions, dense_attend(cfg, cfg.sliding_windows[i]), None
-            )
-    x = final_norm(params, cfg, x)
-    return compute_logits(params, cfg, x.reshape(b * length, -1)).reshape(b, length, -1)
+    return llama.run_dense(params, cfg, tokens, layer)
 
 
 # ---------------------------------------------------------------------------

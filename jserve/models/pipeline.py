@@ -56,7 +56,7 @@ def pipeline_forward(
             for j, lp in enumerate(local):
                 with jax.named_scope(f"stage_layer_{j}"):
                     attend = model.paged_attend(cfg, md_mb, windows[j])
-                    h, pg = model.decoder_layer(lp, cfg, h, md_mb.positions, attend, pgs[j])
+                    h, pg = model.decoder_layer(lp, cfg, h, md_mb.positions, attend, pgs[j], md_mb)
                 out.append(pg)
             return h, out
 

@@ -126,47 +126,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
         eos_token_id=151645,
     ),
-    # Mixture-of-experts shapes: 8 experts of which 2 per token (46.7B parameters,
-    # 12.9B active); 128 experts of which 8 per token (30.5B, 3.3B active).
-    "mixtral-8x7b": dict(
-        architectures=["MixtralForCausalLM"],
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        rms_norm_eps=1e-5,
-        rope_theta=1000000.0,
-        max_position_embeddings=32768,
-        sliding_window=None,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "qwen3-30b-a3b": dict(
-        architectures=["Qwen3MoeForCausalLM"],
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        moe_intermediate_size=768,
-        num_hidden_layers=48,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-        num_experts=128,
-        num_experts_per_tok=8,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        max_position_embeddings=40960,
-        bos_token_id=151643,
-        eos_token_id=151645,
-    ),
 }
+
+# Mixture-of-experts shapes: 8 experts of which 2 per token (46.7B parameters,
+# 12.9B active); 128 experts of which 8 per token (30.5B, 3.3B active). Each is
+# its dense sibling's config.json with the fields the published one changes.
+PRESETS["mixtral-8x7b"] = dict(
+    PRESETS["mistral-7b"],
+    architectures=["MixtralForCausalLM"],
+    vocab_size=32000,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+)
+PRESETS["qwen3-30b-a3b"] = dict(
+    PRESETS["qwen3-8b"],
+    architectures=["Qwen3MoeForCausalLM"],
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_hidden_layers=48,
+    num_key_value_heads=4,
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    bos_token_id=151643,
+)
 
 
 def preset_config(name: str) -> ModelConfig:

@@ -5,13 +5,11 @@ one device; the compiled step's collectives counted in its HLO."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.sharding.probe import run_probe
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -70,16 +68,7 @@ def ep_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _probe(model_dir: str, layouts: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, model_dir, ",".join(layouts)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=850,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[6:])
+    return run_probe(PROBE, model_dir, ",".join(layouts), timeout=850)
 
 
 def _check_split(r: dict, layout: str) -> None:

@@ -16,7 +16,7 @@ from jserve import LLM, SamplingParams
 from jserve.config import MoeOptions, config_from_dict, config_to_dict, load_config
 from jserve.errors import ConfigError
 from jserve.model_export import save_hf_checkpoint
-from jserve.model_loader import load_params
+from jserve.model_loader import load_params, placement
 from jserve.models import moe
 from jserve.models.presets import preset_config
 from sharding import ParallelConfig
@@ -197,7 +197,10 @@ def test_expert_parallel_errors(moe_dirs: dict[str, str]) -> None:
     )
     with pytest.raises(ConfigError, match="layer slot 1"):
         moe.check_pipeline(q2, 2)
-    assert ParallelConfig(enable_expert_parallel=True).enable_expert_parallel
+    # The flag reaches the model config through the parallel layout.
+    placed, _, _ = placement(cfg, ParallelConfig(enable_expert_parallel=True))
+    assert placed.options.expert_parallel
+    assert not placement(cfg, ParallelConfig())[0].options.expert_parallel
 
 
 def test_config_refusals() -> None:

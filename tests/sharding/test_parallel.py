@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from tests.sharding.probe import run_probe
+
 pytestmark = pytest.mark.timeout(600)
 
 # Each case runs in a fresh interpreter: the virtual device count is fixed
@@ -49,19 +51,7 @@ PROBE = textwrap.dedent(
 
 def _probe(model_dir: str, layouts: list[str]) -> dict:
     """Runs each "TPxPPxMICROBATCHES" layout in one fresh interpreter."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, model_dir, ",".join(layouts)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=500,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    import json
-
-    return json.loads(line[len("RESULT") :])
+    return run_probe(PROBE, model_dir, ",".join(layouts))
 
 
 @pytest.fixture(scope="module")

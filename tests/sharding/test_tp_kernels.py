@@ -4,13 +4,11 @@ whose only collectives are the per-layer all-reduces."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.sharding.probe import run_probe
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -80,17 +78,7 @@ def probe(tmp_path_factory) -> dict:
     # The TPU interpreter meets all devices at a barrier inside host callbacks,
     # so the CPU client needs a thread per virtual device (it sizes its pool
     # from the core count otherwise, and 8 devices on 2 cores deadlock).
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "PJRT_NPROC": "16"}
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, model_dir, ",".join(_layouts())],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=500,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+    return run_probe(PROBE, model_dir, ",".join(_layouts()), env={"PJRT_NPROC": "16"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
