@@ -110,6 +110,11 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id, None))
 
+    def abort_all(self) -> None:
+        """Aborts every request admitted or being admitted so far (a server that stops
+        now): each stream still gets its final output, whose samples say "abort"."""
+        self._send(("abort_all",))
+
     def get_stats(self) -> EngineStats:
         return self.engine.get_stats()
 
@@ -153,6 +158,9 @@ class AsyncLLMEngine:
                 admitted.set_result(req)
             elif cmd[0] == "abort":
                 self.engine.abort_request(cmd[1], only=cmd[2])
+            elif cmd[0] == "abort_all":
+                for rid in list(self._streams):
+                    self.engine.abort_request(rid)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         errors = self.engine.step_errors  # requests a failed step aborted: raise to them

@@ -8,10 +8,13 @@ mapping, metrics and cleanup:
 - queue full -> RESOURCE_EXHAUSTED (retrying later may succeed);
 - not warmed up yet or shutting down -> UNAVAILABLE (retry elsewhere or later);
 - engine failure -> INTERNAL for the affected calls; health turns NOT_SERVING;
-- client cancel, deadline or shutdown -> the RPC's handler is cancelled or
-  closed, which closes its ``AsyncLLMEngine.generate`` stream: the engine
-  aborts that very request (never another one with the same id) and frees its
-  KV pages at once.
+- client cancel or deadline -> the RPC's handler is cancelled or closed, which
+  closes its ``AsyncLLMEngine.generate`` stream: the engine aborts that very
+  request (never another one with the same id) and frees its KV pages at once;
+- a shutdown that cannot wait for a request any longer (``abort_all``: a second
+  signal, or the grace period is over) -> the request's last message says
+  FINISH_REASON_ABORT and carries its usage, then the call ends UNAVAILABLE
+  with ``SHUTDOWN_ABORT_MESSAGE``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ MAX_CHARS_PER_TOKEN = 32
 # thread off the CPU (and the GIL); first come, first served.
 TOKENIZER_THREADS = 2
 T = TypeVar("T")
+SHUTDOWN_ABORT_MESSAGE = (
+    "the server is shutting down and stopped this request before it finished; "
+    "retry on another replica"
+)
 # The engine's errors whose message is the client's to read, and each outcome's status.
 _TYPED_ERRORS = (InvalidRequestError, CapacityError, EngineDeadError)
 _GRPC_CODES = {
@@ -101,6 +108,8 @@ class ServingCore:
         self.active: set[asyncio.Task[Any]] = set()
         self.idle = asyncio.Event()
         self.idle.set()
+        # Set once shutdown stops waiting for running requests (abort_all).
+        self.aborting = asyncio.Event()
 
     @property
     def tokenizer(self) -> Any:
@@ -147,6 +156,12 @@ class ServingCore:
     async def in_tokenizer_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs tokenizer work on the server's few tokenizer threads."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+
+    def abort_all(self) -> None:
+        """Ends every running request now (shutdown out of patience): the engine aborts
+        them, so each stream still sends its last output, which says "abort"."""
+        self.aborting.set()
+        self.aengine.abort_all()
 
     def close(self) -> None:
         """Drops queued tokenizer work (the server has stopped)."""
@@ -224,6 +239,11 @@ class ServingCore:
             context.set_code(grpc.StatusCode.INTERNAL)
             context.set_details("internal error while preparing the request")
             return
+        if self.aborting.is_set():  # shutdown gave up on requests while this one was prepared
+            rec.finish("rejected")
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(self._not_live_reason())
+            return
 
         if job.client_id is not None:
             if job.client_id in self.client_ids:
@@ -236,6 +256,7 @@ class ServingCore:
                 return
             self.client_ids.add(job.client_id)
         outcome: str | None = None  # stays None if the RPC ends before the request does
+        late_abort = False
         gen = self.aengine.generate(job.prompt, job.params, job.request_id, job.priority)
         try:
             # Leaving this block before the request finished (the RPC was cancelled,
@@ -248,8 +269,14 @@ class ServingCore:
                     rec.observe(out)
                     if out.finished:
                         outcome = convert.outcome_of(out)
+                    elif self.aborting.is_set() and not late_abort:
+                        late_abort = True  # admitted after abort_all went out
+                        self.aengine.abort(job.request_id)
                     for msg in job.respond(out):
                         yield msg
+            if outcome == "aborted" and self.aborting.is_set():
+                context.set_code(grpc.StatusCode.UNAVAILABLE)
+                context.set_details(SHUTDOWN_ABORT_MESSAGE)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
