@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from jserve.cli.engine_args import (
     add_engine_arguments,
@@ -19,6 +20,7 @@ from jserve.cli.engine_args import (
     engine_config_from_args,
     load_model_from_args,
 )
+from jserve.cli.interrupt import exit_on_sigint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +49,6 @@ def check_serve_arguments(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jserve.engine import multihost
     from jserve.engine.async_engine import AsyncLLMEngine
     from jserve.server.cli import run_serve
 
@@ -57,24 +58,34 @@ def run(args: argparse.Namespace) -> int:
     if error is not None:
         print(f"jserve: {error}", file=sys.stderr)
         return 2
-    if args.num_processes > 1 or args.coordinator_address:
-        mh = multihost.MultiHostConfig(
-            args.coordinator_address or "", args.num_processes, args.process_id
-        )
-    else:
-        mh = multihost.MultiHostConfig.from_env()
-    if mh is not None:
-        multihost.initialize(mh)
-        model = load_model_from_args(args)
-        engine = multihost.start_engine(model, engine_config_from_args(args), mh, args.warmup)
-        if engine is None:  # a follower: the leader has stopped
-            return 0
-        print(f"jserve: {engine.describe()}", file=sys.stderr, flush=True)
-    else:
-        engine = build_engine(args)
+    # Ctrl-C while loading or compiling: one line and status 130, at any moment.
+    with exit_on_sigint("start-up"):
+        engine = _start_engine(args)
+    if engine is None:  # a follower: the leader has stopped
+        return 0
     try:
         return run_serve(args, AsyncLLMEngine(engine))
     finally:
         close = getattr(engine.runner, "close", None)
         if close is not None:
             close()
+
+
+def _start_engine(args: argparse.Namespace) -> Any:
+    """The engine to serve (None in a multi-host follower, once the leader has stopped)."""
+    from jserve.engine import multihost
+
+    if args.num_processes > 1 or args.coordinator_address:
+        mh = multihost.MultiHostConfig(
+            args.coordinator_address or "", args.num_processes, args.process_id
+        )
+    else:
+        mh = multihost.MultiHostConfig.from_env()
+    if mh is None:
+        return build_engine(args)
+    multihost.initialize(mh)
+    model = load_model_from_args(args)
+    engine = multihost.start_engine(model, engine_config_from_args(args), mh, args.warmup)
+    if engine is not None:
+        print(f"jserve: {engine.describe()}", file=sys.stderr, flush=True)
+    return engine
