@@ -63,11 +63,13 @@ class AsyncLLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
+        tokenizer_executor: concurrent.futures.Executor | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields incremental outputs (new tokens, text delta, logprobs) until finished.
 
-        Leaving the iteration early (client gone, cancelled, deadline) aborts
-        the request and frees its pages.
+        A text prompt is tokenized on ``tokenizer_executor`` (default: the event
+        loop's default executor), off the step thread. Leaving the iteration early
+        (client gone, cancelled, deadline) aborts the request and frees its pages.
         """
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.dead}")
@@ -77,7 +79,7 @@ class AsyncLLMEngine:
         tokenizer = self.engine.tokenizer
         if text is not None and tokenizer is not None:
             # Tokenize here, off the step thread, so a long prompt never stalls a step.
-            ids = await loop.run_in_executor(None, tokenizer.encode, text)
+            ids = await loop.run_in_executor(tokenizer_executor, tokenizer.encode, text)
         prompt = ids if ids is not None else text
         stream = _Stream(loop)
         admitted: concurrent.futures.Future[Request] = concurrent.futures.Future()

@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 # A text prompt longer than this many characters per token of the model's
 # maximum length is refused before tokenizing it (real text averages ~4).
 MAX_CHARS_PER_TOKEN = 32
-# Threads for the server's tokenizer work (Tokenize, Detokenize, chat templates):
+# Threads for the server's tokenizer work (Tokenize, Detokenize, chat templates,
+# text prompts):
 # few, so a burst of such calls queues here instead of crowding the engine's step
 # thread off the CPU (and the GIL); first come, first served.
 TOKENIZER_THREADS = 2
@@ -153,6 +154,14 @@ class ServingCore:
         if error is not None:
             raise InvalidRequestError(error)
 
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, priority: int
+    ) -> AsyncIterator[RequestOutput]:
+        """The engine stream of one request; a text prompt is tokenized on the tokenizer
+        threads, in turn with Tokenize calls, so a flood of either cannot crowd out the
+        step thread."""
+        return self.aengine.generate(prompt, params, request_id, priority, self._tokenizer_pool)
+
     async def in_tokenizer_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs tokenizer work on the server's few tokenizer threads."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
@@ -257,7 +266,7 @@ class ServingCore:
             self.client_ids.add(job.client_id)
         outcome: str | None = None  # stays None if the RPC ends before the request does
         late_abort = False
-        gen = self.aengine.generate(job.prompt, job.params, job.request_id, job.priority)
+        gen = self.generate(job.prompt, job.params, job.request_id, job.priority)
         try:
             # Leaving this block before the request finished (the RPC was cancelled,
             # ran out of time or was closed) closes the engine stream, which aborts
