@@ -25,7 +25,7 @@ from typing import Any
 from jserve.engine.llm_engine import LLMEngine
 from jserve.engine.request import Request
 from jserve.engine.stats import EngineStats
-from jserve.errors import EngineDeadError, JserveError
+from jserve.errors import EngineDeadError, EngineUnavailableError, JserveError
 from jserve.outputs import RequestOutput
 from jserve.prompts import PromptType, prompt_parts
 from jserve.sampling_params import SamplingParams
@@ -124,6 +124,14 @@ class AsyncLLMEngine:
     def num_active(self) -> int:
         return len(self._streams)
 
+    def fail(self, error: EngineDeadError) -> None:
+        """Fails every request now, from any thread: for an engine whose step thread
+        may never return (a device call waiting on a lost process)."""
+        if self.dead is None:
+            self.dead = error
+        for stream in list(self._streams.values()):
+            stream.put(error)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the loop; requests still running are aborted."""
         self._stop.set()
@@ -184,7 +192,11 @@ class AsyncLLMEngine:
                     continue
                 outputs = self.engine.step()
             except Exception as e:  # the engine could not recover (EngineDeadError): fail all
-                logger.exception("engine step failed")
+                cause = _unavailable_cause(e)
+                if cause is not None:  # not the engine's fault: its message says it all
+                    logger.error("engine stopped: %s", cause)
+                else:
+                    logger.exception("engine step failed")
                 self._fail_all(e)
                 return
             self._deliver(outputs)
@@ -194,9 +206,12 @@ class AsyncLLMEngine:
             self._deliver(self.engine.step())
 
     def _fail_all(self, error: BaseException) -> None:
-        self.dead = error
+        cause = _unavailable_cause(error)
+        self.dead = cause or error
         for stream in self._streams.values():
-            stream.put(EngineDeadError(f"the engine failed while serving this request: {error}"))
+            stream.put(
+                cause or EngineDeadError(f"the engine failed while serving this request: {error}")
+            )
         self._streams.clear()
         # Answer adds that arrive after the failure instead of leaving them hanging.
         while not self._stop.is_set():
@@ -212,3 +227,14 @@ class AsyncLLMEngine:
                 return True
             time.sleep(0.01)
         return False
+
+
+def _unavailable_cause(error: BaseException) -> EngineUnavailableError | None:
+    """The EngineUnavailableError behind an engine failure (e.g. a lost multi-host
+    process under a failed step), if there is one."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, EngineUnavailableError):
+            return seen
+        seen = seen.__cause__
+    return None

@@ -7,7 +7,8 @@ mapping, metrics and cleanup:
   (``RequestTooLargeError``) -> INVALID_ARGUMENT with the engine's message;
 - queue full -> RESOURCE_EXHAUSTED (retrying later may succeed);
 - not warmed up yet or shutting down -> UNAVAILABLE (retry elsewhere or later);
-- engine failure -> INTERNAL for the affected calls; health turns NOT_SERVING;
+- engine failure -> INTERNAL for the affected calls; health turns NOT_SERVING
+  (UNAVAILABLE for EngineUnavailableError, e.g. a lost multi-host process);
 - client cancel or deadline -> the RPC's handler is cancelled or closed, which
   closes its ``AsyncLLMEngine.generate`` stream: the engine aborts that very
   request (never another one with the same id) and frees its KV pages at once;
@@ -31,7 +32,12 @@ from typing import Any, TypeVar
 import grpc
 
 from jserve.engine.async_engine import AsyncLLMEngine
-from jserve.errors import CapacityError, EngineDeadError, InvalidRequestError
+from jserve.errors import (
+    CapacityError,
+    EngineDeadError,
+    EngineUnavailableError,
+    InvalidRequestError,
+)
 from jserve.outputs import RequestOutput
 from jserve.sampling_params import SamplingParams
 from jserve.server import convert
@@ -225,9 +231,10 @@ class ServingCore:
         rec = self.metrics.recorder(api)
         if not self.live:
             rec.finish("error" if self.aengine.dead is not None else "rejected")
+            dead = self.aengine.dead
             context.set_code(
                 grpc.StatusCode.INTERNAL
-                if self.aengine.dead is not None
+                if dead is not None and not isinstance(dead, EngineUnavailableError)
                 else grpc.StatusCode.UNAVAILABLE
             )
             context.set_details(self._not_live_reason())
@@ -291,7 +298,11 @@ class ServingCore:
             raise
         except Exception as e:
             outcome = self.failure_outcome(e, job.request_id)
-            context.set_code(_GRPC_CODES[outcome])
+            context.set_code(
+                grpc.StatusCode.UNAVAILABLE
+                if isinstance(e, EngineUnavailableError)
+                else _GRPC_CODES[outcome]
+            )
             context.set_details(
                 str(e)
                 if isinstance(e, _TYPED_ERRORS)
