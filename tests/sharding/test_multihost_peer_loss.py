@@ -1,5 +1,5 @@
-"""A two-process `jserve serve` group that loses its follower: the leader fails the
-running stream with UNAVAILABLE within seconds and exits with EXIT_PEER_LOST."""
+"""A two-process `jserve serve` group that loses a process: the rest of the group
+fails the running stream with UNAVAILABLE within seconds and exits with EXIT_PEER_LOST."""
 
 from __future__ import annotations
 
@@ -51,7 +51,10 @@ def _wait_for(path: str, pattern: str, proc: subprocess.Popen, timeout: float) -
         raise AssertionError(f"no {pattern!r} in the output:\n{f.read()[-4000:]}")
 
 
-def test_a_killed_follower_fails_the_stream_and_the_leader_exits(llama_dir: str, tmp_path) -> None:
+@pytest.mark.parametrize("victim", ["follower", "leader"])
+def test_a_killed_process_ends_the_group_in_seconds(llama_dir: str, tmp_path, victim) -> None:
+    """Killing the follower: the leader fails the stream with UNAVAILABLE and exits with
+    EXIT_PEER_LOST. Killing the leader: the follower exits the same way."""
     port = _free_port_pair()
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
@@ -83,7 +86,7 @@ def test_a_killed_follower_fails_the_stream_and_the_leader_exits(llama_dir: str,
                     generate_request([5, 17, 3], max_tokens=200, ignore_eos=True)
                 )
                 await call.read()  # generating on both processes
-                follower.send_signal(signal.SIGKILL)
+                (follower if victim == "follower" else leader).send_signal(signal.SIGKILL)
                 t0 = time.monotonic()
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     while await call.read() is not grpc.aio.EOF:
@@ -91,6 +94,13 @@ def test_a_killed_follower_fails_the_stream_and_the_leader_exits(llama_dir: str,
                 return e.value, time.monotonic() - t0
 
         error, seconds = asyncio.run(main())
+        if victim == "leader":
+            assert follower.wait(timeout=15) == EXIT_PEER_LOST
+            with open(logs[1], encoding="utf-8", errors="replace") as f:
+                out = f.read()
+            assert "jserve: lost the multi-host leader" in out, out[-3000:]
+            assert "Traceback" not in out, out[-3000:]
+            return
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error
         assert "lost multi-host process 1" in error.details()
         assert seconds < 5
