@@ -1,5 +1,7 @@
 """jserve: a JAX/XLA inference engine for large language models."""
 
+# First: in the `jserve` command, Ctrl-C during the imports below exits at once.
+import jserve.cli.interrupt  # noqa: F401
 from jserve.errors import (
     CapacityError,
     CheckpointError,

@@ -39,6 +39,11 @@ class EngineDeadError(JserveError):
     """The engine's step loop failed and no longer serves requests."""
 
 
+class EngineUnavailableError(EngineDeadError):
+    """The engine no longer serves for a reason outside it (e.g. a process of its
+    multi-host group was lost): a restart or another replica can serve the request."""
+
+
 class EngineStepError(JserveError):
     """A step failed inside the engine: the requests in it were aborted and their pages
     freed, and the engine serves on (retrying the request may succeed)."""

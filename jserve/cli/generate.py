@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jserve.cli.engine_args import add_engine_arguments, add_model_arguments, build_engine
+from jserve.cli.interrupt import exit_on_sigint
 from jserve.sampling_params import SamplingParams
 
 DEFAULT_PROMPT = "ROMEO:\n"
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine = build_engine(args)
+    with exit_on_sigint("start-up"):  # Ctrl-C while compiling: one line, status 130
+        engine = build_engine(args)
     params = SamplingParams(
         n=args.n,
         max_tokens=args.max_tokens,

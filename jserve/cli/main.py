@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from jserve.cli.interrupt import exit_on_sigint
 from jserve.errors import JserveError
 
 
@@ -28,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    # The commands' imports take a while; the guard is on since jserve's own import.
+    with exit_on_sigint("start-up"):
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except JserveError as e:

@@ -25,7 +25,7 @@ from typing import Any
 from jserve.engine.llm_engine import LLMEngine
 from jserve.engine.request import Request
 from jserve.engine.stats import EngineStats
-from jserve.errors import EngineDeadError, JserveError
+from jserve.errors import EngineDeadError, EngineUnavailableError, JserveError
 from jserve.outputs import RequestOutput
 from jserve.prompts import PromptType, prompt_parts
 from jserve.sampling_params import SamplingParams
@@ -63,11 +63,13 @@ class AsyncLLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
+        tokenizer_executor: concurrent.futures.Executor | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields incremental outputs (new tokens, text delta, logprobs) until finished.
 
-        Leaving the iteration early (client gone, cancelled, deadline) aborts
-        the request and frees its pages.
+        A text prompt is tokenized on ``tokenizer_executor`` (default: the event
+        loop's default executor), off the step thread. Leaving the iteration early
+        (client gone, cancelled, deadline) aborts the request and frees its pages.
         """
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.dead}")
@@ -77,7 +79,7 @@ class AsyncLLMEngine:
         tokenizer = self.engine.tokenizer
         if text is not None and tokenizer is not None:
             # Tokenize here, off the step thread, so a long prompt never stalls a step.
-            ids = await loop.run_in_executor(None, tokenizer.encode, text)
+            ids = await loop.run_in_executor(tokenizer_executor, tokenizer.encode, text)
         prompt = ids if ids is not None else text
         stream = _Stream(loop)
         admitted: concurrent.futures.Future[Request] = concurrent.futures.Future()
@@ -110,12 +112,25 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id, None))
 
+    def abort_all(self) -> None:
+        """Aborts every request admitted or being admitted so far (a server that stops
+        now): each stream still gets its final output, whose samples say "abort"."""
+        self._send(("abort_all",))
+
     def get_stats(self) -> EngineStats:
         return self.engine.get_stats()
 
     @property
     def num_active(self) -> int:
         return len(self._streams)
+
+    def fail(self, error: EngineDeadError) -> None:
+        """Fails every request now, from any thread: for an engine whose step thread
+        may never return (a device call waiting on a lost process)."""
+        if self.dead is None:
+            self.dead = error
+        for stream in list(self._streams.values()):
+            stream.put(error)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the loop; requests still running are aborted."""
@@ -153,6 +168,9 @@ class AsyncLLMEngine:
                 admitted.set_result(req)
             elif cmd[0] == "abort":
                 self.engine.abort_request(cmd[1], only=cmd[2])
+            elif cmd[0] == "abort_all":
+                for rid in list(self._streams):
+                    self.engine.abort_request(rid)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         errors = self.engine.step_errors  # requests a failed step aborted: raise to them
@@ -174,7 +192,11 @@ class AsyncLLMEngine:
                     continue
                 outputs = self.engine.step()
             except Exception as e:  # the engine could not recover (EngineDeadError): fail all
-                logger.exception("engine step failed")
+                cause = _unavailable_cause(e)
+                if cause is not None:  # not the engine's fault: its message says it all
+                    logger.error("engine stopped: %s", cause)
+                else:
+                    logger.exception("engine step failed")
                 self._fail_all(e)
                 return
             self._deliver(outputs)
@@ -184,9 +206,12 @@ class AsyncLLMEngine:
             self._deliver(self.engine.step())
 
     def _fail_all(self, error: BaseException) -> None:
-        self.dead = error
+        cause = _unavailable_cause(error)
+        self.dead = cause or error
         for stream in self._streams.values():
-            stream.put(EngineDeadError(f"the engine failed while serving this request: {error}"))
+            stream.put(
+                cause or EngineDeadError(f"the engine failed while serving this request: {error}")
+            )
         self._streams.clear()
         # Answer adds that arrive after the failure instead of leaving them hanging.
         while not self._stop.is_set():
@@ -202,3 +227,14 @@ class AsyncLLMEngine:
                 return True
             time.sleep(0.01)
         return False
+
+
+def _unavailable_cause(error: BaseException) -> EngineUnavailableError | None:
+    """The EngineUnavailableError behind an engine failure (e.g. a lost multi-host
+    process under a failed step), if there is one."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, EngineUnavailableError):
+            return seen
+        seen = seen.__cause__
+    return None

@@ -6,7 +6,15 @@
 
 With ``http_port`` set, the OpenAI-compatible HTTP API (jserve.server.openai_api)
 is served too, from the same event loop, engine, TLS files and token; both
-stop accepting together on shutdown and share its grace period.
+share the shutdown below.
+
+Shutdown (``stop``, or SIGTERM/SIGINT in ``serve``): health turns NOT_SERVING
+at once while both listeners stay open (new generation calls get UNAVAILABLE),
+running requests get the grace period, and then, or at once on a second
+signal (``force_stop``), every request still running is aborted: its stream
+ends with FINISH_REASON_ABORT and usage, then UNAVAILABLE with jserve's
+message (an HTTP stream: finish_reason "abort", then [DONE]). Only then do
+the listeners close.
 
 or, for a process that serves until SIGTERM/SIGINT:
 
@@ -61,6 +69,12 @@ SERVED_SERVICES = (GENERATION_SERVICE, JETSTREAM_SERVICE)
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Seconds a shutdown gives the engine to end the requests it aborts (their last
+# messages) before it cancels their calls outright.
+ABORT_WAIT = 2.0
+# Seconds calls other than generation (e.g. a Tokenize) get once every request is
+# done and the listeners close.
+CLOSE_GRACE = 1.0
 
 
 @dataclasses.dataclass
@@ -361,14 +375,9 @@ class ServerHandle:
     async def _stop(self, grace: float | None) -> None:
         grace = self.config.grace_period if grace is None else grace
         self.core.shutting_down = True
+        # NOT_SERVING at once, while the listeners still answer health checks (new
+        # generation calls get UNAVAILABLE), so load balancers see the drain.
         await self.health.enter_graceful_shutdown()
-        if self._http is not None:  # no new connections; open ones get the grace period
-            self._http.begin_shutdown(grace)
-        stopping = None
-        if self._server is not None:
-            # No new RPCs from here on; after `grace` gRPC cancels what is left.
-            stopping = asyncio.create_task(self._server.stop(grace))
-        # Let running generations finish, unless forced or out of time.
         waits = {
             asyncio.ensure_future(self.core.idle.wait()),
             asyncio.ensure_future(self._force.wait()),
@@ -376,11 +385,21 @@ class ServerHandle:
         await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
             w.cancel()
+        if not self.core.idle.is_set():  # forced or out of time
+            logger.warning(
+                "stopping %d request(s) that did not finish in time", len(self.core.active)
+            )
+            # Each stream sends its last output (FINISH_REASON_ABORT, usage) and ends.
+            self.core.abort_all()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.core.idle.wait(), ABORT_WAIT)
+            for task in list(self.core.active):  # the engine did not end them in time
+                task.cancel()
         self.health.closing.set()
-        for task in list(self.core.active):  # forced or out of time
-            task.cancel()
-        if stopping is not None:
-            await stopping
+        if self._http is not None:
+            self._http.begin_shutdown(CLOSE_GRACE)
+        if self._server is not None:
+            await self._server.stop(CLOSE_GRACE)
         if self._http is not None:
             await self._http.wait_closed()
         for task in self._tasks:

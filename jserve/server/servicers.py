@@ -7,11 +7,15 @@ mapping, metrics and cleanup:
   (``RequestTooLargeError``) -> INVALID_ARGUMENT with the engine's message;
 - queue full -> RESOURCE_EXHAUSTED (retrying later may succeed);
 - not warmed up yet or shutting down -> UNAVAILABLE (retry elsewhere or later);
-- engine failure -> INTERNAL for the affected calls; health turns NOT_SERVING;
-- client cancel, deadline or shutdown -> the RPC's handler is cancelled or
-  closed, which closes its ``AsyncLLMEngine.generate`` stream: the engine
-  aborts that very request (never another one with the same id) and frees its
-  KV pages at once.
+- engine failure -> INTERNAL for the affected calls; health turns NOT_SERVING
+  (UNAVAILABLE for EngineUnavailableError, e.g. a lost multi-host process);
+- client cancel or deadline -> the RPC's handler is cancelled or closed, which
+  closes its ``AsyncLLMEngine.generate`` stream: the engine aborts that very
+  request (never another one with the same id) and frees its KV pages at once;
+- a shutdown that cannot wait for a request any longer (``abort_all``: a second
+  signal, or the grace period is over) -> the request's last message says
+  FINISH_REASON_ABORT and carries its usage, then the call ends UNAVAILABLE
+  with ``SHUTDOWN_ABORT_MESSAGE``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ from typing import Any, TypeVar
 import grpc
 
 from jserve.engine.async_engine import AsyncLLMEngine
-from jserve.errors import CapacityError, EngineDeadError, InvalidRequestError
+from jserve.errors import (
+    CapacityError,
+    EngineDeadError,
+    EngineUnavailableError,
+    InvalidRequestError,
+)
 from jserve.outputs import RequestOutput
 from jserve.sampling_params import SamplingParams
 from jserve.server import convert
@@ -43,11 +52,16 @@ logger = logging.getLogger(__name__)
 # A text prompt longer than this many characters per token of the model's
 # maximum length is refused before tokenizing it (real text averages ~4).
 MAX_CHARS_PER_TOKEN = 32
-# Threads for the server's tokenizer work (Tokenize, Detokenize, chat templates):
+# Threads for the server's tokenizer work (Tokenize, Detokenize, chat templates,
+# text prompts):
 # few, so a burst of such calls queues here instead of crowding the engine's step
 # thread off the CPU (and the GIL); first come, first served.
 TOKENIZER_THREADS = 2
 T = TypeVar("T")
+SHUTDOWN_ABORT_MESSAGE = (
+    "the server is shutting down and stopped this request before it finished; "
+    "retry on another replica"
+)
 # The engine's errors whose message is the client's to read, and each outcome's status.
 _TYPED_ERRORS = (InvalidRequestError, CapacityError, EngineDeadError)
 _GRPC_CODES = {
@@ -101,6 +115,8 @@ class ServingCore:
         self.active: set[asyncio.Task[Any]] = set()
         self.idle = asyncio.Event()
         self.idle.set()
+        # Set once shutdown stops waiting for running requests (abort_all).
+        self.aborting = asyncio.Event()
 
     @property
     def tokenizer(self) -> Any:
@@ -144,9 +160,23 @@ class ServingCore:
         if error is not None:
             raise InvalidRequestError(error)
 
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, priority: int
+    ) -> AsyncIterator[RequestOutput]:
+        """The engine stream of one request; a text prompt is tokenized on the tokenizer
+        threads, in turn with Tokenize calls, so a flood of either cannot crowd out the
+        step thread."""
+        return self.aengine.generate(prompt, params, request_id, priority, self._tokenizer_pool)
+
     async def in_tokenizer_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs tokenizer work on the server's few tokenizer threads."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+
+    def abort_all(self) -> None:
+        """Ends every running request now (shutdown out of patience): the engine aborts
+        them, so each stream still sends its last output, which says "abort"."""
+        self.aborting.set()
+        self.aengine.abort_all()
 
     def close(self) -> None:
         """Drops queued tokenizer work (the server has stopped)."""
@@ -201,9 +231,10 @@ class ServingCore:
         rec = self.metrics.recorder(api)
         if not self.live:
             rec.finish("error" if self.aengine.dead is not None else "rejected")
+            dead = self.aengine.dead
             context.set_code(
                 grpc.StatusCode.INTERNAL
-                if self.aengine.dead is not None
+                if dead is not None and not isinstance(dead, EngineUnavailableError)
                 else grpc.StatusCode.UNAVAILABLE
             )
             context.set_details(self._not_live_reason())
@@ -224,6 +255,11 @@ class ServingCore:
             context.set_code(grpc.StatusCode.INTERNAL)
             context.set_details("internal error while preparing the request")
             return
+        if self.aborting.is_set():  # shutdown gave up on requests while this one was prepared
+            rec.finish("rejected")
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(self._not_live_reason())
+            return
 
         if job.client_id is not None:
             if job.client_id in self.client_ids:
@@ -236,7 +272,8 @@ class ServingCore:
                 return
             self.client_ids.add(job.client_id)
         outcome: str | None = None  # stays None if the RPC ends before the request does
-        gen = self.aengine.generate(job.prompt, job.params, job.request_id, job.priority)
+        late_abort = False
+        gen = self.generate(job.prompt, job.params, job.request_id, job.priority)
         try:
             # Leaving this block before the request finished (the RPC was cancelled,
             # ran out of time or was closed) closes the engine stream, which aborts
@@ -248,14 +285,24 @@ class ServingCore:
                     rec.observe(out)
                     if out.finished:
                         outcome = convert.outcome_of(out)
+                    elif self.aborting.is_set() and not late_abort:
+                        late_abort = True  # admitted after abort_all went out
+                        self.aengine.abort(job.request_id)
                     for msg in job.respond(out):
                         yield msg
+            if outcome == "aborted" and self.aborting.is_set():
+                context.set_code(grpc.StatusCode.UNAVAILABLE)
+                context.set_details(SHUTDOWN_ABORT_MESSAGE)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         except Exception as e:
             outcome = self.failure_outcome(e, job.request_id)
-            context.set_code(_GRPC_CODES[outcome])
+            context.set_code(
+                grpc.StatusCode.UNAVAILABLE
+                if isinstance(e, EngineUnavailableError)
+                else _GRPC_CODES[outcome]
+            )
             context.set_details(
                 str(e)
                 if isinstance(e, _TYPED_ERRORS)

@@ -150,6 +150,50 @@ def test_a_tokenize_burst_queues_on_few_threads_while_generation_goes_on(
 
 
 @pytest.mark.timeout(60)
+def test_text_prompts_are_tokenized_on_the_same_few_threads(
+    aengine: AsyncLLMEngine, monkeypatch
+) -> None:
+    """Generate, Decode and HTTP text prompts share Tokenize's bounded pool, so a flood
+    of long text prompts queues there instead of taking the default executor."""
+    import threading
+
+    from jserve.server.servicers import TOKENIZER_THREADS
+
+    tok = aengine.engine.tokenizer
+    real_encode = tok.encode
+    busy, peak, threads = 0, 0, set()
+
+    def slow_encode(*args, **kwargs):
+        nonlocal busy, peak
+        threads.add(threading.current_thread().name)
+        busy += 1  # under the GIL: exact enough for a peak count
+        peak = max(peak, busy)
+        try:
+            time.sleep(0.05)
+            return real_encode(*args, **kwargs)
+        finally:
+            busy -= 1
+
+    monkeypatch.setattr(tok, "encode", slow_encode)
+
+    async def main():
+        async with (
+            serving(aengine, http_port=0) as (h, c),
+            httpx.AsyncClient(base_url=h.http_url, timeout=30) as http,
+        ):
+            body = {"prompt": "All: " * 3, "max_tokens": 1}
+            calls = [c.generate("All: " * 3, max_tokens=1) for _ in range(6)]
+            calls += [c.decode("All: " * 3, max_tokens=1) for _ in range(3)]
+            calls += [http.post("/v1/completions", json=body) for _ in range(3)]
+            results = await asyncio.gather(*calls)
+            assert all(r.status_code == 200 for r in results[-3:])
+        assert 1 <= peak <= TOKENIZER_THREADS
+        assert threads and all(t.startswith("jserve-tokenizer") for t in threads), threads
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
 def test_malformed_protobuf_bytes_are_invalid_argument_in_plain_words(
     aengine: AsyncLLMEngine,
 ) -> None:

@@ -1,4 +1,7 @@
-"""Soak: thousands of mixed requests with random cancels; nothing leaks.
+"""Soak: thousands of mixed requests with random cancels and hostile calls mixed in
+(client ids that collide or look like the server's, Tokenize floods, clients that
+disconnect), ended by a shutdown whose second signal aborts the open streams;
+nothing leaks.
 
 Run on purpose: pytest tests/server/test_soak.py -m slow -s
 (JSERVE_SOAK_REQUESTS / JSERVE_SOAK_SECONDS change its size.)
@@ -18,7 +21,9 @@ import jax
 import pytest
 
 from jserve.engine.async_engine import AsyncLLMEngine
-from jserve.server.client import decode_request, generate_request
+from jserve.server.client import Client, decode_request, generate_request
+from jserve.server.proto import generation_pb2 as pb
+from jserve.server.servicers import SHUTDOWN_ABORT_MESSAGE
 from tests.engine.helpers import make_engine
 from tests.server.helpers import metric, scrape, serving, wait_until_free
 
@@ -58,16 +63,29 @@ def rss_mib() -> float:
     return 0.0
 
 
+# Client ids that several workers use at once (only one runs at a time; the rest are
+# refused), and ids of the server's own form (which must never trouble its requests).
+SHARED_IDS = ["shared-0", "shared-1", "shared-2"]
+SERVER_LIKE_IDS = [f"gen-{i:032x}" for i in range(4)] + [f"js-{i:032x}" for i in range(4)]
+
+
 def random_request(rng: random.Random, vocab: int) -> tuple[str, object, str]:
-    """(api, request, what the client will do: run / cancel / deadline / invalid)."""
-    action = rng.choices(["run", "cancel", "deadline", "invalid"], [70, 15, 7, 8])[0]
+    """(api, request, what the client will do: run / cancel / deadline / invalid /
+    collide / disconnect / tokenize)."""
+    action = rng.choices(
+        ["run", "cancel", "deadline", "invalid", "collide", "disconnect", "tokenize"],
+        [60, 13, 6, 7, 6, 4, 4],
+    )[0]
+    if action == "tokenize":  # a flood of large Tokenize calls, some past the cap
+        size = rng.choice([1_000, 8_000, 16_000, 20_000])
+        return "tokenize", pb.TokenizeRequest(text=("All: " * size)[:size]), action
     if rng.random() < 0.5:
         prompt = " ".join(rng.choices(WORDS, k=rng.randint(1, 40)))
     else:
         prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 60))]
-    long = action in ("cancel", "deadline")
+    long = action in ("cancel", "deadline", "disconnect")
     max_tokens = rng.randint(100, 300) if long else rng.randint(1, 48)
-    if rng.random() < 0.3:
+    if rng.random() < 0.3 and action != "collide":
         req = decode_request(prompt, max_tokens=max_tokens, num_samples=rng.choice([0, 1, 2]))
         if action == "invalid":
             req.max_tokens = -rng.randint(1, 5)
@@ -85,7 +103,36 @@ def random_request(rng: random.Random, vocab: int) -> tuple[str, object, str]:
         kw["stop"] = [rng.choice(WORDS)[:3]]
     if action == "invalid":
         kw.update(rng.choice([dict(top_p=2.0), dict(temperature=-1.0), dict(n=0), dict(top_k=0)]))
+    if action == "collide":
+        kw["request_id"] = rng.choice(SHARED_IDS + SERVER_LIKE_IDS)
+    elif rng.random() < 0.1:  # an id of the server's form, unique to this call
+        kw["request_id"] = f"gen-{rng.getrandbits(128):032x}"
     return "generation", generate_request(prompt, **kw), action
+
+
+async def _shutdown_with_second_signal(h, c) -> None:
+    """Open streams, a drain (first signal), then a forced stop (second signal): every
+    stream ends at once with FINISH_REASON_ABORT and usage, then jserve's UNAVAILABLE."""
+    calls = [
+        c.generation.Generate(generate_request("All:", max_tokens=400, ignore_eos=True))
+        for _ in range(6)
+    ]
+    for call in calls:
+        await call.read()  # running
+    drain = asyncio.create_task(h.stop(grace=60))
+    await asyncio.sleep(0.2)
+    assert not drain.done()
+    await h.force_stop()
+    for call in calls:
+        msgs = []
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            while (msg := await call.read()) is not grpc.aio.EOF:
+                msgs.append(msg)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert e.value.details() == SHUTDOWN_ABORT_MESSAGE
+        assert msgs and msgs[-1].finish_reason == pb.FINISH_REASON_ABORT
+        assert msgs[-1].HasField("usage")
+    await drain
 
 
 @pytest.mark.slow
@@ -104,9 +151,22 @@ def test_soak(tok_model_dir: str) -> None:
     counts: collections.Counter[str] = collections.Counter()
     unexpected: list[str] = []
 
-    async def one(c, rng: random.Random) -> None:
+    async def one(c, rng: random.Random, target: str) -> None:
         api, req, action = random_request(rng, vocab)
-        stub = c.generation.Generate if api == "generation" else c.jetstream.Decode
+        if api == "tokenize":
+            try:
+                await c.generation.Tokenize(req, timeout=60)
+                code = None
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+            expected = {None, grpc.StatusCode.INVALID_ARGUMENT}  # past the cap: refused
+            counts[f"{api}:{action}:{code.name if code else 'OK'}"] += 1
+            if code not in expected:
+                unexpected.append(f"{api} {action}: {code}")
+            return
+        own = Client(target) if action == "disconnect" else None  # a client that goes away
+        stub_of = own or c
+        stub = stub_of.generation.Generate if api == "generation" else stub_of.jetstream.Decode
         timeout = rng.uniform(0.05, 0.5) if action == "deadline" else 60
         call = stub(req, timeout=timeout)
         stop_after = rng.randint(0, 8)
@@ -117,6 +177,10 @@ def test_soak(tok_model_dir: str) -> None:
                 if action == "cancel" and n > stop_after:
                     call.cancel()
                     break
+                if action == "disconnect" and n > stop_after:
+                    assert own is not None
+                    await own.channel.close()  # the connection drops mid-stream
+                    own = None
                 if api == "generation" and msg.HasField("usage"):
                     assert msg.usage.completion_tokens > 0
             code = grpc.StatusCode.CANCELLED if action == "cancel" and n > stop_after else None
@@ -124,11 +188,17 @@ def test_soak(tok_model_dir: str) -> None:
             code = e.code()
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
+        finally:
+            if own is not None:
+                await own.close()
         expected = {
             "run": {None},
             "cancel": {None, grpc.StatusCode.CANCELLED},
             "deadline": {None, grpc.StatusCode.DEADLINE_EXCEEDED},
             "invalid": {grpc.StatusCode.INVALID_ARGUMENT},
+            # Another call under the same client id is running: refused, never anything else.
+            "collide": {None, grpc.StatusCode.INVALID_ARGUMENT},
+            "disconnect": {None, grpc.StatusCode.CANCELLED},
         }[action]
         counts[f"{api}:{action}:{code.name if code else 'OK'}"] += 1
         if code not in expected:
@@ -163,7 +233,7 @@ def test_soak(tok_model_dir: str) -> None:
                     rng = random.Random(seed)
                     while done < target and time.monotonic() - t0 < SECONDS:
                         done += 1
-                        await one(c, rng)
+                        await one(c, rng, f"127.0.0.1:{h.port}")
 
                 await asyncio.gather(*(worker(r * WORKERS + i) for i in range(WORKERS)))
                 await wait_until_free(aeng, timeout=10)
@@ -172,9 +242,11 @@ def test_soak(tok_model_dir: str) -> None:
                 gc.collect()
                 await asyncio.sleep(0.1)
                 assert not h.core.active and not aeng._streams
+                assert h.core._tokenizer_pool._work_queue.empty()  # no tokenizer jobs left
                 checkpoint(done)
             elapsed = time.monotonic() - t0
             text = scrape(h.metrics_port)
+            await _shutdown_with_second_signal(h, c)
         return done, elapsed, text
 
     jax.monitoring.register_event_duration_secs_listener(on_event)

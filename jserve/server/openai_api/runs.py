@@ -165,7 +165,7 @@ class EngineRun:
         rec = core.metrics.recorder(self.api)
         rid = core.new_request_id(self.api)
         outcome: str | None = None
-        gen = core.aengine.generate(prompt, self.params, rid, self.priority)
+        gen = core.generate(prompt, self.params, rid, self.priority)
         try:
             async with contextlib.aclosing(gen):
                 async for out in gen:
