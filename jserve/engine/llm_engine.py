@@ -192,6 +192,12 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"stop token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})"
             )
+        bad = [t for t in params.logit_bias or () if t >= self.cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"invalid sampling parameters: logit_bias token id {bad[0]} is outside the "
+                f"vocabulary [0, {self.cfg.vocab_size})"
+            )
         s = self.ecfg.page_size
         total = len(ids) + max_tokens
         private = math.ceil(total / s) - len(ids) // s

@@ -39,7 +39,12 @@ FINISH_REASONS = {
 def sampling_params(msg: pb.SamplingParameters) -> SamplingParams:
     """The engine's SamplingParams for a request; the engine validates the values."""
     kw: dict = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
+    if msg.HasField("structured_outputs"):
+        raise InvalidRequestError(
+            "invalid sampling parameters: structured_outputs is not supported by this server"
+        )
     return SamplingParams(
+        logit_bias=dict(msg.logit_bias) or None,
         stop=list(msg.stop),
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,

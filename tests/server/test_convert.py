@@ -28,6 +28,12 @@ def test_unset_sampling_fields_keep_defaults() -> None:
     assert convert.sampling_params(pb.SamplingParameters(n=0)).n == 0  # explicit 0 is kept
 
 
+def test_logit_bias_map() -> None:
+    sp = convert.sampling_params(pb.SamplingParameters(logit_bias={5: 2.5, 7: -100}))
+    assert sp.logit_bias == {5: 2.5, 7: -100.0}
+    assert convert.sampling_params(pb.SamplingParameters()).logit_bias is None
+
+
 def test_any_int64_seed_is_passed_through() -> None:
     for seed in (-1, 2**32, 2**63 - 1):
         sp = convert.sampling_params(pb.SamplingParameters(seed=seed))

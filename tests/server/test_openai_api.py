@@ -153,6 +153,7 @@ def test_prompt_forms(client: openai.OpenAI, tok: Tokenizer) -> None:
         ("presence_penalty", 2.0, {"temperature": 0.0}),
         ("frequency_penalty", 2.0, {"temperature": 0.0}),
         ("repetition_penalty", 2.0, {"temperature": 0.0}),
+        ("logit_bias", {"11": 100, "12": -100}, {"temperature": 0.0}),
     ],
 )
 def test_sampling_fields_reach_the_engine(
@@ -168,6 +169,8 @@ def test_sampling_fields_reach_the_engine(
         )
 
     got = create(**kw)
+    if field == "logit_bias":  # the gRPC map takes integer keys
+        kw["logit_bias"] = {int(k): float(v) for k, v in value.items()}
     ref = grpc_generate(server, prompt, max_tokens=16, **kw)
     assert got.choices[0].text == ref.text[0]
     without = create(**base)
@@ -376,6 +379,14 @@ def test_chat_streams_role_first(client: openai.OpenAI) -> None:
     assert r.usage.completion_tokens == 3
 
 
+def test_chat_logit_bias(client: openai.OpenAI, tok: Tokenizer) -> None:
+    messages = [{"role": "user", "content": "Speak"}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    r = client.chat.completions.create(logit_bias={"11": 100}, **kw)
+    assert r.choices[0].message.content == tok.decode([11] * 4)
+    assert client.chat.completions.create(**kw).choices[0].message.content != tok.decode([11] * 4)
+
+
 def test_chat_logprobs(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Speak"}]
     kw = dict(model=MODEL, messages=messages, max_tokens=5, temperature=0)
@@ -431,7 +442,10 @@ def error_of(r: httpx.Response, status: int) -> dict:
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 20, "max_tokens": 5}, "min_tokens"),
         ({"priority": "high"}, "priority"),
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"logit_bias": {"five": 10}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"100000000": 1}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream_options": {"sometimes": True}, "stream": True}, "stream_options.sometimes"),
         ({"echo": "maybe"}, "echo"),
@@ -469,7 +483,7 @@ def test_completion_field_errors(http: httpx.Client, body: dict, param: str) -> 
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"temperature": -1}, "temperature"),
-        ({"logit_bias": {"1": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": -200}}, "logit_bias"),
         ({"functions": []}, "functions"),
     ],
 )

@@ -32,12 +32,6 @@ def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> S
     def given(value: Any, default: Any) -> Any:
         return default if value is None else value
 
-    if req.logit_bias:
-        raise APIError(
-            400,
-            "logit_bias is not supported by this server yet; send the request without it",
-            "logit_bias",
-        )
     return SamplingParams(
         n=req.n,
         max_tokens=max_tokens,
@@ -56,7 +50,24 @@ def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> S
         include_stop_str_in_output=req.include_stop_str_in_output,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        logit_bias=logit_bias(req.logit_bias),
     )
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as JSON object keys, so strings) -> the engine's."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(
+                400, f"logit_bias keys must be token ids, got {key!r:.40}", "logit_bias"
+            ) from None
+        out[token] = value
+    return out
 
 
 async def until_disconnected(request: Request) -> None:
