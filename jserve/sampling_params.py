@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from jserve.errors import InvalidRequestError
+from jserve.structured.params import StructuredOutputsParams
 
 # The device holds integer fields (top_k, token ids, counts) as int32 and float
 # fields (temperature, top_p, min_p, penalties) as float32.
@@ -63,6 +64,11 @@ class SamplingParams:
     ids as strings) adds each bias to that token's logit before sampling, after
     the penalties and before temperature and the filters: -100 in effect bans a
     token, +100 in effect forces it. At most 300 entries, biases in [-100, 100].
+
+    ``structured_outputs=StructuredOutputsParams(json=... | regex=... | choice=[...] |
+    grammar=... | json_object=True)`` constrains the output (``jserve.structured``): a
+    grammar that completes ends the request with finish_reason "stop", max_tokens
+    reached before that with "length".
     """
 
     n: int = 1
@@ -84,6 +90,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -194,6 +201,13 @@ class SamplingParams:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= INT32_MAX:
                 raise bad(f"stop_token_ids must be non-negative integers, got {t!r:.40}")
         self._validate_logit_bias(bad)
+        so = self.structured_outputs
+        if so is not None:
+            if not isinstance(so, StructuredOutputsParams):
+                raise bad(
+                    f"structured_outputs must be a StructuredOutputsParams, got {type(so).__name__}"
+                )
+            so.key()  # the fields' shape; the engine compiles the content
 
     def _validate_logit_bias(self, bad: Any) -> None:
         bias = self.logit_bias

@@ -41,6 +41,8 @@ class StepPlan:
     copies: np.ndarray | None = None  # i32[2, C]: copy page src -> dst (-1: no-op)
     table_writes: RowWrites | None = None
     history_writes: RowWrites | None = None
+    # i32[R, ceil(vocab / 32)]: structured output's allowed tokens per row (None: all).
+    bitmask: np.ndarray | None = None
 
 
 # The sampling fields of a row that only scores a prompt position: greedy, no filters.
@@ -314,7 +316,7 @@ class InputBuilder:
                 k = len(info.bias[0])
                 v["bias_ids"][i, :k] = info.bias[0]
                 v["bias_values"][i, :k] = info.bias[1]
-        v["flags"][:] = (rand, sort, penalties, logprobs, biased)
+        v["flags"][:5] = (rand, sort, penalties, logprobs, biased)  # [5]: the bitmask hook's
         return logprobs
 
 

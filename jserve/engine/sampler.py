@@ -2,7 +2,8 @@
 
 Order of operations per row (as vLLM applies them): penalties on the raw
 logits, the request's ``logit_bias`` added, stop tokens banned while below
-``min_tokens``, temperature, then the
+``min_tokens``, tokens outside a structured-output grammar's ``bitmask``
+removed, temperature, then the
 top-k, top-p and min-p filters, then a draw. Greedy rows (temperature 0)
 take the argmax of the penalized logits. A row verifying a speculative
 proposal (``draft_ids``) keeps or replaces it by rejection sampling from the
@@ -105,6 +106,16 @@ def add_logit_bias(logits: jax.Array, f: dict[str, jax.Array]) -> jax.Array:
     return logits.at[bias_rows, cols].add(f["bias_values"], mode="drop")
 
 
+def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """-inf where bit v of a row's packed mask (i32[R, ceil(V / 32)]) is clear.
+    E.g. a row of words [5] allows tokens 0 and 2 of the first 32."""
+    vocab = logits.shape[-1]
+    v = jnp.arange(vocab)
+    words = jax.lax.bitcast_convert_type(bitmask, jnp.uint32)[:, v // 32]  # [R, V]
+    allowed = (words >> (v % 32).astype(jnp.uint32)) & 1
+    return jnp.where(allowed > 0, logits, -jnp.inf)
+
+
 def penalized_logits(
     logits: jax.Array,  # f32[R, V]
     f: dict[str, jax.Array],
@@ -149,11 +160,16 @@ def sample(
     num_out: int,
     num_logprobs: int,
     draft_probs: jax.Array | None = None,  # f32[R, V]: a draft model's proposal distributions
+    bitmask: jax.Array | None = None,  # i32[R, ceil(V / 32)]: tokens a grammar allows
 ) -> SamplerOutput:
     rows = logits.shape[0]
     flags = f["flags"]
     raw_logits = logits  # logprobs are those of the model, before any processing
     logits = penalized_logits(logits, f, history)
+    if bitmask is not None:
+        logits = jax.lax.cond(
+            flags[5] > 0, lambda x: apply_bitmask(x, bitmask), lambda x: x, logits
+        )
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def random_tokens(logits: jax.Array) -> jax.Array:

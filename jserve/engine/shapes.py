@@ -205,7 +205,7 @@ class StepShapes:
                 # An input that is a draft model's proposal: the row verifying it, else -1.
                 ("token_draft_row", (t,), "i32", -1),
                 # any row: [draws at random, uses top-k/top-p, uses penalties, wants
-                # logprobs, has a logit_bias]
-                ("flags", (5,), "i32", 0),
+                # logprobs, has a logit_bias, has a grammar bitmask]
+                ("flags", (6,), "i32", 0),
             ]
         )

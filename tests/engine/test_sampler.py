@@ -39,7 +39,7 @@ def _draw(
         history = np.full((rows, 1), -1, np.int32)
     sm["history_lens"][:] = history.shape[1]
     biased = bool(np.any(sm["bias_ids"] >= 0))
-    sm["flags"][:] = [bool(np.any(sm["temperature"] > 0)), sort, penalties, False, biased]
+    sm["flags"][:] = [bool(np.any(sm["temperature"] > 0)), sort, penalties, False, biased, 0]
     logits = jnp.asarray(np.tile(LOGITS, (rows, 1)))
     f = {k: jnp.asarray(v) for k, v in sm.items()}
     out = sample(logits, f, jnp.asarray(history), num_out=rows, num_logprobs=1)
