@@ -87,7 +87,7 @@ def parse_arithmetic(text: str) -> None:
             raise ValueError(f"expected a number at {pos} in {text!r}")
         pos += m.end()
 
-    def chain(sub, ops: str) -> None:  # noqa: ANN001
+    def chain(sub, ops: str) -> None:
         nonlocal pos
         sub()
         while peek() and peek() in ops:
