@@ -76,6 +76,21 @@ def test_concurrent_constrained_streams_with_cancellations(warm_aengine) -> None
     _concurrent(warm_aengine, 16)
 
 
+def test_an_invalid_spec_is_invalid_argument(warm_aengine) -> None:
+    import grpc
+
+    async def main() -> None:
+        async with serving(warm_aengine) as (_, client):
+            for so in (pb.StructuredOutputs(regex="[0-"), pb.StructuredOutputs()):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await client.generate("A", structured_outputs=so)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "structured_outputs" in e.value.details()
+
+    asyncio.run(main())
+    assert warm_aengine.engine.is_idle()
+
+
 @pytest.mark.slow
 def test_64_concurrent_constrained_streams_with_cancellations(warm_aengine) -> None:
     _concurrent(warm_aengine, 64)
