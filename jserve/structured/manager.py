@@ -1,13 +1,14 @@
 """Grammars with llguidance: compiled off the step thread, one matcher per constrained sequence.
 
-Why llguidance (measured on the embedded model's byte-level BPE tokenizer, 2048 tokens,
-sampling random allowed tokens from a JSON schema with a pattern, an enum array and an
-integer range; ``docs/benchmarks.md``): both it and xgrammar 0.2.9 gave only valid
-output, xgrammar's mask took about 1-2 us a token against llguidance's 11 us, but
-xgrammar needs torch, triton and transformers installed and about 50 ms to compile
-that schema, where llguidance has no dependencies, fills numpy bitmasks natively
-(in parallel, off the GIL), and builds its parser lazily (0.2 ms). A mask costs
-microseconds against a step's milliseconds, so the smaller, self-contained library wins.
+Why llguidance, measured by ``python -m tools.grammar_engines`` on the embedded model's
+byte-level BPE tokenizer (2048 tokens; ``docs/benchmarks.md``): llguidance 1.9.1 and
+xgrammar 0.2.9 both gave only valid output, and xgrammar's mask is the cheaper one (about
+2 us a token against llguidance's 28-49 us on the shared 2-core host). But xgrammar 0.2.9
+requires torch, triton and transformers (about 1.8 GB installed) and imports torch when it
+loads; llguidance has no dependencies (7.6 MB), fills numpy bitmasks natively, builds its
+parsers lazily (under 1 ms for that schema) and its JSON options bound whitespace. Its mask
+is tens of microseconds per constrained row on the host, computed while the device runs the
+previous step. The engine reaches it only through this module, so swapping it is local.
 
 The tokenizer's vocabulary is handed to llguidance once per model, on first use. A
 spec compiles once (``compile``, cached by ``StructuredOutputsParams.key``); each
