@@ -62,9 +62,10 @@ def structured_outputs(msg: pb.SamplingParameters) -> StructuredOutputsParams | 
             "invalid sampling parameters: structured_outputs is set but empty; give one of "
             "json, regex, choice, grammar or json_object"
         )
+    ws = so.whitespace_pattern if so.HasField("whitespace_pattern") else None
     if kind == "choice":
-        return StructuredOutputsParams(choice=list(so.choice.choices))
-    return StructuredOutputsParams(**{kind: getattr(so, kind)})
+        return StructuredOutputsParams(choice=list(so.choice.choices), whitespace_pattern=ws)
+    return StructuredOutputsParams(**{kind: getattr(so, kind)}, whitespace_pattern=ws)
 
 
 def generate_prompt(request: pb.GenerateRequest) -> str | list[int]:

@@ -44,6 +44,9 @@ def test_structured_outputs_message() -> None:
     assert so(regex="a+") == StructuredOutputsParams(regex="a+")
     assert so(grammar="root ::= x") == StructuredOutputsParams(grammar="root ::= x")
     assert so(json_object=True) == StructuredOutputsParams(json_object=True)
+    assert so(json_object=True, whitespace_pattern=" ?") == StructuredOutputsParams(
+        json_object=True, whitespace_pattern=" ?"
+    )
     assert so(choice=pb.Choices(choices=["a", "b"])) == StructuredOutputsParams(choice=["a", "b"])
     assert convert.sampling_params(pb.SamplingParameters()).structured_outputs is None
     with pytest.raises(InvalidRequestError, match="structured_outputs is set but empty"):
