@@ -161,6 +161,15 @@ def test_every_kind_validates_on_the_embedded_model(embedded: LLMEngine) -> None
     assert_clean(embedded)
 
 
+@pytest.mark.slow
+def test_many_seeds_of_every_kind_validate(embedded: LLMEngine, random_model) -> None:
+    for engine, max_tokens in ((embedded, 160), (random_model, 200)):
+        reqs = requests(num_random=16, max_tokens=max_tokens)
+        out = run(engine, reqs)
+        check_all(out, reqs)
+        assert_clean(engine)
+
+
 def test_every_kind_validates_on_a_random_model_under_preemption(random_model) -> None:
     reqs = requests(num_random=4, max_tokens=200)  # its tokens are mostly single bytes
     out = run(random_model, reqs)
