@@ -14,6 +14,7 @@ from jserve.errors import (
 from jserve.llm import LLM
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.sampling_params import SamplingParams
+from jserve.structured import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "RequestOutput",
     "RequestTooLargeError",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from jserve.errors import InvalidRequestError
+from jserve.structured.params import StructuredOutputsParams
 
 # The device holds integer fields (top_k, token ids, counts) as int32 and float
 # fields (temperature, top_p, min_p, penalties) as float32.
@@ -18,6 +19,10 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Below this a temperature is greedy, as in vLLM: dividing logits by a smaller
 # one overflows float32.
 MIN_TEMPERATURE = 1e-5
+# logit_bias: at most this many entries, each bias in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT],
+# as OpenAI documents; the device holds a fixed-width per-row list of that many.
+MAX_LOGIT_BIAS = 300
+LOGIT_BIAS_LIMIT = 100.0
 
 
 def _as_list(name: str, value: Any, what: str) -> Any:
@@ -54,6 +59,16 @@ class SamplingParams:
     ``max_tokens=0`` only scores the prompt and needs ``prompt_logprobs`` (the
     request ends with finish_reason "length" and no tokens); without it,
     max_tokens must be at least 1, as in vLLM.
+
+    ``logit_bias={token_id: bias}`` (vLLM's convention; OpenAI's API sends the
+    ids as strings) adds each bias to that token's logit before sampling, after
+    the penalties and before temperature and the filters: -100 in effect bans a
+    token, +100 in effect forces it. At most 300 entries, biases in [-100, 100].
+
+    ``structured_outputs=StructuredOutputsParams(json=... | regex=... | choice=[...] |
+    grammar=... | json_object=True)`` constrains the output (``jserve.structured``): a
+    grammar that completes ends the request with finish_reason "stop", max_tokens
+    reached before that with "length".
     """
 
     n: int = 1
@@ -74,6 +89,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -183,3 +200,30 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= INT32_MAX:
                 raise bad(f"stop_token_ids must be non-negative integers, got {t!r:.40}")
+        self._validate_logit_bias(bad)
+        so = self.structured_outputs
+        if so is not None:
+            if not isinstance(so, StructuredOutputsParams):
+                raise bad(
+                    f"structured_outputs must be a StructuredOutputsParams, got {type(so).__name__}"
+                )
+            so.key()  # the fields' shape; the engine compiles the content
+
+    def _validate_logit_bias(self, bad: Any) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise bad(f"logit_bias must be a mapping of token ids to biases, got {bias!r:.40}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise bad(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+        for t, b in bias.items():
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= INT32_MAX:
+                raise bad(f"logit_bias keys must be non-negative token ids, got {t!r:.40}")
+            if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b):
+                raise bad(f"logit_bias of token {t} must be a finite number, got {b!r:.40}")
+            if not -LOGIT_BIAS_LIMIT <= b <= LOGIT_BIAS_LIMIT:
+                raise bad(
+                    f"logit_bias of token {t} must be in [-{LOGIT_BIAS_LIMIT:g}, "
+                    f"{LOGIT_BIAS_LIMIT:g}], got {b}"
+                )

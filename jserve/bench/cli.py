@@ -29,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_offline_common(p)
     add_dataset_arguments(p)
+    p.add_argument(
+        "--structured-fraction",
+        type=float,
+        default=0.0,
+        help="constrain this fraction of the requests with --structured-regex (structured output)",
+    )
+    p.add_argument("--structured-regex", default=r"[a-z ]+", help="their regex")
     p.set_defaults(func=offline.run_throughput)
 
     p = sub.add_parser("latency", help="a fixed batch end to end: per-iteration latency")

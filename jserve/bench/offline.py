@@ -23,6 +23,7 @@ from jserve.cli.engine_args import build_engine, load_model_from_args
 from jserve.engine.llm_engine import LLMEngine
 from jserve.model_loader import LoadedModel
 from jserve.sampling_params import SamplingParams
+from jserve.structured import StructuredOutputsParams
 
 
 def _load_model(args: argparse.Namespace) -> tuple[LoadedModel, float]:
@@ -45,12 +46,15 @@ def _start_engine(
     return engine, {"load_s": load_s, "engine_init_and_compile_s": time.perf_counter() - t0}
 
 
-def _params(req: BenchRequest, args: argparse.Namespace) -> SamplingParams:
+def _params(req: BenchRequest, args: argparse.Namespace, constrained: bool) -> SamplingParams:
     return SamplingParams(
         max_tokens=req.output_len,
         temperature=args.temperature,
         top_p=args.top_p,
         ignore_eos=True,
+        structured_outputs=StructuredOutputsParams(regex=args.structured_regex)
+        if constrained
+        else None,
     )
 
 
@@ -58,8 +62,12 @@ def _run_to_completion(
     engine: LLMEngine, reqs: list[BenchRequest], args: argparse.Namespace, tag: str
 ) -> tuple[float, list[float], dict[str, int]]:
     """Adds every request at once and steps until done; returns (seconds, token times, lens)."""
+    # Every k-th request is constrained, spread through the batch.
+    fraction = getattr(args, "structured_fraction", 0.0)
+    every = round(1 / fraction) if fraction > 0 else 0
     for i, r in enumerate(reqs):
-        engine.add_request(f"{tag}{i}", r.prompt, _params(r, args))
+        constrained = every > 0 and i % every == 0
+        engine.add_request(f"{tag}{i}", r.prompt, _params(r, args, constrained))
     out_lens: dict[str, int] = {}
     token_times: list[float] = []
     bar = tqdm(total=len(reqs), desc=tag or "requests", disable=args.disable_tqdm)
@@ -149,6 +157,14 @@ def run_throughput(args: argparse.Namespace) -> int:
         f"engine + compile {startup['engine_init_and_compile_s']:.2f} s"
     )
     result.update(_spec_metrics(engine))
+    s = engine.structured
+    if s.mask_rows:
+        result["structured_mask_us_per_row"] = 1e6 * s.mask_seconds / s.mask_rows
+        result["structured_rows"] = s.mask_rows
+        print(
+            f"Structured output: {s.mask_rows} constrained rows, grammar mask "
+            f"{result['structured_mask_us_per_row']:.1f} us per row on the host"
+        )
     if args.plot_dir:
         plot_throughput(args.plot_dir, token_times, 0.0, "jserve bench throughput")
     save_result(args, "throughput", result)

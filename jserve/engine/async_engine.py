@@ -80,6 +80,11 @@ class AsyncLLMEngine:
         if text is not None and tokenizer is not None:
             # Tokenize here, off the step thread, so a long prompt never stalls a step.
             ids = await loop.run_in_executor(tokenizer_executor, tokenizer.encode, text)
+        if getattr(params, "structured_outputs", None) is not None:
+            # Compile the grammar here too (cached), so the step thread only looks it up.
+            await loop.run_in_executor(
+                None, self.engine.structured.compile, params.structured_outputs
+            )
         prompt = ids if ids is not None else text
         stream = _Stream(loop)
         admitted: concurrent.futures.Future[Request] = concurrent.futures.Future()

@@ -41,6 +41,8 @@ class StepPlan:
     copies: np.ndarray | None = None  # i32[2, C]: copy page src -> dst (-1: no-op)
     table_writes: RowWrites | None = None
     history_writes: RowWrites | None = None
+    # i32[R, ceil(vocab / 32)]: structured output's allowed tokens per row (None: all).
+    bitmask: np.ndarray | None = None
 
 
 # The sampling fields of a row that only scores a prompt position: greedy, no filters.
@@ -59,12 +61,16 @@ class _SeqInfo:
     sort: bool
     logprobs: bool
     banned: list[int]  # ids banned while below min_tokens
+    bias: tuple[list[int], list[float]] | None  # logit_bias as (ids, biases)
 
 
 def _seq_info(row: int, new: NewSeq, eos_ids: list[int]) -> _SeqInfo:
     sp = new.params
     fields = (sp.temperature, max(sp.top_k, 0), sp.top_p, sp.min_p, new.seed, new.index)
     banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else eos_ids)
+    bias = None
+    if sp.logit_bias:
+        bias = (list(sp.logit_bias), [float(b) for b in sp.logit_bias.values()])
     return _SeqInfo(
         row,
         new,
@@ -73,6 +79,7 @@ def _seq_info(row: int, new: NewSeq, eos_ids: list[int]) -> _SeqInfo:
         sp.top_k > 0 or sp.top_p < 1.0,
         sp.logprobs is not None,
         banned[:BAN_WIDTH],
+        bias,
     )
 
 
@@ -286,7 +293,7 @@ class InputBuilder:
         v["seeds"][:n] = cols[4]
         v["sample_index"][:n] = cols[5]
         v["out_position"][:n] = [pos for _, pos in targets]
-        rand = sort = penalties = logprobs = False
+        rand = sort = penalties = logprobs = biased = False
         banned = v["banned"]
         for i, (info, out_pos) in enumerate(targets):
             if info is None:
@@ -304,7 +311,12 @@ class InputBuilder:
                 v["num_prompt"][i] = info.new.num_prompt_tokens
             if out_pos < sp.min_tokens and info.banned:
                 banned[i, : len(info.banned)] = info.banned
-        v["flags"][:] = (rand, sort, penalties, logprobs)
+            if info.bias is not None:
+                biased = True
+                k = len(info.bias[0])
+                v["bias_ids"][i, :k] = info.bias[0]
+                v["bias_values"][i, :k] = info.bias[1]
+        v["flags"][:5] = (rand, sort, penalties, logprobs, biased)  # [5]: the bitmask hook's
         return logprobs
 
 

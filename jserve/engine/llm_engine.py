@@ -14,6 +14,7 @@ import jax
 from jserve.engine import logprobs
 from jserve.engine.config import EngineConfig
 from jserve.engine.detokenizer import SequenceDetokenizer
+from jserve.engine.inputs import StepPlan
 from jserve.engine.kv_pool import PagePool
 from jserve.engine.request import Request, Sequence
 from jserve.engine.runner import ModelRunner, StepHandle, StepResult, kv_bytes_per_page
@@ -35,6 +36,7 @@ from jserve.prompts import PromptType, tokenize_prompt
 from jserve.sampling_params import SamplingParams
 from jserve.spec.draft import load_draft
 from jserve.spec.speculator import Speculator
+from jserve.structured.manager import StructuredOutputs, constrained_rows
 from sharding import describe_mesh
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,10 @@ class LLMEngine:
             draft_model=draft,
             num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0,
         )
+        self.structured = StructuredOutputs(
+            self.tokenizer, self.cfg.vocab_size, self.cfg.eos_token_ids
+        )
+        self.runner.mask_filler = self._fill_bitmask
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(ecfg.seed)
         self._detoks: dict[int, SequenceDetokenizer] = {}  # by seq_id
@@ -191,6 +197,20 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(
                 f"stop token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})"
+            )
+        if params.structured_outputs is not None:
+            if self.speculator is not None:
+                raise InvalidRequestError(
+                    "invalid sampling parameters: structured_outputs cannot be combined with "
+                    "speculative decoding on this engine (proposals are not checked against "
+                    "the grammar); serve it without --speculative-config"
+                )
+            self.structured.compile(params.structured_outputs)  # cached when compiled before
+        bad = [t for t in params.logit_bias or () if t >= self.cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"invalid sampling parameters: logit_bias token id {bad[0]} is outside the "
+                f"vocabulary [0, {self.cfg.vocab_size})"
             )
         s = self.ecfg.page_size
         total = len(ids) + max_tokens
@@ -366,6 +386,7 @@ class LLMEngine:
             comps = []
             for seq in req.seqs:
                 self._detoks.pop(seq.seq_id, None)
+                self.structured.release(seq.seq_id)
                 comps.append(CompletionOutput(seq.index, "", [], finish_reason="abort"))
             outputs.append(RequestOutput(rid, req.prompt, req.prompt_token_ids, comps, True))
             self.step_errors[rid] = failed
@@ -386,10 +407,23 @@ class LLMEngine:
         for upd in self.scheduler.update(so, res.tokens, res.drafts):
             req = upd.seq.request
             kept = self._find_stop_string(upd)
+            spec = req.params.structured_outputs
+            if spec is not None and self.structured.advance(
+                upd.seq.seq_id, spec, upd.tokens[:kept]
+            ):
+                self.scheduler.finish(upd.seq, "stop")  # the grammar is complete
             if req.params.logprobs is not None:
                 self._record_logprobs(upd, res, kept)
             self.stats.generation_tokens += kept
             self._touched[req.request_id] = req
+
+    def _fill_bitmask(self, plan: StepPlan, so: SchedulerOutput) -> None:
+        """The runner's hook: the bitmask of the rows of constrained sequences."""
+        rows = constrained_rows(so, self.scheduler.sequence)
+        if rows:
+            plan.bitmask = self.structured.fill(plan.shape[1], rows)
+            flags = self.runner.shapes.layout(*plan.shape).fields["flags"]
+            plan.packed[flags.offset + 5] = 1
 
     def _find_stop_string(self, upd: SeqUpdate) -> int:
         """Feeds the new tokens to the detokenizer; a completed stop string ends the
@@ -463,6 +497,7 @@ class LLMEngine:
                 text = detok.take_delta(seq.finished) if detok is not None else ""
                 if seq.finished:
                     self._detoks.pop(seq.seq_id, None)
+                    self.structured.release(seq.seq_id)
                 comps.append(
                     CompletionOutput(
                         index=seq.index,

@@ -162,6 +162,8 @@ def _encode_plan(plan: StepPlan) -> tuple[dict[str, np.ndarray], dict]:
     arrays = {"packed": plan.packed}
     if plan.copies is not None:
         arrays["copies"] = plan.copies
+    if plan.bitmask is not None:
+        arrays["bitmask"] = plan.bitmask
     for name in ("table_writes", "history_writes"):
         w = getattr(plan, name)
         if w is not None:
@@ -182,6 +184,7 @@ def _decode_plan(arrays: dict[str, np.ndarray], meta: dict) -> StepPlan:
         num_rows=meta["num_rows"],
         want_logprobs=meta["want_logprobs"],
         copies=arrays.get("copies"),
+        bitmask=arrays.get("bitmask"),
         table_writes=writes("table_writes"),
         history_writes=writes("history_writes"),
     )

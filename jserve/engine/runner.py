@@ -69,6 +69,7 @@ def _step(
     history: jax.Array,  # i32[max_num_seqs + 1, max_model_len]
     prev_tokens: jax.Array,  # i32[max_num_seqs]: the previous step's samples
     packed: jax.Array,  # i32[layout size]
+    bitmask: jax.Array,  # i32[R, ceil(vocab / 32)]: tokens each row may sample
     draft_params: Any = None,  # a draft model's (speculative decoding), or None
     draft_kv: list[jax.Array] | None = None,  # its KV pool, with the target's page ids
     *,
@@ -124,6 +125,7 @@ def _step(
         num_out=shapes.max_num_seqs,
         num_logprobs=shapes.num_logprobs,
         draft_probs=draft_probs,
+        bitmask=bitmask,
     )
     drafts = None  # the proposals each row verified, made here by the draft model
     if draft is not None:
@@ -232,6 +234,8 @@ class ModelRunner:
             self.draft_params = draft_model.params
             self._draft = DraftSpec(draft_model.cfg, num_speculative_tokens)
         self.reset()
+        # Structured output's hook: fills a plan's bitmask (jserve.structured).
+        self.mask_filler: Callable[[StepPlan, SchedulerOutput], None] | None = None
         self._programs: dict[tuple, Any] = {}
         self.compiles = 0
         self.dispatches = 0
@@ -245,6 +249,7 @@ class ModelRunner:
         an input builder with no sequences. After a failed step, whose donated buffers
         may be gone; compiled programs are kept."""
         self.kv_pages = []  # the old pages go before the new ones take their memory
+        self._all_allowed: dict[int, Any] = {}  # rows -> the device's all-ones bitmask
         self.inputs = InputBuilder(self.shapes, self.cfg.eos_token_ids)
         rows, rep = self.ecfg.max_num_seqs + 1, self._replicated
         zeros = self._device_zeros
@@ -291,10 +296,11 @@ class ModelRunner:
                 self.history,
                 self._prev_tokens,
                 packed,
+                np.full((r, self.mask_words), -1, np.int32),
                 self.draft_params,
                 self.draft_kv,
             )
-            opts: dict[str, Any] = dict(donate_argnums=(1, 2, 3, 7))
+            opts: dict[str, Any] = dict(donate_argnums=(1, 2, 3, 8))
             if self.mesh is not None:
                 kv = [self._kv_sharding] * len(self.kv_pages)
                 dkv = [self._kv_sharding] * len(self.draft_kv)
@@ -365,7 +371,27 @@ class ModelRunner:
 
     def prepare(self, so: SchedulerOutput) -> StepPlan:
         """Host work only: the step's inputs as numpy arrays."""
-        return self.inputs.build(so)
+        plan = self.inputs.build(so)
+        if self.mask_filler is not None:
+            self.mask_filler(plan, so)
+        return plan
+
+    @property
+    def mask_words(self) -> int:
+        return -(-self.cfg.vocab_size // 32)
+
+    def _bitmask(self, plan: StepPlan) -> Any:
+        """The plan's bitmask, or (most steps) an all-ones one kept on the device."""
+        if plan.bitmask is not None:
+            return plan.bitmask
+        r = plan.shape[1]
+        ones = self._all_allowed.get(r)
+        if ones is None:
+            ones = np.full((r, self.mask_words), -1, np.int32)
+            if self.mesh is None:  # kept on the device: no transfer a step
+                ones = jax.device_put(ones)
+            self._all_allowed[r] = ones
+        return ones
 
     def dispatch(self, plan: StepPlan) -> StepHandle:
         """Issues the plan's device calls; returns before they finish."""
@@ -387,6 +413,7 @@ class ModelRunner:
             self.history,
             self._prev_tokens,
             plan.packed,
+            self._bitmask(plan),
             self.draft_params,
             self.draft_kv,
         )

@@ -1,7 +1,9 @@
 """Sampling on the device: one batch of rows, each with its own parameters.
 
 Order of operations per row (as vLLM applies them): penalties on the raw
-logits, stop tokens banned while below ``min_tokens``, temperature, then the
+logits, the request's ``logit_bias`` added, stop tokens banned while below
+``min_tokens``, tokens outside a structured-output grammar's ``bitmask``
+removed, temperature, then the
 top-k, top-p and min-p filters, then a draw. Greedy rows (temperature 0)
 take the argmax of the penalized logits. A row verifying a speculative
 proposal (``draft_ids``) keeps or replaces it by rejection sampling from the
@@ -94,17 +96,39 @@ def draw(scaled: jax.Array, keys: jax.Array) -> jax.Array:
     return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
 
 
+def add_logit_bias(logits: jax.Array, f: dict[str, jax.Array]) -> jax.Array:
+    """Scatter-adds each row's (token, bias) list; padding (-1) falls outside and is
+    dropped."""
+    rows, vocab = logits.shape
+    ids = f["bias_ids"]  # [R, BIAS_WIDTH]
+    bias_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], ids.shape)
+    cols = jnp.where(ids < 0, vocab, ids)
+    return logits.at[bias_rows, cols].add(f["bias_values"], mode="drop")
+
+
+def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """-inf where bit v of a row's packed mask (i32[R, ceil(V / 32)]) is clear.
+    E.g. a row of words [5] allows tokens 0 and 2 of the first 32."""
+    vocab = logits.shape[-1]
+    v = jnp.arange(vocab)
+    words = jax.lax.bitcast_convert_type(bitmask, jnp.uint32)[:, v // 32]  # [R, V]
+    allowed = (words >> (v % 32).astype(jnp.uint32)) & 1
+    return jnp.where(allowed > 0, logits, -jnp.inf)
+
+
 def penalized_logits(
     logits: jax.Array,  # f32[R, V]
     f: dict[str, jax.Array],
     history: jax.Array,  # i32[rows, L]
 ) -> jax.Array:
-    """Penalties, then the stop ids banned while below min_tokens: what greedy rows
-    take the argmax of."""
+    """Penalties, the logit bias, then the stop ids banned while below min_tokens:
+    what greedy rows take the argmax of (and what random rows, speculative
+    verification and a draft model's proposals process further)."""
     rows, vocab = logits.shape
     logits = jax.lax.cond(
         f["flags"][2] > 0, lambda x: apply_penalties(x, f, history), lambda x: x, logits
     )
+    logits = jax.lax.cond(f["flags"][4] > 0, lambda x: add_logit_bias(x, f), lambda x: x, logits)
     ban_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], f["banned"].shape)
     ban_cols = jnp.where(f["banned"] < 0, vocab, f["banned"])
     return logits.at[ban_rows, ban_cols].set(-jnp.inf, mode="drop")
@@ -136,11 +160,16 @@ def sample(
     num_out: int,
     num_logprobs: int,
     draft_probs: jax.Array | None = None,  # f32[R, V]: a draft model's proposal distributions
+    bitmask: jax.Array | None = None,  # i32[R, ceil(V / 32)]: tokens a grammar allows
 ) -> SamplerOutput:
     rows = logits.shape[0]
     flags = f["flags"]
     raw_logits = logits  # logprobs are those of the model, before any processing
     logits = penalized_logits(logits, f, history)
+    if bitmask is not None:
+        logits = jax.lax.cond(
+            flags[5] > 0, lambda x: apply_bitmask(x, bitmask), lambda x: x, logits
+        )
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def random_tokens(logits: jax.Array) -> jax.Array:

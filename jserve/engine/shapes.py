@@ -27,9 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jserve.engine.config import EngineConfig, geometric_buckets
+from jserve.sampling_params import MAX_LOGIT_BIAS
 
 # Ids banned while below min_tokens (stop_token_ids plus EOS ids) per row.
 BAN_WIDTH = 32
+# (token, bias) pairs of logit_bias per row (padding: token -1, bias 0).
+BIAS_WIDTH = MAX_LOGIT_BIAS
 
 
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
@@ -176,6 +179,8 @@ class StepShapes:
                 ("sample_index", (r,), "i32", 0),
                 ("out_position", (r,), "i32", 0),
                 ("banned", (r, BAN_WIDTH), "i32", -1),
+                ("bias_ids", (r, BIAS_WIDTH), "i32", -1),
+                ("bias_values", (r, BIAS_WIDTH), "f32", 0.0),
                 ("repetition_penalty", (r,), "f32", 1.0),
                 ("presence_penalty", (r,), "f32", 0.0),
                 ("frequency_penalty", (r,), "f32", 0.0),
@@ -199,7 +204,8 @@ class StepShapes:
                 ("num_lanes", (1,), "i32", 0),
                 # An input that is a draft model's proposal: the row verifying it, else -1.
                 ("token_draft_row", (t,), "i32", -1),
-                # any row: [draws at random, uses top-k/top-p, uses penalties, wants logprobs]
-                ("flags", (4,), "i32", 0),
+                # any row: [draws at random, uses top-k/top-p, uses penalties, wants
+                # logprobs, has a logit_bias, has a grammar bitmask]
+                ("flags", (6,), "i32", 0),
             ]
         )

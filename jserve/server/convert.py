@@ -10,6 +10,7 @@ from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.sampling_params import SamplingParams
 from jserve.server.proto import generation_pb2 as pb
 from jserve.server.proto import jetstream_pb2 as js
+from jserve.structured import StructuredOutputsParams
 
 # SamplingParameters fields that are copied only when set (unset keeps the
 # SamplingParams default), and those that are always copied.
@@ -40,12 +41,31 @@ def sampling_params(msg: pb.SamplingParameters) -> SamplingParams:
     """The engine's SamplingParams for a request; the engine validates the values."""
     kw: dict = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
     return SamplingParams(
+        logit_bias=dict(msg.logit_bias) or None,
+        structured_outputs=structured_outputs(msg),
         stop=list(msg.stop),
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         include_stop_str_in_output=msg.include_stop_str_in_output,
         **kw,
     )
+
+
+def structured_outputs(msg: pb.SamplingParameters) -> StructuredOutputsParams | None:
+    """The request's structured output, or None; the engine validates and compiles it."""
+    if not msg.HasField("structured_outputs"):
+        return None
+    so = msg.structured_outputs
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequestError(
+            "invalid sampling parameters: structured_outputs is set but empty; give one of "
+            "json, regex, choice, grammar or json_object"
+        )
+    ws = so.whitespace_pattern if so.HasField("whitespace_pattern") else None
+    if kind == "choice":
+        return StructuredOutputsParams(choice=list(so.choice.choices), whitespace_pattern=ws)
+    return StructuredOutputsParams(**{kind: getattr(so, kind)}, whitespace_pattern=ws)
 
 
 def generate_prompt(request: pb.GenerateRequest) -> str | list[int]:

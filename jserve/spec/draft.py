@@ -43,6 +43,8 @@ ROW_FIELDS = (
     "sample_index",
     "out_position",
     "banned",
+    "bias_ids",
+    "bias_values",
     "repetition_penalty",
     "presence_penalty",
     "frequency_penalty",

@@ -69,6 +69,8 @@ def test_no_compilation_for_the_cases_that_used_to_compile(
             SamplingParams(max_tokens=6, min_tokens=4, stop_token_ids=list(range(10))),
             14,
         ),
+        # A logit bias, beside rows without one.
+        ("k", [6] * 5, SamplingParams(max_tokens=5, logit_bias={3: 5.0, 7: -100.0}), 15),
     ]
     with no_compiles():
         out = run(engine, reqs)

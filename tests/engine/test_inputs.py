@@ -98,7 +98,7 @@ def test_prefill_and_decode_in_one_step() -> None:
     # Row 1 is below min_tokens: its stop id and EOS are banned.
     assert f["banned"][1, :3].tolist() == [7, 2, -1] and f["banned"][0, 0] == -1
     assert f["history_rows"][:2].tolist() == [r0, r1] and f["history_lens"][:2].tolist() == [3, 7]
-    assert f["flags"].tolist() == [1, 1, 0, 0]
+    assert f["flags"].tolist() == [1, 1, 0, 0, 0, 0]
     assert b.table[r1, :2].tolist() == [8, 9]
 
 
@@ -135,7 +135,7 @@ def test_long_cached_prefix_writes_the_whole_row_and_releases_free_rows() -> Non
     # A penalized new sequence gets its token history written once.
     h = plan.history_writes
     assert h.rows.tolist() == [b.rows[0]] and h.values[0, start : start + 2].tolist() == [1, 2]
-    assert f["flags"].tolist() == [1, 0, 1, 0] and f["num_prompt"][0] == 3
+    assert f["flags"].tolist() == [1, 0, 1, 0, 0, 0] and f["num_prompt"][0] == 3
     assert plan.copies.tolist() == [[3], [4]]
     row = b.rows[0]
     b.build(output([], [], released=[0]))
@@ -183,7 +183,7 @@ def test_prompt_positions_get_rows_scoring_the_next_prompt_token() -> None:
     assert so.num_rows == 4
     plan = b.build(so)
     f = fields(b, plan)
-    assert plan.want_logprobs and f["flags"].tolist() == [1, 0, 0, 1]
+    assert plan.want_logprobs and f["flags"].tolist() == [1, 0, 0, 1, 0, 0]
     assert f["logits_indices"][:4].tolist() == [1, 2, 3, 4]
     assert f["score_ids"].tolist() == [16, 17, 18, -1]
     # Scoring rows are neutral: greedy, no filters, no history.

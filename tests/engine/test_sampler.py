@@ -8,9 +8,10 @@ import pytest
 
 from jserve.engine.config import EngineConfig
 from jserve.engine.sampler import sample
-from jserve.engine.shapes import BAN_WIDTH, StepShapes
+from jserve.engine.shapes import BAN_WIDTH, BIAS_WIDTH, StepShapes
+from jserve.errors import InvalidRequestError
 from jserve.sampling_params import SamplingParams
-from tests.engine.helpers import make_engine, run
+from tests.engine.helpers import greedy, make_engine, run
 
 LOGITS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], np.float32))
 FLAGS = ("random", "sort", "penalties", "logprobs")
@@ -37,7 +38,8 @@ def _draw(
     if history is None:
         history = np.full((rows, 1), -1, np.int32)
     sm["history_lens"][:] = history.shape[1]
-    sm["flags"][:] = [bool(np.any(sm["temperature"] > 0)), sort, penalties, False]
+    biased = bool(np.any(sm["bias_ids"] >= 0))
+    sm["flags"][:] = [bool(np.any(sm["temperature"] > 0)), sort, penalties, False, biased, 0]
     logits = jnp.asarray(np.tile(LOGITS, (rows, 1)))
     f = {k: jnp.asarray(v) for k, v in sm.items()}
     out = sample(logits, f, jnp.asarray(history), num_out=rows, num_logprobs=1)
@@ -129,3 +131,67 @@ def test_penalties_in_the_engine_reduce_repeats(llama_dir: str, async_scheduling
     res = run(engine, [("p", [1, 2, 3], plain, 0), ("q", [1, 2, 3], pen, 0)])
     a, b = res["p"].outputs[0].token_ids, res["q"].outputs[0].token_ids
     assert len(set(b)) > len(set(a))
+
+
+def _bias(rows: int, bias: dict[int, float]) -> dict[str, np.ndarray]:
+    ids = np.full((rows, BIAS_WIDTH), -1, np.int32)
+    values = np.zeros((rows, BIAS_WIDTH), np.float32)
+    ids[:, : len(bias)] = list(bias)
+    values[:, : len(bias)] = list(bias.values())
+    return dict(bias_ids=ids, bias_values=values)
+
+
+def test_logit_bias_is_added_before_temperature_and_filters() -> None:
+    got = _freqs(_draw(N, **_bias(N, {5: np.log(10.0), 0: -100.0})))
+    want = np.exp(LOGITS) * [0, 1, 1, 1, 1, 10]
+    np.testing.assert_allclose(got, want / want.sum(), atol=TOL)
+    # top_k=1 after the bias keeps the biased token only.
+    assert set(_draw(64, sort=True, top_k=1, **_bias(64, {3: 5.0}))) == {3}
+
+
+def test_rejection_sampling_sees_the_biased_distribution() -> None:
+    """A row verifying a proposal keeps or redraws it from the biased distribution."""
+    want = np.exp(LOGITS) * [1, 1, 0, 1, 1, 20]
+    want /= want.sum()
+    for proposal in (2, 5):  # a banned proposal, the favoured one
+        got = _freqs(_draw(N, draft_ids=proposal, **_bias(N, {5: np.log(20.0), 2: -100.0})))
+        np.testing.assert_allclose(got, want, atol=TOL)
+
+
+def test_logit_bias_forces_and_bans_greedy_tokens(llama_dir: str) -> None:
+    engine = make_engine(llama_dir)
+    prompt = [9, 8, 7, 6]
+    plain = run(engine, [("p", prompt, greedy(8), 0)])["p"].outputs[0].token_ids
+    banned = {t: -100.0 for t in set(plain)}
+    res = run(
+        engine,
+        [
+            ("force", prompt, greedy(8, logit_bias={11: 100.0}), 0),
+            ("ban", prompt, greedy(8, logit_bias=banned), 0),
+            ("plain", prompt, greedy(8), 0),  # beside them, unchanged
+        ],
+    )
+    assert res["force"].outputs[0].token_ids == [11] * 8
+    assert not set(res["ban"].outputs[0].token_ids) & set(plain)
+    assert res["plain"].outputs[0].token_ids == plain
+
+
+@pytest.mark.parametrize(
+    "bias, match",
+    [
+        ({1: 100.5}, r"logit_bias of token 1 must be in \[-100, 100\]"),
+        ({1: float("nan")}, "logit_bias of token 1 must be a finite number"),
+        ({"1": 1.0}, "logit_bias keys must be non-negative token ids"),
+        ({-1: 1.0}, "logit_bias keys must be non-negative token ids"),
+        ({i: 1.0 for i in range(301)}, "logit_bias has 301 entries; at most 300"),
+        ([1, 2], "logit_bias must be a mapping"),
+        ({10**6: 1.0}, "logit_bias token id 1000000 is outside the vocabulary"),
+    ],
+)
+def test_bad_logit_bias_is_refused_naming_the_field(
+    llama_dir: str, bias: object, match: str
+) -> None:
+    engine = make_engine(llama_dir)
+    with pytest.raises(InvalidRequestError, match=match):
+        engine.add_request("x", [1, 2], SamplingParams(logit_bias=bias))
+    assert not engine.requests

@@ -316,8 +316,11 @@ def test_a_draft_identical_to_the_target_is_always_accepted(llama_dir: str) -> N
             SamplingParams(max_tokens=20, min_tokens=6, stop_token_ids=[3], seed=3),
             2,
         ),
+        # The bias reaches the draft's proposals too (else they would be rejected often).
+        ("b", RANDOM[0], SamplingParams(max_tokens=20, seed=4, logit_bias={5: 4.0, 9: -100}), 3),
     ]
     out = run(engine, reqs)
+    assert 9 not in out["b"].outputs[0].token_ids
     assert all(len(o.outputs[0].token_ids) > 0 for o in out.values())
     s = engine.get_stats()
     assert s.spec_decode_num_draft_tokens > 20

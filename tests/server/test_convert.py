@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jserve import InvalidRequestError, SamplingParams
+from jserve import InvalidRequestError, SamplingParams, StructuredOutputsParams
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.server import convert
 from jserve.server.proto import generation_pb2 as pb
@@ -26,6 +26,31 @@ def test_unset_sampling_fields_keep_defaults() -> None:
         default.logprobs,
     )
     assert convert.sampling_params(pb.SamplingParameters(n=0)).n == 0  # explicit 0 is kept
+
+
+def test_logit_bias_map() -> None:
+    sp = convert.sampling_params(pb.SamplingParameters(logit_bias={5: 2.5, 7: -100}))
+    assert sp.logit_bias == {5: 2.5, 7: -100.0}
+    assert convert.sampling_params(pb.SamplingParameters()).logit_bias is None
+
+
+def test_structured_outputs_message() -> None:
+    def so(**kw) -> object:
+        return convert.sampling_params(
+            pb.SamplingParameters(structured_outputs=pb.StructuredOutputs(**kw))
+        ).structured_outputs
+
+    assert so(json='{"type": "object"}') == StructuredOutputsParams(json='{"type": "object"}')
+    assert so(regex="a+") == StructuredOutputsParams(regex="a+")
+    assert so(grammar="root ::= x") == StructuredOutputsParams(grammar="root ::= x")
+    assert so(json_object=True) == StructuredOutputsParams(json_object=True)
+    assert so(json_object=True, whitespace_pattern=" ?") == StructuredOutputsParams(
+        json_object=True, whitespace_pattern=" ?"
+    )
+    assert so(choice=pb.Choices(choices=["a", "b"])) == StructuredOutputsParams(choice=["a", "b"])
+    assert convert.sampling_params(pb.SamplingParameters()).structured_outputs is None
+    with pytest.raises(InvalidRequestError, match="structured_outputs is set but empty"):
+        so()
 
 
 def test_any_int64_seed_is_passed_through() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 
 import httpx
@@ -20,6 +21,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from jserve.server.client import Client
+from jserve.server.proto import generation_pb2 as pb
 from tests.server.helpers import metric
 from tests.server.openai_process import ENGINE_ARGS, ServeProcess
 
@@ -153,6 +155,7 @@ def test_prompt_forms(client: openai.OpenAI, tok: Tokenizer) -> None:
         ("presence_penalty", 2.0, {"temperature": 0.0}),
         ("frequency_penalty", 2.0, {"temperature": 0.0}),
         ("repetition_penalty", 2.0, {"temperature": 0.0}),
+        ("logit_bias", {"11": 100, "12": -100}, {"temperature": 0.0}),
     ],
 )
 def test_sampling_fields_reach_the_engine(
@@ -168,6 +171,8 @@ def test_sampling_fields_reach_the_engine(
         )
 
     got = create(**kw)
+    if field == "logit_bias":  # the gRPC map takes integer keys
+        kw["logit_bias"] = {int(k): float(v) for k, v in value.items()}
     ref = grpc_generate(server, prompt, max_tokens=16, **kw)
     assert got.choices[0].text == ref.text[0]
     without = create(**base)
@@ -376,6 +381,82 @@ def test_chat_streams_role_first(client: openai.OpenAI) -> None:
     assert r.usage.completion_tokens == 3
 
 
+def test_chat_logit_bias(client: openai.OpenAI, tok: Tokenizer) -> None:
+    messages = [{"role": "user", "content": "Speak"}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    r = client.chat.completions.create(logit_bias={"11": 100}, **kw)
+    assert r.choices[0].message.content == tok.decode([11] * 4)
+    assert client.chat.completions.create(**kw).choices[0].message.content != tok.decode([11] * 4)
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Z][a-z]{1,6}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "side": {"enum": ["Montague", "Capulet"]},
+    },
+    "required": ["name", "age", "side"],
+    "additionalProperties": False,
+}
+
+
+def test_chat_response_format(client: openai.OpenAI) -> None:
+    import jsonschema
+
+    messages = [{"role": "user", "content": "Who are you?"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=120, seed=seed, response_format=fmt
+        )
+        c = r.choices[0]
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=200,
+        temperature=0,
+        response_format={"type": "json_object"},
+        stream=True,
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in r if ch.choices)
+    assert text.startswith("{")
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, temperature=0, response_format=fmt
+    )
+    assert r.choices[0].finish_reason == "length"  # mid-structure
+
+
+def test_structured_outputs_extra_field(
+    server: ServeProcess, client: openai.OpenAI, http: httpx.Client
+) -> None:
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0)
+    so = {"regex": "[a-z]{2,5}( [a-z]{2,5}){1,3}!"}
+    r = client.completions.create(extra_body={"structured_outputs": so}, **kw)
+    c = r.choices[0]
+    assert re.fullmatch(so["regex"], c.text) and c.finish_reason == "stop", c.text
+    ref = grpc_generate(
+        server, PROMPT, max_tokens=40, temperature=0.0,
+        structured_outputs=pb.StructuredOutputs(regex=so["regex"]),
+    )  # fmt: skip
+    assert ref.text[0] == c.text
+    choice = {"choice": ["Romeo", "Juliet"]}
+    r = client.completions.create(extra_body={"structured_outputs": choice}, n=3, seed=1, **{
+        **kw, "temperature": 1.0})  # fmt: skip
+    assert all(c.text in choice["choice"] for c in r.choices)
+    chat = http.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "Speak"}],
+            "max_tokens": 40,
+            "structured_outputs": {"grammar": 'root ::= "ay" | "nay"'},
+        },
+    ).json()
+    assert chat["choices"][0]["message"]["content"] in ("ay", "nay")
+
+
 def test_chat_logprobs(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Speak"}]
     kw = dict(model=MODEL, messages=messages, max_tokens=5, temperature=0)
@@ -431,7 +512,10 @@ def error_of(r: httpx.Response, status: int) -> dict:
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 20, "max_tokens": 5}, "min_tokens"),
         ({"priority": "high"}, "priority"),
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"logit_bias": {"five": 10}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"100000000": 1}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream_options": {"sometimes": True}, "stream": True}, "stream_options.sometimes"),
         ({"echo": "maybe"}, "echo"),
@@ -466,10 +550,22 @@ def test_completion_field_errors(http: httpx.Client, body: dict, param: str) -> 
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": 600}, "max_completion_tokens"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+            "response_format",
+        ),
+        (
+            {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+            "response_format",
+        ),
+        ({"structured_outputs": {"regex": "[0-"}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {"pattern": "a"}}, "structured_outputs.pattern"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"temperature": -1}, "temperature"),
-        ({"logit_bias": {"1": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": -200}}, "logit_bias"),
         ({"functions": []}, "functions"),
     ],
 )
@@ -477,8 +573,6 @@ def test_chat_field_errors(http: httpx.Client, body: dict, param: str) -> None:
     req = {"messages": [{"role": "user", "content": "Speak"}], **body}
     err = error_of(http.post("/v1/chat/completions", json=req), 400)
     assert err["param"] == param, err
-    if param == "response_format":
-        assert "structured output" in err["message"]
 
 
 def test_request_errors(http: httpx.Client) -> None:

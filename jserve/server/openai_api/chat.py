@@ -77,12 +77,6 @@ async def render_chat(
 class ChatCall(APICall):
     def __init__(self, state: APIState, req: ChatCompletionRequest) -> None:
         super().__init__(state, req, "chatcmpl")
-        if req.response_format is not None and req.response_format.get("type") != "text":
-            raise bad_request(
-                "response_format (structured output) is not available on this server yet; "
-                "send the request without it",
-                "response_format",
-            )
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         max_tokens = req.max_completion_tokens
@@ -91,6 +85,8 @@ class ChatCall(APICall):
             max_tokens = req.max_tokens
             self.fields["max_tokens"] = "max_tokens"
         self.fields["prompt"] = "messages"
+        if req.response_format is not None and req.structured_outputs is None:
+            self.fields["structured_outputs"] = "response_format"
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
         self.params = sampling_params(req, max_tokens, self.top_n)
 

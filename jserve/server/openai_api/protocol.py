@@ -50,6 +50,9 @@ class _Sampling(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    # vLLM's structured output: one of json, regex, choice, grammar, json_object
+    # (jserve.StructuredOutputsParams's fields).
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):

@@ -21,6 +21,7 @@ from jserve.sampling_params import SamplingParams
 from jserve.server import convert
 from jserve.server.openai_api.errors import APIError, from_engine_error
 from jserve.server.servicers import ServingCore
+from jserve.structured import StructuredOutputsParams
 
 _END = object()  # a prompt's stream ended
 T = TypeVar("T")
@@ -32,12 +33,6 @@ def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> S
     def given(value: Any, default: Any) -> Any:
         return default if value is None else value
 
-    if req.logit_bias:
-        raise APIError(
-            400,
-            "logit_bias is not supported by this server yet; send the request without it",
-            "logit_bias",
-        )
     return SamplingParams(
         n=req.n,
         max_tokens=max_tokens,
@@ -56,7 +51,76 @@ def sampling_params(req: Any, max_tokens: int | None, logprobs: int | None) -> S
         include_stop_str_in_output=req.include_stop_str_in_output,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        logit_bias=logit_bias(req.logit_bias),
+        structured_outputs=structured_outputs(req),
     )
+
+
+_STRUCTURED_FIELDS = ("json", "regex", "choice", "grammar", "json_object", "whitespace_pattern")
+
+
+def structured_outputs(req: Any) -> StructuredOutputsParams | None:
+    """vLLM's ``structured_outputs`` field, or chat's OpenAI ``response_format``."""
+    fmt = getattr(req, "response_format", None)
+    so = req.structured_outputs
+    if fmt is not None and fmt.get("type") != "text":
+        if so is not None:
+            raise APIError(
+                400,
+                "give either response_format or structured_outputs, not both",
+                "response_format",
+            )
+        return response_format(fmt)
+    if so is None:
+        return None
+    for key in so:
+        if key not in _STRUCTURED_FIELDS:
+            raise APIError(
+                400,
+                f"unknown structured_outputs field {key!r}; give one of "
+                f"{', '.join(_STRUCTURED_FIELDS[:-1])} (and optionally whitespace_pattern)",
+                f"structured_outputs.{key}",
+            )
+    return StructuredOutputsParams(**so)
+
+
+def response_format(fmt: dict[str, Any]) -> StructuredOutputsParams:
+    """OpenAI's response_format: {"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}, "strict": ...}}."""
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(
+                400,
+                "response_format json_schema needs json_schema.schema, a JSON schema object",
+                "response_format.json_schema.schema",
+            )
+        return StructuredOutputsParams(json=schema)
+    raise APIError(
+        400,
+        f"response_format type must be text, json_object or json_schema, got {kind!r:.40}",
+        "response_format.type",
+    )
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as JSON object keys, so strings) -> the engine's."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(
+                400, f"logit_bias keys must be token ids, got {key!r:.40}", "logit_bias"
+            ) from None
+        out[token] = value
+    return out
 
 
 async def until_disconnected(request: Request) -> None:
