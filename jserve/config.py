@@ -122,6 +122,8 @@ class ModelConfig:
     kv_repeat: int = 1
     # The family's own fields (see FAMILY_OPTIONS).
     options: FamilyOptions = FamilyOptions()
+    # How the weights are stored (a jserve.models.quant.QuantConfig), None for float.
+    quant: Any = None
 
     @property
     def source_kv_heads(self) -> int:

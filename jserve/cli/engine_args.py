@@ -68,6 +68,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "directory with config.json",
     )
     g.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        help="quantize a float checkpoint's weights on load: int8, fp8 (per output channel) "
+        "or int4 (groups of 64 inputs; int4-g32 for 32); a checkpoint with a "
+        "quantization_config loads in its own format without it",
+    )
+    g.add_argument(
         "--check-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -166,8 +174,16 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
         args.enable_expert_parallel,
     )
     if args.random_weights:
-        return random_model(args.config or "llama3-1b", args.dtype, args.seed, parallel)
-    return load_model(args.model or default_model_path(), args.dtype, parallel, args.check_weights)
+        return random_model(
+            args.config or "llama3-1b", args.dtype, args.seed, parallel, args.quantization
+        )
+    return load_model(
+        args.model or default_model_path(),
+        args.dtype,
+        parallel,
+        args.check_weights,
+        args.quantization,
+    )
 
 
 def build_engine(
