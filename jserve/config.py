@@ -124,6 +124,8 @@ class ModelConfig:
     options: FamilyOptions = FamilyOptions()
     # How the weights are stored (a jserve.models.quant.QuantConfig), None for float.
     quant: Any = None
+    # Quantized KV pages (a jserve.models.kv_quant.KVCacheConfig), None for the model dtype.
+    kv_cache: Any = None
 
     @property
     def source_kv_heads(self) -> int:

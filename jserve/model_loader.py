@@ -15,6 +15,7 @@ from checkpoints.files import check_file
 from jserve.config import ModelConfig, load_config
 from jserve.errors import ConfigError
 from jserve.models import get_model, moe
+from jserve.models.kv_quant import check_kv_cache_dtype, with_kv_cache
 from jserve.models.params import init_params
 from jserve.models.presets import PRESETS, preset_config
 from jserve.models.quant import QuantConfig, parse_quantization, quantize_params
@@ -63,6 +64,20 @@ def with_quantization(cfg: ModelConfig, quantization: str | None) -> ModelConfig
             f"quantized ({cfg.quant.source}, {cfg.quant.weights}); leave quantization unset"
         )
     return cfg.replace(quant=q)
+
+
+def kv_cache_config(
+    cfg: ModelConfig, params: Any, parallel: Any, kv_cache_dtype: str | None
+) -> ModelConfig:
+    """``cfg`` with quantized KV pages when ``kv_cache_dtype`` asks (before pipeline stages
+    stack the layers)."""
+    name = check_kv_cache_dtype(kv_cache_dtype)
+    if name != "auto" and parallel is not None and parallel.pipeline_parallel_size > 1:
+        raise ConfigError(
+            f"kv_cache_dtype {name!r} is not supported with pipeline_parallel_size > 1 yet; "
+            "use kv_cache_dtype='auto' or tensor parallelism"
+        )
+    return with_kv_cache(get_model(cfg), params, cfg, name)
 
 
 def placement(cfg: ModelConfig, parallel: Any) -> tuple[ModelConfig, Any, Any]:
@@ -166,12 +181,15 @@ def load_model(
     parallel: Any = None,
     check_weights: bool | None = None,
     quantization: str | None = None,
+    kv_cache_dtype: str | None = "auto",
 ) -> LoadedModel:
     """Loads a Hugging Face model directory (config, safetensors weights, tokenizer).
 
     ``quantization`` ("int8", "fp8", "int4", "int4-g32") quantizes a float checkpoint's
     matmul weights as they load (see jserve.models.quant); a checkpoint whose config.json
     declares ``quantization_config`` loads in its own format without it.
+    ``kv_cache_dtype`` "fp8" or "int8" stores the KV pages quantized, with per-layer
+    scales calibrated here (see jserve.models.kv_quant); "auto" keeps the model's dtype.
 
     With a ``sharding.ParallelConfig`` the weights are placed on a device
     mesh as they load, each device receiving only its slice. ``check_weights``
@@ -196,6 +214,7 @@ def load_model(
         check_weights = cfg.num_params() <= CHECK_WEIGHTS_MAX_PARAMS
     cfg, mesh, shardings = placement(cfg, parallel)
     params = load_params(path, cfg, dt, shardings, check_finite=check_weights)
+    cfg = kv_cache_config(cfg, params, parallel, kv_cache_dtype)
     if tokenizer is not None and tokenizer.eos_token_ids and not cfg.eos_token_ids:
         cfg = cfg.replace(eos_token_ids=tokenizer.eos_token_ids)
     params = _stage_layers(params, cfg, mesh)
@@ -254,6 +273,7 @@ def random_model(
     seed: int = 0,
     parallel: Any = None,
     quantization: str | None = None,
+    kv_cache_dtype: str | None = "auto",
 ) -> LoadedModel:
     """A model with random weights created directly on the device.
 
@@ -276,6 +296,7 @@ def random_model(
     check_fits_in_memory(cfg, dt, parallel)
     cfg, mesh, shardings = placement(cfg, parallel)
     params = random_params(cfg, seed, dt, mesh, shardings)
+    cfg = kv_cache_config(cfg, params, parallel, kv_cache_dtype)
     tokenizer = None
     embedded = default_model_path()
     if os.path.isfile(os.path.join(embedded, "tokenizer.json")):

@@ -76,6 +76,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "quantization_config loads in its own format without it",
     )
     g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8", "int8"],
+        help="KV page storage: auto = the model's dtype; fp8 or int8 = one byte per value "
+        "with per-layer scales (more pages fit)",
+    )
+    g.add_argument(
         "--check-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -175,7 +182,12 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
     )
     if args.random_weights:
         return random_model(
-            args.config or "llama3-1b", args.dtype, args.seed, parallel, args.quantization
+            args.config or "llama3-1b",
+            args.dtype,
+            args.seed,
+            parallel,
+            args.quantization,
+            args.kv_cache_dtype,
         )
     return load_model(
         args.model or default_model_path(),
@@ -183,6 +195,7 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
         parallel,
         args.check_weights,
         args.quantization,
+        args.kv_cache_dtype,
     )
 
 

@@ -31,6 +31,7 @@ from checkpoints.source import HFSource
 from jserve.config import ModelConfig, llama_options
 from jserve.models.attention import AttentionMetadata, paged_attention
 from jserve.models.base import Attend
+from jserve.models.kv_quant import layer_scales
 from jserve.models.params import ParamSpec
 from jserve.models.quant import declare, qeinsum, qtake
 from jserve.models.rope import apply_rope
@@ -367,15 +368,29 @@ def decoder_layer(
     return x, state
 
 
-def paged_attend(cfg: ModelConfig, md: AttentionMetadata, sliding_window: int | None) -> Attend:
+def paged_attend(
+    cfg: ModelConfig,
+    md: AttentionMetadata,
+    sliding_window: int | None,
+    kv_scales: tuple[float | None, float | None] = (None, None),
+) -> Attend:
     """Attention over a flat ragged batch [T, H, D]; the state is one layer's KV pages
-    [P, S, 2*Hkv, D], into which this step's K/V are written first."""
+    [P, S, 2*Hkv, D], into which this step's K/V are written first. ``kv_scales`` are the
+    layer's (k_scale, v_scale) for quantized pages (jserve.models.kv_quant)."""
 
     def attend(
         q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         return paged_attention(
-            q, k, v, kv_pages, md, sm_scale=cfg.head_dim**-0.5, sliding_window=sliding_window
+            q,
+            k,
+            v,
+            kv_pages,
+            md,
+            sm_scale=cfg.head_dim**-0.5,
+            sliding_window=sliding_window,
+            k_scale=kv_scales[0],
+            v_scale=kv_scales[1],
         )
 
     return attend
@@ -425,7 +440,7 @@ def run_paged(
     new_pages, stats = [], []
     for i, lp in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
-            attend = paged_attend(cfg, md, cfg.sliding_windows[i])
+            attend = paged_attend(cfg, md, cfg.sliding_windows[i], layer_scales(cfg, i))
             x, pages, s = layer_fn(lp, cfg, x, md.positions, attend, kv_pages[i], md)
         new_pages.append(pages)
         stats.append(s)
