@@ -418,6 +418,13 @@ FAMILY_OPTIONS: dict[str, Callable[[dict[str, Any], str], FamilyOptions]] = {
 }
 
 
+def _quant_config(raw: dict[str, Any]) -> Any:
+    """The checkpoint's weight format from ``quantization_config`` (None for float)."""
+    from jserve.models.quant_formats import from_hf_config
+
+    return from_hf_config(raw)
+
+
 def config_from_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
     """Builds a ModelConfig from the parsed contents of a Hugging Face config.json."""
     archs = raw.get("architectures") or []
@@ -478,6 +485,7 @@ def config_from_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
         eos_token_ids=_as_ids(raw.get("eos_token_id")),
         name=name,
         options=FAMILY_OPTIONS[family](raw, family),
+        quant=_quant_config(raw),
     ).validate()
 
 

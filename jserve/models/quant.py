@@ -56,6 +56,10 @@ class QuantConfig:
     source: str = "quantize"
     # Checkpoint formats: the values are unsigned with zero points (AWQ, GPTQ).
     asymmetric: bool = False
+    # Checkpoint formats: how the values are stored (e.g. "pack-quantized") and the
+    # modules left float (compressed-tensors' ``ignore``).
+    packing: str = ""
+    ignore: tuple[str, ...] = ()
 
     @property
     def bits(self) -> int:
@@ -260,19 +264,26 @@ def _values_dtype(fmt: str) -> Any:
     return jnp.float8_e4m3fn if fmt == "fp8" else jnp.int8
 
 
-def quantize_specs(specs: Any, q: QuantConfig | None, source_fn: Any = None) -> Any:
+def quantize_specs(
+    specs: Any, q: QuantConfig | None, source_fn: Any = None, choose: Any = None
+) -> Any:
     """The declarations with every matmul weight (``ParamSpec.contract`` set) replaced by a
     ``QuantArray`` of the values' and scales' declarations. ``source_fn(spec, fmt, group,
-    part)`` gives their checkpoint sources (default: quantize a float checkpoint on load)."""
+    part)`` gives their checkpoint sources (default: quantize a float checkpoint on load);
+    ``choose(spec)`` the (format, group size) of a weight, or None to keep it float."""
     if q is None:
         return specs
     source_fn = source_fn or quantize_on_load_source
+    choose = choose or (lambda spec: weight_format(spec, q))
 
     def one(path: jax.tree_util.KeyPath, spec: ParamSpec) -> Any:
         if not spec.contract:
             return spec
         name = jax.tree_util.keystr(path, simple=True, separator=".")
-        fmt, group = weight_format(spec, q)
+        picked = choose(spec)
+        if picked is None:
+            return spec
+        fmt, group = picked
         sshape = scale_shape(spec.shape, spec.contract, group, name)
         saxes = tuple(
             a if i not in spec.contract or sshape[i] > 1 else None for i, a in enumerate(spec.axes)
@@ -314,7 +325,7 @@ def declare(specs: Any, cfg: Any) -> Any:
     if q.source != "quantize":
         from jserve.models import quant_formats
 
-        return quantize_specs(specs, q, quant_formats.source_fn(q, cfg))
+        return quantize_specs(specs, q, quant_formats.source_fn(q, cfg), quant_formats.choose(q))
     return quantize_specs(specs, q)
 
 
