@@ -69,7 +69,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--quantization",
-        "-q",
         default=None,
         help="quantize a float checkpoint's weights on load: int8, fp8 (per output channel) "
         "or int4 (groups of 64 inputs; int4-g32 for 32); a checkpoint with a "
