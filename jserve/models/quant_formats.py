@@ -29,6 +29,9 @@ from jserve.models.params import ParamSpec
 from jserve.models.quant import QuantConfig, _pack4, scale_shape
 
 CT = "compressed-tensors"
+AWQ = "awq"
+# AWQ's GEMM packing: nibble i of each int32 holds output column _AWQ_ORDER[i] of its 8.
+_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
 
 
@@ -43,10 +46,30 @@ def from_hf_config(raw: dict[str, Any]) -> QuantConfig | None:
     method = qc.get("quant_method")
     if method == CT:
         return _compressed_tensors(qc)
+    if method == AWQ:
+        return _awq(qc)
     raise CheckpointError(
         f"config.json: quantization_config.quant_method {method!r} is not supported; jserve "
-        f"reads {CT!r} checkpoints (int8/int4 pack-quantized, fp8 float-quantized), or "
-        "quantize a float checkpoint with quantization='int8' | 'fp8' | 'int4'"
+        f"reads {CT!r} checkpoints (int8/int4 pack-quantized, fp8 float-quantized) and "
+        "'awq' (GEMM), or quantize a float checkpoint with quantization='int8' | 'fp8' | 'int4'"
+    )
+
+
+def _awq(qc: dict[str, Any]) -> QuantConfig:
+    where = "config.json: quantization_config"
+    bits, group = qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size"))
+    version = str(qc.get("version", "gemm")).lower()
+    if bits != 4:
+        raise CheckpointError(f"{where}.bits {bits!r}: jserve reads 4-bit AWQ checkpoints only")
+    if version != "gemm":
+        raise CheckpointError(f"{where}.version {version!r}: jserve reads AWQ's GEMM packing only")
+    if not isinstance(group, int) or group <= 0:
+        raise CheckpointError(f"{where}.group_size must be a positive integer, got {group!r}")
+    if not qc.get("zero_point", True):
+        raise CheckpointError(f"{where}.zero_point false is not supported")
+    ignore = tuple(str(x) for x in qc.get("modules_to_not_convert") or ())
+    return QuantConfig(
+        "int4", group, source=AWQ, asymmetric=True, packing="gemm", ignore=("lm_head", *ignore)
     )
 
 
@@ -148,8 +171,54 @@ def _subsample(full: np.ndarray, sshape: tuple[int, ...]) -> np.ndarray:
     )
 
 
+def _unpack_awq(packed: np.ndarray) -> np.ndarray:
+    """AWQ GEMM int32 [rows, cols/8] -> uint4 values [rows, cols] as int16 (0..15)."""
+    words = packed.astype(np.uint32)
+    shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+    nib = ((words[:, :, None] >> shifts) & np.uint32(15)).astype(np.int16)  # [r, c/8, 8]
+    out = np.empty_like(nib)
+    out[:, :, list(_AWQ_ORDER)] = nib
+    return out.reshape(packed.shape[0], -1)
+
+
+def _expand_groups(t: np.ndarray, inputs: int) -> np.ndarray:
+    """[out, in / group] -> [out, in], each group's entry repeated."""
+    return np.repeat(t, inputs // t.shape[1], axis=1)
+
+
+def _awq_source(q: QuantConfig) -> Any:
+    """AWQ GEMM: qweight int32 [in, out/8], qzeros int32 [in/G, out/8], scales [in/G, out];
+    w = (q - z) * s. Stored here as int4 q - 8 with zeros z - 8."""
+
+    def fn(spec: ParamSpec, fmt: str, group: int, part: str) -> HFSource:
+        src = spec.source
+        modules = [n[: -len(".weight")] for n in src.names]
+        shapes = src.shapes  # [out, in] per tensor
+        sshape = scale_shape(spec.shape, spec.contract, group)
+        suffix = {"values": "qweight", "zeros": "qzeros", "scales": "scales"}[part]
+        names = tuple(f"{m}.{suffix}" for m in modules)
+
+        def build(*tensors: np.ndarray) -> np.ndarray:
+            if part == "values":
+                ints = [(_unpack_awq(t).T - 8).astype(np.int8) for t in tensors]
+                return _pack4(src.build(*ints), spec.contract[-1], np)
+            if part == "zeros":
+                per = [(_unpack_awq(t).T - 8).astype(np.float32) for t in tensors]
+            else:
+                per = [np.asarray(t, np.float32).T for t in tensors]
+            full = [_expand_groups(t, i) for t, (_, i) in zip(per, shapes, strict=True)]
+            return _subsample(src.build(*full), sshape)
+
+        pshapes = tuple((i, o // 8) for o, i in shapes) if part == "values" else ()
+        return HFSource(names, build, None, pshapes)
+
+    return fn
+
+
 def source_fn(q: QuantConfig, cfg: Any) -> Any:
-    """``quantize_specs``' source hook for a compressed-tensors checkpoint."""
+    """``quantize_specs``' source hook for a quantized checkpoint's format."""
+    if q.source == AWQ:
+        return _awq_source(q)
     bits = q.bits
 
     def fn(spec: ParamSpec, fmt: str, group: int, part: str) -> HFSource:
@@ -194,4 +263,4 @@ def source_fn(q: QuantConfig, cfg: Any) -> Any:
     return fn
 
 
-__all__ = ["CT", "choose", "from_hf_config", "source_fn"]
+__all__ = ["AWQ", "CT", "choose", "from_hf_config", "source_fn"]

@@ -19,6 +19,14 @@ from safetensors.numpy import load_file, save_file
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _save(src_dir: str, out_dir: str, tensors: dict[str, np.ndarray]) -> None:
+    """A copy of src_dir with ``tensors`` as its weights (contiguous: safetensors' numpy
+    writer ignores strides)."""
+    shutil.copytree(src_dir, out_dir)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
 def _quantize(w: np.ndarray, kind: str, group: int) -> tuple[np.ndarray, np.ndarray]:
     """[out, in] float -> (values, scales [out, in/group or 1]); symmetric."""
     out, n = w.shape
@@ -74,9 +82,8 @@ def write_compressed_tensors(
         else:
             out[f"{module}.weight"] = vals
         out[f"{module}.weight_scale"] = scale
-    for d, t in ((out_dir, out), (ref_dir, ref)):
-        shutil.copytree(src_dir, d)
-        save_file(t, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    _save(src_dir, out_dir, out)
+    _save(src_dir, ref_dir, ref)
     strategy = "tensor" if tensor_scale else ("group" if group else "channel")
     qc = {
         "quant_method": "compressed-tensors",
@@ -108,5 +115,58 @@ def write_compressed_tensors(
     with open(path) as f:
         config = json.load(f)
     config["quantization_config"] = qc
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i] of its 8
+
+
+def _pack_awq(u4: np.ndarray) -> np.ndarray:
+    """uint4 values [rows, cols] (0..15) -> AWQ GEMM int32 [rows, cols/8]."""
+    rows, cols = u4.shape
+    groups = u4.reshape(rows, cols // 8, 8).astype(np.uint32)
+    words = np.zeros((rows, cols // 8), np.uint32)
+    for i, col in enumerate(AWQ_ORDER):
+        words |= groups[:, :, col] << np.uint32(4 * i)
+    return words.view(np.int32)
+
+
+def write_awq(src_dir: str, out_dir: str, ref_dir: str, group: int = 32) -> None:
+    """AutoAWQ's GEMM layout, written from its documented format: per Linear ``qweight``
+    int32 [in, out/8], ``qzeros`` int32 [in/group, out/8], ``scales`` float16
+    [in/group, out]; w = (q - z) * s with q, z in 0..15."""
+    tensors = load_file(os.path.join(src_dir, "model.safetensors"))
+    out, ref = {}, {}
+    for name, w in tensors.items():
+        module = name[: -len(".weight")]
+        if not (name.endswith(".weight") and module.split(".")[-1] in LINEARS):
+            out[name] = ref[name] = w
+            continue
+        wt = w.astype(np.float32).T  # [in, out]
+        n, o = wt.shape
+        blocks = wt.reshape(n // group, group, o)
+        lo, hi = blocks.min(axis=1), blocks.max(axis=1)  # [in/G, out]
+        scale = np.maximum(hi - lo, 1e-8) / 15
+        scale = scale.astype(np.float16).astype(np.float32)
+        zero = np.clip(np.round(-lo / scale), 0, 15)
+        q = np.clip(np.round(blocks / scale[:, None]) + zero[:, None], 0, 15)  # [in/G, G, out]
+        ref[name] = np.ascontiguousarray(((q - zero[:, None]) * scale[:, None]).reshape(n, o).T)
+        out[f"{module}.qweight"] = _pack_awq(q.reshape(n, o).astype(np.uint8))
+        out[f"{module}.qzeros"] = _pack_awq(zero.astype(np.uint8))
+        out[f"{module}.scales"] = scale.astype(np.float16)
+    _save(src_dir, out_dir, out)
+    _save(src_dir, ref_dir, ref)
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["quantization_config"] = {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": group,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": None,
+    }
     with open(path, "w") as f:
         json.dump(config, f, indent=2)

@@ -119,3 +119,36 @@ def test_group_not_dividing_the_inputs_is_a_config_error(written, tmp_path) -> N
 def test_quantizing_a_quantized_checkpoint_is_refused(written) -> None:
     with pytest.raises(ConfigError, match="already quantized"):
         load_model(written["int8-channel"][0], "float32", quantization="int8")
+
+
+@pytest.fixture(scope="module")
+def awq_dirs(src_dir: str, tmp_path_factory) -> tuple[str, str]:
+    from tests.checkpoints.quant_checkpoints import write_awq
+
+    root = tmp_path_factory.mktemp("awq")
+    q, ref = str(root / "awq"), str(root / "ref")
+    write_awq(src_dir, q, ref, group=32)
+    return q, ref
+
+
+def test_awq_gemm_matches_dequantized_reference(awq_dirs) -> None:
+    q, ref = awq_dirs
+    m = load_model(q, "float32")
+    assert (m.cfg.quant.source, m.cfg.quant.weights, m.cfg.quant.group_size) == ("awq", "int4", 32)
+    w = m.params["layers"][0]["wqkv"]
+    assert isinstance(w, QuantArray) and w.zeros is not None and w.bits == 4
+    got = np.asarray(get_model(m.cfg).forward_dense(m.params, m.cfg, jnp.array(TOKENS)))
+    np.testing.assert_allclose(got, _logits(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda qc: qc.update(bits=8), "4-bit AWQ"),
+        (lambda qc: qc.update(version="gemv"), "GEMM packing"),
+        (lambda qc: qc.update(zero_point=False), "zero_point"),
+    ],
+)
+def test_unsupported_awq_is_a_checkpoint_error(awq_dirs, tmp_path, edit, words: str) -> None:
+    with pytest.raises(CheckpointError, match=words):
+        load_model(_with_qc(awq_dirs[0], str(tmp_path / "bad"), edit), "float32")
