@@ -10,6 +10,13 @@ compressed-tensors (what llm-compressor writes and vLLM loads), weight-only:
 Symmetric weights only; activation schemes are ignored (jserve computes weight-only).
 Modules the config's ``ignore`` names (usually lm_head) and the embedding stay float.
 
+AWQ (``quant_method`` "awq", GEMM packing, 4-bit): ``qweight`` int32 [in, out/8] and
+``qzeros`` int32 [in/G, out/8] with nibble i of a word holding column (0,2,4,6,1,3,5,7)[i]
+of its 8, ``scales`` [in/G, out]; w = (q - z) * s. GPTQ (``quant_method`` "gptq", 4-bit,
+v1 ``checkpoint_format``, ``desc_act`` false): ``qweight`` int32 [in/8, out] packed along
+the inputs, ``qzeros`` [in/G, out/8] holding z - 1, ``scales`` [in/G, out]. Both are held
+as int4 values q - 8 with zero points z - 8 (``QuantArray.zeros``); lm_head stays float.
+
 Each quantized tensor is turned into jserve's layout by the same ``HFSource.build``
 as the float weight: the integer values go through it as they are, the scales after
 being repeated over their groups to the weight's shape (then one entry per group is
@@ -30,6 +37,7 @@ from jserve.models.quant import QuantConfig, _pack4, scale_shape
 
 CT = "compressed-tensors"
 AWQ = "awq"
+GPTQ = "gptq"
 # AWQ's GEMM packing: nibble i of each int32 holds output column _AWQ_ORDER[i] of its 8.
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
@@ -48,10 +56,36 @@ def from_hf_config(raw: dict[str, Any]) -> QuantConfig | None:
         return _compressed_tensors(qc)
     if method == AWQ:
         return _awq(qc)
+    if method == GPTQ:
+        return _gptq(qc)
     raise CheckpointError(
         f"config.json: quantization_config.quant_method {method!r} is not supported; jserve "
         f"reads {CT!r} checkpoints (int8/int4 pack-quantized, fp8 float-quantized) and "
-        "'awq' (GEMM), or quantize a float checkpoint with quantization='int8' | 'fp8' | 'int4'"
+        "'awq' (GEMM) and 'gptq' (4-bit, desc_act false), or quantize a float checkpoint with quantization='int8' | 'fp8' | 'int4'"
+    )
+
+
+def _gptq(qc: dict[str, Any]) -> QuantConfig:
+    where = "config.json: quantization_config"
+    bits, group = qc.get("bits"), qc.get("group_size")
+    if bits != 4:
+        raise CheckpointError(f"{where}.bits {bits!r}: jserve reads 4-bit GPTQ checkpoints only")
+    if qc.get("desc_act"):
+        raise CheckpointError(
+            f"{where}.desc_act true (activation-order groups) is not supported; use a "
+            "checkpoint quantized with desc_act false"
+        )
+    if not isinstance(group, int) or group <= 0:
+        raise CheckpointError(
+            f"{where}.group_size {group!r}: jserve reads GPTQ with a positive group size"
+        )
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt != "gptq":
+        raise CheckpointError(f"{where}.checkpoint_format {fmt!r}: jserve reads 'gptq' (v1)")
+    if not qc.get("sym", True):
+        raise CheckpointError(f"{where}.sym false is not supported; jserve reads sym GPTQ")
+    return QuantConfig(
+        "int4", group, source=GPTQ, asymmetric=True, packing="gptq", ignore=("lm_head",)
     )
 
 
@@ -215,10 +249,49 @@ def _awq_source(q: QuantConfig) -> Any:
     return fn
 
 
+def _unpack_seq(packed: np.ndarray, axis: int) -> np.ndarray:
+    """int32 words holding 8 nibbles, the lowest first, along ``axis`` -> 0..15 (int16)."""
+    words = np.moveaxis(packed.astype(np.uint32), axis, -1)
+    shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+    nib = ((words[..., None] >> shifts) & np.uint32(15)).astype(np.int16)
+    return np.moveaxis(nib.reshape(*words.shape[:-1], -1), -1, axis)
+
+
+def _gptq_source(q: QuantConfig) -> Any:
+    """GPTQ (v1, desc_act false): qweight int32 [in/8, out] packed along the inputs, qzeros
+    int32 [in/G, out/8] holding z - 1, scales [in/G, out]; w = (q - z) * s."""
+
+    def fn(spec: ParamSpec, fmt: str, group: int, part: str) -> HFSource:
+        src = spec.source
+        modules = [n[: -len(".weight")] for n in src.names]
+        shapes = src.shapes
+        sshape = scale_shape(spec.shape, spec.contract, group)
+        suffix = {"values": "qweight", "zeros": "qzeros", "scales": "scales"}[part]
+        names = tuple(f"{m}.{suffix}" for m in modules)
+
+        def build(*tensors: np.ndarray) -> np.ndarray:
+            if part == "values":
+                ints = [(_unpack_seq(t, 0).T - 8).astype(np.int8) for t in tensors]
+                return _pack4(src.build(*ints), spec.contract[-1], np)
+            if part == "zeros":  # v1 stores z - 1
+                per = [(_unpack_seq(t, 1).T + 1 - 8).astype(np.float32) for t in tensors]
+            else:
+                per = [np.asarray(t, np.float32).T for t in tensors]
+            full = [_expand_groups(t, i) for t, (_, i) in zip(per, shapes, strict=True)]
+            return _subsample(src.build(*full), sshape)
+
+        pshapes = tuple((i // 8, o) for o, i in shapes) if part == "values" else ()
+        return HFSource(names, build, None, pshapes)
+
+    return fn
+
+
 def source_fn(q: QuantConfig, cfg: Any) -> Any:
     """``quantize_specs``' source hook for a quantized checkpoint's format."""
     if q.source == AWQ:
         return _awq_source(q)
+    if q.source == GPTQ:
+        return _gptq_source(q)
     bits = q.bits
 
     def fn(spec: ParamSpec, fmt: str, group: int, part: str) -> HFSource:
@@ -263,4 +336,4 @@ def source_fn(q: QuantConfig, cfg: Any) -> Any:
     return fn
 
 
-__all__ = ["AWQ", "CT", "choose", "from_hf_config", "source_fn"]
+__all__ = ["AWQ", "CT", "GPTQ", "choose", "from_hf_config", "source_fn"]

@@ -170,3 +170,53 @@ def write_awq(src_dir: str, out_dir: str, ref_dir: str, group: int = 32) -> None
     }
     with open(path, "w") as f:
         json.dump(config, f, indent=2)
+
+
+def _pack_seq(u4: np.ndarray, axis: int) -> np.ndarray:
+    """0..15 values -> int32 words of 8 nibbles along ``axis``, the lowest first."""
+    u = np.moveaxis(u4.astype(np.uint32), axis, -1)
+    groups = u.reshape(*u.shape[:-1], u.shape[-1] // 8, 8)
+    words = np.zeros(groups.shape[:-1], np.uint32)
+    for i in range(8):
+        words |= groups[..., i] << np.uint32(4 * i)
+    return np.ascontiguousarray(np.moveaxis(words, -1, axis)).view(np.int32)
+
+
+def write_gptq(src_dir: str, out_dir: str, ref_dir: str, group: int = 32) -> None:
+    """AutoGPTQ's v1 layout (desc_act false, sym), from its documented format: per Linear
+    ``qweight`` int32 [in/8, out] packed along the inputs, ``qzeros`` int32 [in/G, out/8]
+    holding z - 1, ``scales`` float16 [in/G, out], ``g_idx`` [in]; w = (q - z) * s."""
+    tensors = load_file(os.path.join(src_dir, "model.safetensors"))
+    out, ref = {}, {}
+    for name, w in tensors.items():
+        module = name[: -len(".weight")]
+        if not (name.endswith(".weight") and module.split(".")[-1] in LINEARS):
+            out[name] = ref[name] = w
+            continue
+        wt = np.ascontiguousarray(w.astype(np.float32).T)  # [in, out]
+        n, o = wt.shape
+        blocks = wt.reshape(n // group, group, o)
+        amax = np.abs(blocks).max(axis=1)
+        scale = (np.maximum(amax, 1e-8) / 7.5).astype(np.float16).astype(np.float32)
+        zero = np.full_like(scale, 8)
+        q = np.clip(np.round(blocks / scale[:, None]) + 8, 0, 15)
+        ref[name] = ((q - zero[:, None]) * scale[:, None]).reshape(n, o).T
+        out[f"{module}.qweight"] = _pack_seq(q.reshape(n, o), 0)
+        out[f"{module}.qzeros"] = _pack_seq(zero - 1, 1)
+        out[f"{module}.scales"] = scale.astype(np.float16)
+        out[f"{module}.g_idx"] = (np.arange(n) // group).astype(np.int32)
+    _save(src_dir, out_dir, out)
+    _save(src_dir, ref_dir, ref)
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": group,
+        "desc_act": False,
+        "sym": True,
+        "checkpoint_format": "gptq",
+    }
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)

@@ -152,3 +152,36 @@ def test_awq_gemm_matches_dequantized_reference(awq_dirs) -> None:
 def test_unsupported_awq_is_a_checkpoint_error(awq_dirs, tmp_path, edit, words: str) -> None:
     with pytest.raises(CheckpointError, match=words):
         load_model(_with_qc(awq_dirs[0], str(tmp_path / "bad"), edit), "float32")
+
+
+@pytest.fixture(scope="module")
+def gptq_dirs(src_dir: str, tmp_path_factory) -> tuple[str, str]:
+    from tests.checkpoints.quant_checkpoints import write_gptq
+
+    root = tmp_path_factory.mktemp("gptq")
+    q, ref = str(root / "gptq"), str(root / "ref")
+    write_gptq(src_dir, q, ref, group=32)
+    return q, ref
+
+
+def test_gptq_matches_dequantized_reference(gptq_dirs) -> None:
+    q, ref = gptq_dirs
+    m = load_model(q, "float32")
+    assert (m.cfg.quant.source, m.cfg.quant.group_size) == ("gptq", 32)
+    assert m.params["layers"][1]["w_down"].zeros is not None
+    got = np.asarray(get_model(m.cfg).forward_dense(m.params, m.cfg, jnp.array(TOKENS)))
+    np.testing.assert_allclose(got, _logits(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda qc: qc.update(desc_act=True), "desc_act true"),
+        (lambda qc: qc.update(bits=3), "4-bit GPTQ"),
+        (lambda qc: qc.update(group_size=-1), "positive group size"),
+        (lambda qc: qc.update(checkpoint_format="gptq_v2"), "gptq_v2"),
+    ],
+)
+def test_unsupported_gptq_is_a_checkpoint_error(gptq_dirs, tmp_path, edit, words: str) -> None:
+    with pytest.raises(CheckpointError, match=words):
+        load_model(_with_qc(gptq_dirs[0], str(tmp_path / "bad"), edit), "float32")
