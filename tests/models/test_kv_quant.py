@@ -76,3 +76,19 @@ def test_bad_kv_cache_dtype(tok_model_dir: str) -> None:
     with pytest.raises(ConfigError, match="kv_cache_dtype 'fp16'"):
         load_model(tok_model_dir, "float32", kv_cache_dtype="fp16")
     assert check_kv_cache_dtype(None) == "auto"
+
+
+def test_fp8_kv_needs_an_fp8_gpu(monkeypatch) -> None:
+    import types
+
+    import jax
+
+    for cap, ok in (("8.0", False), ("9.0", True)):
+        fake = [types.SimpleNamespace(compute_capability=cap)]
+        monkeypatch.setattr(jax, "devices", lambda *a, fake=fake: fake)
+        if ok:
+            assert check_kv_cache_dtype("fp8", backend="gpu") == "fp8"
+        else:
+            with pytest.raises(ConfigError, match=r"compute capability 8\.9"):
+                check_kv_cache_dtype("fp8", backend="gpu")
+        assert check_kv_cache_dtype("int8", backend="gpu") == "int8"
