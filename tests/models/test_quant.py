@@ -168,3 +168,16 @@ def test_parse_quantization() -> None:
     assert parse_quantization("int8").group_size == 0
     with pytest.raises(ConfigError, match="quantization"):
         parse_quantization(8)  # type: ignore[arg-type]
+
+
+def test_moe_quantizes_attention_and_keeps_experts_float(tmp_path) -> None:
+    from tests.models.moe_models import make_tiny_moe
+
+    d = make_tiny_moe("qwen2_moe", str(tmp_path / "moe"))
+    m = load_model(d, "float32", quantization="int8")
+    layer = m.params["layers"][0]
+    assert isinstance(layer["wqkv"], QuantArray) and isinstance(layer["wo"], QuantArray)
+    assert not any(isinstance(layer[k], QuantArray) for k in ("router", "experts_gate_up"))
+    got = get_model(m.cfg).forward_dense(m.params, m.cfg, TOKENS)
+    ref = float_logits(m, dequantized(m.params))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
