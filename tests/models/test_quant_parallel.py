@@ -22,10 +22,10 @@ PROBE = textwrap.dedent(
     prompts = [[5, 17, 200, 3, 9, 41, 77], [42], list(range(1, 30))]
     out = {}
     for case in sys.argv[2].split(","):
-        quant, tp = case.split(":")
+        quant, tp, kv = (case.split(":") + ["auto"])[:3]
         llm = LLM(model=model_dir, dtype="float32", page_size=4, max_num_seqs=4,
                   max_num_batched_tokens=32, max_model_len=64, tensor_parallel_size=int(tp),
-                  warmup=False, quantization=quant)
+                  warmup=False, quantization=quant, kv_cache_dtype=kv)
         res = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0,
                            ignore_eos=True), use_tqdm=False)
         down = llm.model.params["layers"][0]["w_down"]
@@ -77,7 +77,11 @@ def test_quantized_tensor_parallel_matches_one_device(tp_model_dir: str) -> None
 
 @pytest.mark.slow
 def test_quantized_tensor_parallel_other_layouts(tp_model_dir: str) -> None:
-    res = run_probe(PROBE, tp_model_dir, "int8:1,int8:4,fp8:1,fp8:2,int4-g32:1,int4-g32:2")
+    cases = "int8:1,int8:4,fp8:1,fp8:2,int4-g32:1,int4-g32:2,int8:1:int8,int8:4:int8"
+    res = run_probe(PROBE, tp_model_dir, cases)
     _check(res, "int8", (4,))
     _check(res, "fp8", (2,))
     _check(res, "int4-g32", (2,))
+    # int8 KV pages split by KV head, with the scales calibrated on the sharded model.
+    assert res["int8:4:int8"]["tokens"] == res["int8:1:int8"]["tokens"]
+    assert "int8 (per-layer scales)" in res["int8:4:int8"]["describe"]
