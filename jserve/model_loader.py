@@ -67,7 +67,11 @@ def with_quantization(cfg: ModelConfig, quantization: str | None) -> ModelConfig
 
 
 def kv_cache_config(
-    cfg: ModelConfig, params: Any, parallel: Any, kv_cache_dtype: str | None
+    cfg: ModelConfig,
+    params: Any,
+    parallel: Any,
+    kv_cache_dtype: str | None,
+    model_dir: str | None = None,
 ) -> ModelConfig:
     """``cfg`` with quantized KV pages when ``kv_cache_dtype`` asks (before pipeline stages
     stack the layers)."""
@@ -77,7 +81,7 @@ def kv_cache_config(
             f"kv_cache_dtype {name!r} is not supported with pipeline_parallel_size > 1 yet; "
             "use kv_cache_dtype='auto' or tensor parallelism"
         )
-    return with_kv_cache(get_model(cfg), params, cfg, name)
+    return with_kv_cache(get_model(cfg), params, cfg, name, model_dir)
 
 
 def placement(cfg: ModelConfig, parallel: Any) -> tuple[ModelConfig, Any, Any]:
@@ -214,7 +218,7 @@ def load_model(
         check_weights = cfg.num_params() <= CHECK_WEIGHTS_MAX_PARAMS
     cfg, mesh, shardings = placement(cfg, parallel)
     params = load_params(path, cfg, dt, shardings, check_finite=check_weights)
-    cfg = kv_cache_config(cfg, params, parallel, kv_cache_dtype)
+    cfg = kv_cache_config(cfg, params, parallel, kv_cache_dtype, path)
     if tokenizer is not None and tokenizer.eos_token_ids and not cfg.eos_token_ids:
         cfg = cfg.replace(eos_token_ids=tokenizer.eos_token_ids)
     params = _stage_layers(params, cfg, mesh)

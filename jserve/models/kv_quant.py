@@ -7,8 +7,10 @@ the scales back in (the kernels fold ``k_scale`` into the score scale and
 ``v_scale`` into the output). The scales are static per layer (in
 ``ModelConfig.kv_cache``), so each layer's program has them as constants.
 
-Scales, by default: a calibration pass over ``CALIBRATION_TOKENS`` random token
-ids through the model's dense forward measures each layer's largest |K| and |V|.
+Scales: for fp8, the checkpoint's per-layer ``self_attn.k_scale`` / ``v_scale``
+tensors when it has them (llm-compressor's kv_cache_scheme). Otherwise a calibration
+pass over ``CALIBRATION_TOKENS`` random token ids through the model's dense forward
+measures each layer's largest |K| and |V|.
 int8 uses ``amax / 127``; fp8 uses 1.0 (as vLLM does without checkpoint scales),
 raised to ``amax / 448`` for a layer whose values would overflow fp8's range.
 """
@@ -16,6 +18,8 @@ raised to ``amax / 448`` for a layer whose values would overflow fp8's range.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 from typing import Any
 
 import jax
@@ -110,14 +114,40 @@ def scales_for(dtype: str, amax: list[tuple[float, float]]) -> tuple[tuple[float
     return tuple((one(k), one(v)) for k, v in amax)
 
 
-def with_kv_cache(model: Any, params: Any, cfg: Any, kv_cache_dtype: str | None) -> Any:
-    """``cfg`` with ``kv_cache`` set for ``kv_cache_dtype`` (calibrating the scales)."""
+def checkpoint_scales(model_dir: str | None, cfg: Any) -> tuple[tuple[float, float], ...] | None:
+    """Per-layer (k_scale, v_scale) stored in a checkpoint (``model.layers.{i}.self_attn.
+    k_scale`` / ``v_scale``, as llm-compressor's kv_cache_scheme writes them), or None."""
+    if model_dir is None or not glob.glob(os.path.join(model_dir, "*.safetensors")):
+        return None
+    from checkpoints.safetensors_reader import SafetensorsReader
+
+    with SafetensorsReader(model_dir) as reader:
+        names = reader.names()
+        keys = [
+            (f"model.layers.{i}.self_attn.k_scale", f"model.layers.{i}.self_attn.v_scale")
+            for i in range(cfg.num_layers)
+        ]
+        if not all(k in names and v in names for k, v in keys):
+            return None
+
+        def one(name: str) -> float:
+            return float(np.asarray(reader.get(name), np.float32).max())
+
+        return tuple((one(k), one(v)) for k, v in keys)
+
+
+def with_kv_cache(
+    model: Any, params: Any, cfg: Any, kv_cache_dtype: str | None, model_dir: str | None = None
+) -> Any:
+    """``cfg`` with ``kv_cache`` set for ``kv_cache_dtype``: fp8 scales from the checkpoint
+    when it has them, else calibrated (see the module docstring)."""
     name = check_kv_cache_dtype(kv_cache_dtype)
     if name == "auto":
         return cfg
-    return cfg.replace(
-        kv_cache=KVCacheConfig(name, scales_for(name, calibrate(model, params, cfg)))
-    )
+    scales = checkpoint_scales(model_dir, cfg) if name == "fp8" else None
+    if scales is None:
+        scales = scales_for(name, calibrate(model, params, cfg))
+    return cfg.replace(kv_cache=KVCacheConfig(name, scales))
 
 
 def describe_kv(cfg: Any, dtype: Any) -> str:

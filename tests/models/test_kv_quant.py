@@ -92,3 +92,25 @@ def test_fp8_kv_needs_an_fp8_gpu(monkeypatch) -> None:
             with pytest.raises(ConfigError, match=r"compute capability 8\.9"):
                 check_kv_cache_dtype("fp8", backend="gpu")
         assert check_kv_cache_dtype("int8", backend="gpu") == "int8"
+
+
+def test_fp8_scales_come_from_the_checkpoint_when_it_has_them(llama_dir: str, tmp_path) -> None:
+    import os
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    d = str(tmp_path / "with-scales")
+    shutil.copytree(llama_dir, d)
+    path = os.path.join(d, "model.safetensors")
+    tensors = load_file(path)
+    n = sum(1 for k in tensors if k.endswith("self_attn.q_proj.weight"))
+    for i in range(n):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = np.array(0.5 + i, np.float32)
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = np.array(0.25, np.float32)
+    save_file(tensors, path, metadata={"format": "pt"})
+    m = load_model(d, "float32", kv_cache_dtype="fp8")
+    assert m.cfg.kv_cache.scales == tuple((0.5 + i, 0.25) for i in range(n))
+    # int8 calibrates its own (the checkpoint's scales are for fp8).
+    assert load_model(d, "float32", kv_cache_dtype="int8").cfg.kv_cache.scales[0][0] != 0.5
