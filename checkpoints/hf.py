@@ -40,9 +40,15 @@ def check_tensors(reader: SafetensorsReader, specs: Any) -> None:
                 )
 
 
+def _dtype(spec: WeightSpec, dtype: Any) -> Any:
+    """A declaration's own dtype (e.g. a quantized weight's int8 values), else ``dtype``."""
+    own = getattr(spec, "dtype", None)
+    return dtype if own is None else own
+
+
 def _whole(reader: SafetensorsReader, spec: WeightSpec, dtype: Any) -> np.ndarray:
     value = spec.source.build(*(reader.get(name) for name in spec.source.names))
-    return value.astype(dtype, copy=False)
+    return value.astype(_dtype(spec, dtype), copy=False)
 
 
 def _piece(
@@ -54,7 +60,8 @@ def _piece(
     )  # concrete bounds
     if spec.source.read_slice is not None:
         try:
-            return spec.source.read_slice(reader.get_slice, index).astype(dtype, copy=False)
+            value = spec.source.read_slice(reader.get_slice, index)
+            return value.astype(_dtype(spec, dtype), copy=False)
         except NotImplementedError:
             pass
     return _whole(reader, spec, dtype)[index]

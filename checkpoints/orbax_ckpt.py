@@ -69,7 +69,9 @@ def load_orbax_params(path: str, specs: Any, dtype: Any, shardings: Any = None) 
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: default, specs)
     target = jax.tree_util.tree_map(
-        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding),
+        lambda s, sharding: jax.ShapeDtypeStruct(
+            s.shape, dtype if getattr(s, "dtype", None) is None else s.dtype, sharding=sharding
+        ),
         specs,
         shardings,
     )

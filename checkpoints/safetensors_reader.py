@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
+import struct
 from typing import Any
 
 import ml_dtypes
@@ -15,6 +17,8 @@ from checkpoints.errors import CheckpointError
 from checkpoints.files import check_file, read_json
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+_FLOAT8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 
 
 def _refuse_pickles(model_dir: str) -> None:
@@ -187,8 +191,35 @@ class SafetensorsReader:
         return tuple(self._read(name, lambda f: f.get_slice(name).get_shape()))
 
     def get(self, name: str) -> np.ndarray:
-        return self._checked(name, self._read(name, lambda f: f.get_tensor(name)))
+        return self._checked(name, self._read(name, lambda f: self._tensor(f, name)))
 
     def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """Reads only ``index`` of the tensor (each device's shard, for sharded loads)."""
-        return self._checked(name, self._read(name, lambda f: f.get_slice(name)[index]))
+        return self._checked(name, self._read(name, lambda f: self._slice(f, name, index)))
+
+    def _tensor(self, handle: Any, name: str) -> np.ndarray:
+        if self._float8(handle, name) is None:
+            return handle.get_tensor(name)
+        return self._float8_tensor(name)
+
+    def _slice(self, handle: Any, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        if self._float8(handle, name) is None:
+            return handle.get_slice(name)[index]
+        return self._float8_tensor(name)[index]
+
+    @staticmethod
+    def _float8(handle: Any, name: str) -> Any:
+        """The ml_dtypes type of a float8 tensor (safetensors' numpy reader has none)."""
+        return _FLOAT8.get(str(handle.get_slice(name).get_dtype()))
+
+    def _float8_tensor(self, name: str) -> np.ndarray:
+        """A float8 tensor read from the file's header offsets (e.g. compressed-tensors'
+        fp8 weights)."""
+        path = self._where[name]
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            info = json.loads(f.read(size))[name]
+        start, end = info["data_offsets"]
+        dtype = _FLOAT8[info["dtype"]]
+        data = np.fromfile(path, np.uint8, count=end - start, offset=8 + size + start)
+        return data.view(dtype).reshape(info["shape"])

@@ -32,7 +32,7 @@ from jserve.config import ModelConfig
 from jserve.engine.config import EngineConfig
 from jserve.engine.runner import ModelRunner
 from jserve.models import get_model
-from jserve.models.params import is_spec
+from jserve.models.params import is_spec, spec_dtype
 from jserve.models.presets import preset_config
 from pallas_kernels import targets
 from sharding.mesh import ParallelConfig, make_mesh
@@ -105,7 +105,7 @@ def abstract_params(cfg: ModelConfig, mesh: Any, dtype: Any) -> Any:
     specs = get_model(cfg).param_specs(cfg)
     shardings = param_shardings(specs, mesh)
     return jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, spec_dtype(s, dtype), sharding=sh),
         specs,
         shardings,
         is_leaf=is_spec,

@@ -122,6 +122,10 @@ class ModelConfig:
     kv_repeat: int = 1
     # The family's own fields (see FAMILY_OPTIONS).
     options: FamilyOptions = FamilyOptions()
+    # How the weights are stored (a jserve.models.quant.QuantConfig), None for float.
+    quant: Any = None
+    # Quantized KV pages (a jserve.models.kv_quant.KVCacheConfig), None for the model dtype.
+    kv_cache: Any = None
 
     @property
     def source_kv_heads(self) -> int:
@@ -414,6 +418,13 @@ FAMILY_OPTIONS: dict[str, Callable[[dict[str, Any], str], FamilyOptions]] = {
 }
 
 
+def _quant_config(raw: dict[str, Any]) -> Any:
+    """The checkpoint's weight format from ``quantization_config`` (None for float)."""
+    from jserve.models.quant_formats import from_hf_config
+
+    return from_hf_config(raw)
+
+
 def config_from_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
     """Builds a ModelConfig from the parsed contents of a Hugging Face config.json."""
     archs = raw.get("architectures") or []
@@ -474,6 +485,7 @@ def config_from_dict(raw: dict[str, Any], name: str = "") -> ModelConfig:
         eos_token_ids=_as_ids(raw.get("eos_token_id")),
         name=name,
         options=FAMILY_OPTIONS[family](raw, family),
+        quant=_quant_config(raw),
     ).validate()
 
 

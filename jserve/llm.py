@@ -36,6 +36,15 @@ class LLM:
     ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
     "prompt_lookup_max": 5}`` (see jserve.spec); checked before the model loads.
 
+    ``quantization``: "int8", "fp8" or "int4" (groups of 64; "int4-g32" for 32) quantizes
+    a float checkpoint's matmul weights as they load (weight-only: dequantized inside each
+    matmul); a checkpoint whose config.json declares ``quantization_config`` loads in its
+    own format without it (see jserve.models.quant).
+
+    ``kv_cache_dtype``: "auto" (the model's dtype), "fp8" or "int8": KV pages in one byte
+    per value with per-layer K/V scales, so the pool holds correspondingly more pages
+    (see jserve.models.kv_quant).
+
     ``check_weights``: refuse weights holding NaN or infinite values; None (the
     default) checks models of up to 10B parameters (see jserve.model_loader).
     """
@@ -64,6 +73,8 @@ class LLM:
         compilation_cache_dir: CacheDirArg = DEFAULT_CACHE_DIR,
         speculative_config: Mapping[str, Any] | None = None,
         check_weights: bool | None = None,
+        quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         ecfg = EngineConfig(
             page_size=page_size,
@@ -85,7 +96,12 @@ class LLM:
             tensor_parallel_size, pipeline_parallel_size, num_microbatches, enable_expert_parallel
         )
         self.model: LoadedModel = load_model(
-            model or default_model_path(), dtype, parallel, check_weights
+            model or default_model_path(),
+            dtype,
+            parallel,
+            check_weights,
+            quantization,
+            kv_cache_dtype,
         )
         self.engine = LLMEngine(self.model, ecfg, warmup=warmup)
         self._counter = 0

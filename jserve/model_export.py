@@ -15,6 +15,7 @@ from checkpoints.orbax_ckpt import check_new_dir, save_orbax_checkpoint
 from jserve.config import ModelConfig, config_to_dict, ids_or_list, load_config
 from jserve.model_loader import load_params
 from jserve.models import get_model
+from jserve.models.quant import dequantize_params
 
 
 def save_hf_checkpoint(
@@ -26,8 +27,11 @@ def save_hf_checkpoint(
     """Writes config.json, model.safetensors and generation_config.json into out_dir.
 
     The result loads with ``transformers.AutoModelForCausalLM.from_pretrained``
-    and with jserve's ``load_model``. Returns out_dir.
+    and with jserve's ``load_model``. Returns out_dir. Quantized weights are written
+    dequantized (as float ``dtype``).
     """
+    if cfg.quant is not None:
+        params, cfg = dequantize_params(params), cfg.replace(quant=None)
     config = config_to_dict(cfg, dtype)
     tensors = export_tensors(params, get_model(cfg).param_specs(cfg), dtype)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": ids_or_list(cfg.eos_token_ids)}

@@ -15,8 +15,10 @@ from checkpoints.files import check_file
 from jserve.config import ModelConfig, load_config
 from jserve.errors import ConfigError
 from jserve.models import get_model, moe
+from jserve.models.kv_quant import check_kv_cache_dtype, with_kv_cache
 from jserve.models.params import init_params
 from jserve.models.presets import PRESETS, preset_config
+from jserve.models.quant import QuantConfig, parse_quantization, quantize_params
 from jserve.tokenizer import Tokenizer
 from sharding import STAGE, make_mesh, param_shardings
 from sharding.pipeline import pipeline_param_shardings, stack_stages, uniform_stage_windows
@@ -50,6 +52,38 @@ def _stage_layers(params: Any, cfg: ModelConfig, mesh: Any) -> Any:
     return stack_stages(params, get_model(cfg).param_specs(cfg), mesh)
 
 
+def with_quantization(cfg: ModelConfig, quantization: str | None) -> ModelConfig:
+    """``cfg`` with the weight format ``quantization`` names ("int8", "fp8", "int4"), which a
+    checkpoint that is already quantized (``cfg.quant`` from its config.json) refuses."""
+    q = parse_quantization(quantization)
+    if q is None:
+        return cfg
+    if cfg.quant is not None and cfg.quant.source != "quantize":
+        raise ConfigError(
+            f"quantization={quantization!r} asks to quantize a checkpoint that is already "
+            f"quantized ({cfg.quant.source}, {cfg.quant.weights}); leave quantization unset"
+        )
+    return cfg.replace(quant=q)
+
+
+def kv_cache_config(
+    cfg: ModelConfig,
+    params: Any,
+    parallel: Any,
+    kv_cache_dtype: str | None,
+    model_dir: str | None = None,
+) -> ModelConfig:
+    """``cfg`` with quantized KV pages when ``kv_cache_dtype`` asks (before pipeline stages
+    stack the layers)."""
+    name = check_kv_cache_dtype(kv_cache_dtype)
+    if name != "auto" and parallel is not None and parallel.pipeline_parallel_size > 1:
+        raise ConfigError(
+            f"kv_cache_dtype {name!r} is not supported with pipeline_parallel_size > 1 yet; "
+            "use kv_cache_dtype='auto' or tensor parallelism"
+        )
+    return with_kv_cache(get_model(cfg), params, cfg, name, model_dir)
+
+
 def placement(cfg: ModelConfig, parallel: Any) -> tuple[ModelConfig, Any, Any]:
     """(config, mesh, per-weight shardings) for a parallel config; no mesh for one device.
 
@@ -68,6 +102,11 @@ def placement(cfg: ModelConfig, parallel: Any) -> tuple[ModelConfig, Any, Any]:
     specs = get_model(cfg).param_specs(cfg)
     if parallel.pipeline_parallel_size == 1:
         return cfg, mesh, param_shardings(specs, mesh)
+    if cfg.quant is not None:
+        raise ConfigError(
+            "quantized weights are not supported with pipeline_parallel_size > 1 yet; use "
+            "tensor_parallel_size, or leave quantization unset"
+        )
     uniform_stage_windows(cfg.sliding_windows, parallel.pipeline_parallel_size)
     moe.check_pipeline(cfg, parallel.pipeline_parallel_size)
     return cfg, mesh, pipeline_param_shardings(specs, mesh)
@@ -92,7 +131,11 @@ def check_fits_in_memory(cfg: ModelConfig, dtype: Any, parallel: Any = None) -> 
     """Refuses a config whose parameters cannot fit in device memory, before any weight
     is declared, read or created (a corrupt config can imply terabytes)."""
     world = 1 if parallel is None else parallel.world_size
-    need = cfg.num_params() * jnp.dtype(dtype).itemsize
+    bits = 8 * jnp.dtype(dtype).itemsize
+    q: QuantConfig | None = cfg.quant
+    if q is not None:  # scales and the unquantized norms are a few percent more
+        bits = min(bits, q.bits * 1.1)
+    need = cfg.num_params() * bits / 8
     per_device = need / world
     limits = []
     for device in jax.local_devices():
@@ -141,8 +184,16 @@ def load_model(
     dtype: str | Any = "auto",
     parallel: Any = None,
     check_weights: bool | None = None,
+    quantization: str | None = None,
+    kv_cache_dtype: str | None = "auto",
 ) -> LoadedModel:
     """Loads a Hugging Face model directory (config, safetensors weights, tokenizer).
+
+    ``quantization`` ("int8", "fp8", "int4", "int4-g32") quantizes a float checkpoint's
+    matmul weights as they load (see jserve.models.quant); a checkpoint whose config.json
+    declares ``quantization_config`` loads in its own format without it.
+    ``kv_cache_dtype`` "fp8" or "int8" stores the KV pages quantized, with per-layer
+    scales calibrated here (see jserve.models.kv_quant); "auto" keeps the model's dtype.
 
     With a ``sharding.ParallelConfig`` the weights are placed on a device
     mesh as they load, each device receiving only its slice. ``check_weights``
@@ -156,7 +207,7 @@ def load_model(
             f"model {path!r} is not a directory; pass a local Hugging Face model directory "
             "(models are never downloaded)"
         )
-    cfg = load_config(path)
+    cfg = with_quantization(load_config(path), quantization)
     dt = resolve_dtype(dtype)
     check_fits_in_memory(cfg, dt, parallel)
     tokenizer = None
@@ -167,6 +218,7 @@ def load_model(
         check_weights = cfg.num_params() <= CHECK_WEIGHTS_MAX_PARAMS
     cfg, mesh, shardings = placement(cfg, parallel)
     params = load_params(path, cfg, dt, shardings, check_finite=check_weights)
+    cfg = kv_cache_config(cfg, params, parallel, kv_cache_dtype, path)
     if tokenizer is not None and tokenizer.eos_token_ids and not cfg.eos_token_ids:
         cfg = cfg.replace(eos_token_ids=tokenizer.eos_token_ids)
     params = _stage_layers(params, cfg, mesh)
@@ -201,13 +253,31 @@ def load_params(
     )
 
 
+def random_params(cfg: ModelConfig, seed: int, dtype: Any, mesh: Any, shardings: Any) -> Any:
+    """Random weights for ``cfg``: float ones from the declarations, then quantized one
+    weight at a time when ``cfg.quant`` asks for it."""
+    if cfg.quant is None:
+        specs = get_model(cfg).param_specs(cfg)
+        return init_params(specs, jax.random.key(seed), dtype, shardings=shardings)
+    float_cfg = cfg.replace(quant=None)
+    fspecs = get_model(float_cfg).param_specs(float_cfg)
+    fshard = None if mesh is None else param_shardings(fspecs, mesh)
+    params = init_params(fspecs, jax.random.key(seed), dtype, shardings=fshard)
+    return quantize_params(params, get_model(cfg).param_specs(cfg), fspecs, shardings)
+
+
 def default_model_path() -> str:
     """The small Shakespeare model shipped inside the package."""
     return os.path.join(os.path.dirname(__file__), "assets", "shakespeare-llama")
 
 
 def random_model(
-    shape: str, dtype: str | Any = "auto", seed: int = 0, parallel: Any = None
+    shape: str,
+    dtype: str | Any = "auto",
+    seed: int = 0,
+    parallel: Any = None,
+    quantization: str | None = None,
+    kv_cache_dtype: str | None = "auto",
 ) -> LoadedModel:
     """A model with random weights created directly on the device.
 
@@ -225,11 +295,12 @@ def random_model(
             f"--config {shape!r} is neither a known shape ({sorted(PRESETS)}) nor a directory "
             "with a config.json"
         )
+    cfg = with_quantization(cfg, quantization)
     dt = resolve_dtype(dtype)
     check_fits_in_memory(cfg, dt, parallel)
     cfg, mesh, shardings = placement(cfg, parallel)
-    specs = get_model(cfg).param_specs(cfg)
-    params = init_params(specs, jax.random.key(seed), dt, shardings=shardings)
+    params = random_params(cfg, seed, dt, mesh, shardings)
+    cfg = kv_cache_config(cfg, params, parallel, kv_cache_dtype)
     tokenizer = None
     embedded = default_model_path()
     if os.path.isfile(os.path.join(embedded, "tokenizer.json")):

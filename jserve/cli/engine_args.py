@@ -68,6 +68,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "directory with config.json",
     )
     g.add_argument(
+        "--quantization",
+        default=None,
+        help="quantize a float checkpoint's weights on load: int8, fp8 (per output channel) "
+        "or int4 (groups of 64 inputs; int4-g32 for 32); a checkpoint with a "
+        "quantization_config loads in its own format without it",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8", "int8"],
+        help="KV page storage: auto = the model's dtype; fp8 or int8 = one byte per value "
+        "with per-layer scales (more pages fit)",
+    )
+    g.add_argument(
         "--check-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -166,8 +180,22 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
         args.enable_expert_parallel,
     )
     if args.random_weights:
-        return random_model(args.config or "llama3-1b", args.dtype, args.seed, parallel)
-    return load_model(args.model or default_model_path(), args.dtype, parallel, args.check_weights)
+        return random_model(
+            args.config or "llama3-1b",
+            args.dtype,
+            args.seed,
+            parallel,
+            args.quantization,
+            args.kv_cache_dtype,
+        )
+    return load_model(
+        args.model or default_model_path(),
+        args.dtype,
+        parallel,
+        args.check_weights,
+        args.quantization,
+        args.kv_cache_dtype,
+    )
 
 
 def build_engine(

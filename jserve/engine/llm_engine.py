@@ -30,7 +30,9 @@ from jserve.errors import (
     RequestTooLargeError,
 )
 from jserve.model_loader import LoadedModel
+from jserve.models.kv_quant import describe_kv
 from jserve.models.moe import expert_placement
+from jserve.models.quant import describe_format
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.prompts import PromptType, tokenize_prompt
 from jserve.sampling_params import SamplingParams
@@ -547,10 +549,11 @@ class LLMEngine:
         experts = expert_placement(self.cfg, self.model.mesh)
         return (
             f"{self.cfg.name or self.model.path}: {self.cfg.num_params() / 1e6:.1f}M params on "
-            f"{where}; parameters {_size(param_dev)} per device (tp={tp}), KV pool "
+            f"{where}; parameters {_size(param_dev)} per device (tp={tp}, "
+            f"{describe_format(self.cfg.quant, self.model.dtype)}), KV pool "
             f"{self.num_pages} pages x {self.ecfg.page_size} tokens = {_size(kv_dev)} per "
-            f"device, {self.max_model_len} max tokens/sequence"
-            + (f"; {experts}" if experts else "")
+            f"device ({describe_kv(self.cfg, self.model.dtype)}), {self.max_model_len} max "
+            "tokens/sequence" + (f"; {experts}" if experts else "")
         )
 
     def get_stats(self) -> EngineStats:

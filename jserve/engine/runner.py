@@ -39,6 +39,7 @@ from jserve.engine.scheduler import SchedulerOutput
 from jserve.engine.shapes import StepShapes
 from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
+from jserve.models.kv_quant import page_dtype
 from jserve.models.pipeline import pipeline_forward
 from jserve.spec import draft as spec_draft
 from jserve.spec.draft import DraftSpec
@@ -186,9 +187,9 @@ class StepResult:
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
-    return (
-        cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-    )
+    """Bytes of one page over all layers, in the pages' dtype (quantized or ``dtype``)."""
+    itemsize = page_dtype(cfg, dtype).itemsize
+    return cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
 class ModelRunner:
@@ -254,7 +255,8 @@ class ModelRunner:
         rows, rep = self.ecfg.max_num_seqs + 1, self._replicated
         zeros = self._device_zeros
         self.kv_pages = [
-            zeros(self._kv_shape, self._dtype, self._kv_sharding) for _ in range(self._kv_layers)
+            zeros(self._kv_shape, page_dtype(self.cfg, self._dtype), self._kv_sharding)
+            for _ in range(self._kv_layers)
         ]
         self.draft_kv = []
         if self._draft is not None:

@@ -68,11 +68,14 @@ def paged_attention(
     *,
     sm_scale: float,
     sliding_window: int | None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Stores this step's K/V, then attends; returns ([T, Hq, D], new kv_pages)."""
+    """Stores this step's K/V, then attends; returns ([T, Hq, D], new kv_pages).
+    Quantized pages hold K / k_scale and V / v_scale (jserve.models.kv_quant)."""
 
     def local(q, k, v, kv_pages, md):
-        kv_pages = pallas_kernels.write_kv_pages(kv_pages, k, v, md.slot_mapping)
+        kv_pages = pallas_kernels.write_kv_pages(kv_pages, k, v, md.slot_mapping, k_scale, v_scale)
         out = pallas_kernels.ragged_paged_attention(
             q,
             kv_pages,
@@ -82,6 +85,8 @@ def paged_attention(
             md.num_seqs,
             sm_scale=sm_scale,
             sliding_window=sliding_window,
+            k_scale=k_scale,
+            v_scale=v_scale,
             backend=md.backend,
         )
         return out, kv_pages

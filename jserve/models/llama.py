@@ -31,7 +31,9 @@ from checkpoints.source import HFSource
 from jserve.config import ModelConfig, llama_options
 from jserve.models.attention import AttentionMetadata, paged_attention
 from jserve.models.base import Attend
+from jserve.models.kv_quant import layer_scales
 from jserve.models.params import ParamSpec
+from jserve.models.quant import declare, qeinsum, qtake
 from jserve.models.rope import apply_rope
 
 # ---------------------------------------------------------------------------
@@ -176,8 +178,8 @@ def _gate_up(module: str, suffix: str, e: int, f: int) -> HFSource:
     )
 
 
-def param_specs(cfg: ModelConfig) -> dict[str, Any]:
-    """Declares every weight of the model (shape, logical axes, init, HF source)."""
+def float_param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """Every weight as a float declaration (shape, logical axes, init, HF source)."""
     e, f, d, v = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
     hq, hk, g = cfg.num_q_heads, cfg.num_kv_heads, cfg.q_per_kv
     opts = llama_options(cfg)
@@ -195,22 +197,29 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
                 ("embed", "kv_heads", None, "head_dim"),
                 "normal",
                 _fused_qkv(p, cfg, "weight"),
+                contract=(0,),
             ),
             "wo": ParamSpec(
                 (hq, d, e),
                 ("q_heads", "head_dim", "embed"),
                 "normal",
                 _linear(f"{p}.self_attn.o_proj.weight", (hq, d, e)),
+                contract=(0, 1),
             ),
             "mlp_norm": norm(f"{p}.post_attention_layernorm.weight"),
             "w_gate_up": ParamSpec(
-                (e, 2, f), ("embed", None, "mlp"), "normal", _gate_up(f"{p}.mlp", "weight", e, f)
+                (e, 2, f),
+                ("embed", None, "mlp"),
+                "normal",
+                _gate_up(f"{p}.mlp", "weight", e, f),
+                contract=(0,),
             ),
             "w_down": ParamSpec(
                 (f, e),
                 ("mlp", "embed"),
                 "normal",
                 _linear(f"{p}.mlp.down_proj.weight", (f, e)),
+                contract=(0,),
             ),
         }
         if opts.qkv_bias:
@@ -235,16 +244,26 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
 
     specs: dict[str, Any] = {
         "embed": ParamSpec(
-            (v, e), ("vocab", "embed"), "normal", _copy("model.embed_tokens.weight", (v, e))
+            (v, e),
+            ("vocab", "embed"),
+            "normal",
+            _copy("model.embed_tokens.weight", (v, e)),
+            contract=(1,),
         ),
         "layers": layers,
         "final_norm": norm("model.norm.weight"),
     }
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = ParamSpec(
-            (e, v), ("embed", "vocab"), "normal", _linear("lm_head.weight", (e, v))
+            (e, v), ("embed", "vocab"), "normal", _linear("lm_head.weight", (e, v)), contract=(0,)
         )
     return specs
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """Declares every weight of the model (shape, logical axes, init, HF source); under
+    ``cfg.quant`` each matmul weight is a ``QuantArray`` of declarations."""
+    return declare(float_param_specs(cfg), cfg)
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +282,7 @@ def _qkv(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projects [..., E] to rotated q [..., Hq, D], k and v [..., Hkv, D]."""
     g = cfg.q_per_kv
-    qkv = jnp.einsum("...e,ekgd->...kgd", h, lp["wqkv"])  # [..., Hkv, G+2, D]
+    qkv = qeinsum("...e,ekgd->...kgd", h, lp["wqkv"])  # [..., Hkv, G+2, D]
     if "bqkv" in lp:
         qkv = qkv + lp["bqkv"]
     q = qkv[..., :g, :].reshape(*qkv.shape[:-3], cfg.num_q_heads, cfg.head_dim)
@@ -276,7 +295,7 @@ def _qkv(
 
 
 def _attn_out(lp: dict[str, jax.Array], x: jax.Array, attn: jax.Array) -> jax.Array:
-    out = jnp.einsum("...hd,hde->...e", attn, lp["wo"])  # [..., E]
+    out = qeinsum("...hd,hde->...e", attn, lp["wo"])  # [..., E]
     if "bo" in lp:
         out = out + lp["bo"]
     return x + out
@@ -285,11 +304,11 @@ def _attn_out(lp: dict[str, jax.Array], x: jax.Array, attn: jax.Array) -> jax.Ar
 def mlp_block(lp: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """The gated MLP with its norm and residual, [..., E] -> [..., E]."""
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gu = jnp.einsum("...e,ecf->...cf", h, lp["w_gate_up"])  # [..., 2, F]
+    gu = qeinsum("...e,ecf->...cf", h, lp["w_gate_up"])  # [..., 2, F]
     if "b_gate_up" in lp:
         gu = gu + lp["b_gate_up"]
     act = jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]  # [..., F]
-    out = jnp.einsum("...f,fe->...e", act, lp["w_down"])
+    out = qeinsum("...f,fe->...e", act, lp["w_down"])
     if "b_down" in lp:
         out = out + lp["b_down"]
     return x + out
@@ -349,15 +368,29 @@ def decoder_layer(
     return x, state
 
 
-def paged_attend(cfg: ModelConfig, md: AttentionMetadata, sliding_window: int | None) -> Attend:
+def paged_attend(
+    cfg: ModelConfig,
+    md: AttentionMetadata,
+    sliding_window: int | None,
+    kv_scales: tuple[float | None, float | None] = (None, None),
+) -> Attend:
     """Attention over a flat ragged batch [T, H, D]; the state is one layer's KV pages
-    [P, S, 2*Hkv, D], into which this step's K/V are written first."""
+    [P, S, 2*Hkv, D], into which this step's K/V are written first. ``kv_scales`` are the
+    layer's (k_scale, v_scale) for quantized pages (jserve.models.kv_quant)."""
 
     def attend(
         q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         return paged_attention(
-            q, k, v, kv_pages, md, sm_scale=cfg.head_dim**-0.5, sliding_window=sliding_window
+            q,
+            k,
+            v,
+            kv_pages,
+            md,
+            sm_scale=cfg.head_dim**-0.5,
+            sliding_window=sliding_window,
+            k_scale=kv_scales[0],
+            v_scale=kv_scales[1],
         )
 
     return attend
@@ -386,7 +419,7 @@ def dense_attend(cfg: ModelConfig, sliding_window: int | None) -> Attend:
 
 def embed(params: dict[str, Any], cfg: ModelConfig, ids: jax.Array) -> jax.Array:
     """Token ids [...] -> [..., E]."""
-    return params["embed"][ids]
+    return qtake(params["embed"], ids)
 
 
 def final_norm(params: dict[str, Any], cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -407,7 +440,7 @@ def run_paged(
     new_pages, stats = [], []
     for i, lp in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
-            attend = paged_attend(cfg, md, cfg.sliding_windows[i])
+            attend = paged_attend(cfg, md, cfg.sliding_windows[i], layer_scales(cfg, i))
             x, pages, s = layer_fn(lp, cfg, x, md.positions, attend, kv_pages[i], md)
         new_pages.append(pages)
         stats.append(s)
@@ -430,9 +463,9 @@ def forward(
 def compute_logits(params: dict[str, Any], cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """[N, E] final hidden states -> [N, V] float32 logits."""
     if cfg.tie_word_embeddings:
-        logits = jnp.einsum("ne,ve->nv", hidden, params["embed"])
+        logits = qeinsum("ne,ve->nv", hidden, params["embed"])
     else:
-        logits = jnp.einsum("ne,ev->nv", hidden, params["lm_head"])
+        logits = qeinsum("ne,ev->nv", hidden, params["lm_head"])
     return logits.astype(jnp.float32)
 
 

@@ -51,6 +51,7 @@ from jserve.models import llama
 from jserve.models.attention import AttentionMetadata
 from jserve.models.base import Attend
 from jserve.models.params import ParamSpec
+from jserve.models.quant import declare
 from sharding.rules import logical_to_spec
 
 # The Llama family's pieces this family shares unchanged.
@@ -145,7 +146,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     o = moe_options(cfg)
     e, f, x, fs = cfg.hidden_size, o.moe_intermediate_size, o.num_experts, o.shared_expert_size
     gu_axes, down_axes = expert_axes(cfg)
-    specs = llama.param_specs(cfg)
+    specs = llama.float_param_specs(cfg)
     for i, layer in enumerate(specs["layers"]):
         if not o.moe_layers[i]:
             continue
@@ -180,7 +181,8 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
                 "normal",
                 llama._linear(f"{p}.shared_expert_gate.weight", (e, 1)),
             )
-    return specs
+    # Routed and shared experts stay float under quantization (no ``contract``).
+    return declare(specs, cfg)
 
 
 # ---------------------------------------------------------------------------

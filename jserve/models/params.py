@@ -29,6 +29,11 @@ class ParamSpec:
     axes: tuple[str | None, ...]  # one logical axis name (or None) per dimension
     init: str  # "normal" | "ones" | "zeros"
     source: HFSource
+    # The dims a matmul contracts (its inputs), for weights that may be quantized:
+    # a per-channel scale reduces them (see jserve.models.quant). () for norms and biases.
+    contract: tuple[int, ...] = ()
+    # The stored dtype when it is not the model's (a quantized weight's values).
+    dtype: Any = None
 
     def __post_init__(self) -> None:
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
@@ -36,6 +41,12 @@ class ParamSpec:
 
 def is_spec(x: Any) -> bool:
     return isinstance(x, ParamSpec)
+
+
+def spec_dtype(spec: Any, dtype: Any) -> Any:
+    """The dtype a declared weight is stored in: its own, else the model's ``dtype``."""
+    own = getattr(spec, "dtype", None)
+    return jnp.dtype(dtype if own is None else own)
 
 
 def init_params(
@@ -52,9 +63,10 @@ def init_params(
     """
     leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
     keys = treedef.unflatten(list(jax.random.split(key, len(leaves))))
-    dt = jnp.dtype(dtype)
 
     def make(spec: ParamSpec, k: jax.Array, sharding: Any = None) -> jax.Array:
+        dt = spec_dtype(spec, dtype)
+
         def create(k: jax.Array) -> jax.Array:
             if spec.init == "ones":
                 return jnp.ones(spec.shape, dt)
