@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 
 from jserve.engine.scheduler import NewSeq, SchedulerOutput
-from jserve.engine.shapes import BAN_WIDTH, StepShapes
+from jserve.engine.shapes import BAN_WIDTH, Flag, StepShapes
 
 # A sequence with more new pages than this in one step gets its whole
 # page-table row written before the step (a long cached prefix).
@@ -316,7 +316,13 @@ class InputBuilder:
                 k = len(info.bias[0])
                 v["bias_ids"][i, :k] = info.bias[0]
                 v["bias_values"][i, :k] = info.bias[1]
-        v["flags"][:5] = (rand, sort, penalties, logprobs, biased)  # [5]: the bitmask hook's
+        # (Flag.BITMASK is set by the runner, with the plan's bitmask.)
+        for flag, on in zip(
+            (Flag.RANDOM, Flag.SORT, Flag.PENALTIES, Flag.LOGPROBS, Flag.BIAS),
+            (rand, sort, penalties, logprobs, biased),
+            strict=True,
+        ):
+            v["flags"][flag] = on
         return logprobs
 
 

@@ -424,8 +424,6 @@ class LLMEngine:
         rows = constrained_rows(so, self.scheduler.sequence)
         if rows:
             plan.bitmask = self.structured.fill(plan.shape[1], rows)
-            flags = self.runner.shapes.layout(*plan.shape).fields["flags"]
-            plan.packed[flags.offset + 5] = 1
 
     def _find_stop_string(self, upd: SeqUpdate) -> int:
         """Feeds the new tokens to the detokenizer; a completed stop string ends the

@@ -36,7 +36,7 @@ from jserve.engine.config import EngineConfig
 from jserve.engine.inputs import InputBuilder, RowWrites, StepPlan
 from jserve.engine.sampler import SamplerOutput, sample
 from jserve.engine.scheduler import SchedulerOutput
-from jserve.engine.shapes import StepShapes
+from jserve.engine.shapes import Flag, StepShapes
 from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
 from jserve.models.kv_quant import page_dtype
@@ -376,6 +376,9 @@ class ModelRunner:
         plan = self.inputs.build(so)
         if self.mask_filler is not None:
             self.mask_filler(plan, so)
+            if plan.bitmask is not None:
+                flags = self.shapes.layout(*plan.shape).fields["flags"]
+                plan.packed[flags.offset + Flag.BITMASK] = 1
         return plan
 
     @property

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jserve.engine.shapes import Flag
 from jserve.spec import rejection
 
 
@@ -126,9 +127,14 @@ def penalized_logits(
     verification and a draft model's proposals process further)."""
     rows, vocab = logits.shape
     logits = jax.lax.cond(
-        f["flags"][2] > 0, lambda x: apply_penalties(x, f, history), lambda x: x, logits
+        f["flags"][Flag.PENALTIES] > 0,
+        lambda x: apply_penalties(x, f, history),
+        lambda x: x,
+        logits,
     )
-    logits = jax.lax.cond(f["flags"][4] > 0, lambda x: add_logit_bias(x, f), lambda x: x, logits)
+    logits = jax.lax.cond(
+        f["flags"][Flag.BIAS] > 0, lambda x: add_logit_bias(x, f), lambda x: x, logits
+    )
     ban_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], f["banned"].shape)
     ban_cols = jnp.where(f["banned"] < 0, vocab, f["banned"])
     return logits.at[ban_rows, ban_cols].set(-jnp.inf, mode="drop")
@@ -140,7 +146,7 @@ def scaled_logits(logits: jax.Array, f: dict[str, jax.Array]) -> jax.Array:
     temperature = f["temperature"]
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     scaled = jax.lax.cond(
-        f["flags"][1] > 0,
+        f["flags"][Flag.SORT] > 0,
         lambda x: _filter_sorted(x, f["top_k"], f["top_p"]),
         lambda x: x,
         scaled,
@@ -168,7 +174,7 @@ def sample(
     logits = penalized_logits(logits, f, history)
     if bitmask is not None:
         logits = jax.lax.cond(
-            flags[5] > 0, lambda x: apply_bitmask(x, bitmask), lambda x: x, logits
+            flags[Flag.BITMASK] > 0, lambda x: apply_bitmask(x, bitmask), lambda x: x, logits
         )
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -187,7 +193,7 @@ def sample(
         )
         return jnp.where(temperature > 0, drawn, greedy_tokens)
 
-    tokens = jax.lax.cond(flags[0] > 0, random_tokens, lambda _: greedy_tokens, logits)
+    tokens = jax.lax.cond(flags[Flag.RANDOM] > 0, random_tokens, lambda _: greedy_tokens, logits)
 
     def with_logprobs(raw: jax.Array) -> tuple[jax.Array, ...]:
         raw_logp = jax.nn.log_softmax(raw, axis=-1)
@@ -206,7 +212,9 @@ def sample(
             jnp.zeros((rows, num_logprobs), jnp.float32),
         )
 
-    lps, ranks, top_ids, top_lps = jax.lax.cond(flags[3] > 0, with_logprobs, without, raw_logits)
+    lps, ranks, top_ids, top_lps = jax.lax.cond(
+        flags[Flag.LOGPROBS] > 0, with_logprobs, without, raw_logits
+    )
 
     def pad(x: jax.Array) -> jax.Array:
         return jnp.pad(x, [(0, num_out - rows)] + [(0, 0)] * (x.ndim - 1))

@@ -19,6 +19,7 @@ arrays inside the jitted step.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 
@@ -41,6 +42,18 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
         if b >= n:
             return b
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+class Flag(enum.IntEnum):
+    """The step's `flags` field: 1 where some row of the step needs that part of the
+    sampler, so a step without it skips the work (each is a `lax.cond`)."""
+
+    RANDOM = 0  # a row draws at random (temperature > 0)
+    SORT = 1  # a row uses top-k or top-p
+    PENALTIES = 2  # a row uses repetition, presence or frequency penalties
+    LOGPROBS = 3  # a row wants logprobs
+    BIAS = 4  # a row has a logit_bias
+    BITMASK = 5  # a row is constrained by a grammar's bitmask (jserve.structured)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +217,7 @@ class StepShapes:
                 ("num_lanes", (1,), "i32", 0),
                 # An input that is a draft model's proposal: the row verifying it, else -1.
                 ("token_draft_row", (t,), "i32", -1),
-                # any row: [draws at random, uses top-k/top-p, uses penalties, wants
-                # logprobs, has a logit_bias, has a grammar bitmask]
-                ("flags", (6,), "i32", 0),
+                # Whether any row needs each optional part of the sampler (see Flag).
+                ("flags", (len(Flag),), "i32", 0),
             ]
         )
