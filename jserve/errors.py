@@ -24,7 +24,18 @@ __all__ = [
 
 
 class InvalidRequestError(JserveError, ValueError):
-    """A request (prompt or sampling parameters) is invalid; nothing was changed."""
+    """A request (prompt or sampling parameters) is invalid; nothing was changed.
+
+    ``field`` names the request field at fault where there is one (``"top_p"``,
+    ``"prompt"``, ...) and ``code`` says more where a client may act on it
+    (``"context_length_exceeded"``), so the APIs report them without reading the
+    message.
+    """
+
+    def __init__(self, message: str, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.code = code
 
 
 class RequestTooLargeError(InvalidRequestError):

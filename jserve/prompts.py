@@ -32,6 +32,10 @@ PromptType = str | Sequence[int] | TextPrompt | TokensPrompt
 _UNSUPPORTED_KEYS = ("multi_modal_data", "mm_processor_kwargs", "cache_salt", "token_type_ids")
 
 
+def _bad_prompt(message: str) -> InvalidRequestError:
+    return InvalidRequestError(message, field="prompt")
+
+
 def _is_token_id(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
@@ -47,13 +51,13 @@ def normalize_prompts(prompts: PromptType | Sequence[PromptType]) -> list[Any]:
         return [prompts]
     if isinstance(prompts, np.ndarray):
         if prompts.ndim not in (1, 2):
-            raise InvalidRequestError(
+            raise _bad_prompt(
                 f"prompts as an array must be 1-D (token ids) or 2-D (rows of ids), got "
                 f"{prompts.ndim}-D"
             )
         return [prompts] if prompts.ndim == 1 else list(prompts)
     if not isinstance(prompts, Sequence) or isinstance(prompts, bytes | bytearray):
-        raise InvalidRequestError(
+        raise _bad_prompt(
             f"prompts must be a prompt (text, token ids, {{'prompt': text}} or "
             f"{{'prompt_token_ids': ids}}) or a list of them, got {_kind(prompts)}"
         )
@@ -70,27 +74,27 @@ def prompt_parts(prompt: Any, field: str = "prompt") -> tuple[str | None, Any]:
         keys = set(prompt)
         unsupported = sorted(keys & set(_UNSUPPORTED_KEYS))
         if unsupported:
-            raise InvalidRequestError(f"{field}: {', '.join(unsupported)} is not supported")
+            raise _bad_prompt(f"{field}: {', '.join(unsupported)} is not supported")
         if keys == {"prompt"}:
             field, prompt = f"{field}['prompt']", prompt["prompt"]
             if not isinstance(prompt, str):
-                raise InvalidRequestError(f"{field} must be a string, got {_kind(prompt)}")
+                raise _bad_prompt(f"{field} must be a string, got {_kind(prompt)}")
         elif keys == {"prompt_token_ids"}:
             field, prompt = f"{field}['prompt_token_ids']", prompt["prompt_token_ids"]
             if isinstance(prompt, str):
-                raise InvalidRequestError(f"{field} must be a list of token ids, got str")
+                raise _bad_prompt(f"{field} must be a list of token ids, got str")
         else:
-            raise InvalidRequestError(
+            raise _bad_prompt(
                 f"{field} as a dict must have exactly one key, 'prompt' (text) or "
                 f"'prompt_token_ids' (ids); got keys {sorted(map(str, keys))}"
             )
     if isinstance(prompt, str):
         if not prompt:
-            raise InvalidRequestError(f"{field} is empty; give at least one character or token")
+            raise _bad_prompt(f"{field} is empty; give at least one character or token")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise InvalidRequestError(
+            raise _bad_prompt(
                 f"{field} is not valid Unicode: {e.object[e.start]!r} at index {e.start} is a "
                 "lone surrogate"
             ) from None
@@ -104,7 +108,7 @@ def prompt_parts(prompt: Any, field: str = "prompt") -> tuple[str | None, Any]:
     if isinstance(prompt, list | tuple | range):
         return None, prompt
     hint = "; decode bytes to str first" if isinstance(prompt, bytes | bytearray) else ""
-    raise InvalidRequestError(
+    raise _bad_prompt(
         f"{field} must be a string, a list of token ids, {{'prompt': text}} or "
         f"{{'prompt_token_ids': ids}}, got {_kind(prompt)}{hint}"
     )
@@ -114,15 +118,13 @@ def check_token_ids(ids: Any, vocab_size: int, field: str = "prompt") -> list[in
     """A plain list of ints, each a token id of the vocabulary."""
     for t in ids:
         if not _is_token_id(t):
-            raise InvalidRequestError(
-                f"{field} token ids must be integers, got {_kind(t)} {t!r:.40}"
-            )
+            raise _bad_prompt(f"{field} token ids must be integers, got {_kind(t)} {t!r:.40}")
     out = [int(t) for t in ids]
     if not out:
-        raise InvalidRequestError(f"{field} is empty; give at least one token id")
+        raise _bad_prompt(f"{field} is empty; give at least one token id")
     outside = [t for t in out if not 0 <= t < vocab_size]
     if outside:
-        raise InvalidRequestError(
+        raise _bad_prompt(
             f"token id {outside[0]} is outside the vocabulary [0, {vocab_size}) of this model"
         )
     return out
@@ -135,12 +137,12 @@ def tokenize_prompt(
     text, ids = prompt_parts(prompt, field)
     if text is not None:
         if tokenizer is None:
-            raise InvalidRequestError(
+            raise _bad_prompt(
                 "this model has no tokenizer.json, so prompts must be lists of token ids"
             )
         ids = tokenizer.encode(text)
         if not ids:
-            raise InvalidRequestError(f"{field} {text[:40]!r} tokenized to nothing")
+            raise _bad_prompt(f"{field} {text[:40]!r} tokenized to nothing")
         return text, ids
     if isinstance(prompt, dict):
         field = f"{field}['prompt_token_ids']"

@@ -36,7 +36,8 @@ def _as_list(name: str, value: Any, what: str) -> Any:
         return value
     raise InvalidRequestError(
         f"invalid sampling parameters: {name} must be {what}, got {type(value).__name__} "
-        f"{value!r:.40}"
+        f"{value!r:.40}",
+        field=name,
     )
 
 
@@ -121,7 +122,9 @@ class SamplingParams:
         """Raises InvalidRequestError naming the first bad field."""
 
         def bad(msg: str) -> InvalidRequestError:
-            return InvalidRequestError(f"invalid sampling parameters: {msg}")
+            # Every message here starts with the name of the field it is about.
+            field = msg.split(" ", 1)[0]
+            return InvalidRequestError(f"invalid sampling parameters: {msg}", field=field)
 
         def number(name: str) -> float:
             value = getattr(self, name)

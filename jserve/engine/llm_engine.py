@@ -158,7 +158,9 @@ class LLMEngine:
     ) -> tuple[str | None, list[int]]:
         """Checks everything about a request without changing any state."""
         if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
+            raise InvalidRequestError(
+                f"priority must be an integer, got {priority!r}", field="priority"
+            )
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(f"request id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
@@ -172,20 +174,26 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens but the model's maximum length is "
-                f"{self.max_model_len}; shorten the prompt"
+                f"{self.max_model_len}; shorten the prompt",
+                field="prompt",
+                code="context_length_exceeded",
             )
         max_tokens = self._max_tokens(params, len(ids))
         if len(ids) + max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                 f"maximum length of {self.max_model_len} tokens; shorten the prompt or lower "
-                "max_tokens"
+                "max_tokens",
+                field="max_tokens",
+                code="context_length_exceeded",
             )
         if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+            raise InvalidRequestError(
+                "stop strings need a tokenizer; this model has none", field="stop"
+            )
         if params.n > self.ecfg.max_num_seqs:
             raise InvalidRequestError(
-                f"n ({params.n}) exceeds max_num_seqs ({self.ecfg.max_num_seqs})"
+                f"n ({params.n}) exceeds max_num_seqs ({self.ecfg.max_num_seqs})", field="n"
             )
         banned = len(params.stop_token_ids) + (
             0 if params.ignore_eos else len(self.cfg.eos_token_ids)
@@ -193,26 +201,30 @@ class LLMEngine:
         if params.min_tokens > 0 and banned > BAN_WIDTH:
             raise InvalidRequestError(
                 f"with min_tokens, at most {BAN_WIDTH} stop_token_ids plus EOS ids can be "
-                f"banned ({banned} given); pass fewer stop_token_ids or drop min_tokens"
+                f"banned ({banned} given); pass fewer stop_token_ids or drop min_tokens",
+                field="min_tokens",
             )
         bad = [t for t in params.stop_token_ids if t >= self.cfg.vocab_size]
         if bad:
             raise InvalidRequestError(
-                f"stop token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})"
+                f"stop token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})",
+                field="stop_token_ids",
             )
         if params.structured_outputs is not None:
             if self.speculator is not None:
                 raise InvalidRequestError(
                     "invalid sampling parameters: structured_outputs cannot be combined with "
                     "speculative decoding on this engine (proposals are not checked against "
-                    "the grammar); serve it without --speculative-config"
+                    "the grammar); serve it without --speculative-config",
+                    field="structured_outputs",
                 )
             self.structured.compile(params.structured_outputs)  # cached when compiled before
         bad = [t for t in params.logit_bias or () if t >= self.cfg.vocab_size]
         if bad:
             raise InvalidRequestError(
                 f"invalid sampling parameters: logit_bias token id {bad[0]} is outside the "
-                f"vocabulary [0, {self.cfg.vocab_size})"
+                f"vocabulary [0, {self.cfg.vocab_size})",
+                field="logit_bias",
             )
         s = self.ecfg.page_size
         total = len(ids) + max_tokens
@@ -221,7 +233,9 @@ class LLMEngine:
         if need > self.num_pages:
             raise RequestTooLargeError(
                 f"request needs up to {need} KV pages but the pool has {self.num_pages}; it "
-                "could never run: lower max_tokens, n or the prompt length"
+                "could never run: lower max_tokens, n or the prompt length",
+                field="max_tokens",
+                code="context_length_exceeded",
             )
         if len(self.scheduler.waiting) >= self.ecfg.max_waiting:
             raise CapacityError(

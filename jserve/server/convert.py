@@ -60,7 +60,8 @@ def structured_outputs(msg: pb.SamplingParameters) -> StructuredOutputsParams | 
     if kind is None:
         raise InvalidRequestError(
             "invalid sampling parameters: structured_outputs is set but empty; give one of "
-            "json, regex, choice, grammar or json_object"
+            "json, regex, choice, grammar or json_object",
+            field="structured_outputs",
         )
     ws = so.whitespace_pattern if so.HasField("whitespace_pattern") else None
     if kind == "choice":

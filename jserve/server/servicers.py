@@ -158,7 +158,7 @@ class ServingCore:
         """Refuses text too long to be worth tokenizing, or more ids than a sequence holds."""
         error = self.size_error(prompt, field)
         if error is not None:
-            raise InvalidRequestError(error)
+            raise InvalidRequestError(error, field="prompt")
 
     def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str, priority: int
@@ -191,7 +191,7 @@ class ServingCore:
             return text
         ids = await self.in_tokenizer_pool(lambda: tok.encode(text, add_special_tokens=False))
         if not ids:
-            raise InvalidRequestError(f"prompt {text[:40]!r} tokenized to nothing")
+            raise InvalidRequestError(f"prompt {text[:40]!r} tokenized to nothing", field="prompt")
         return ids
 
     async def stream(

@@ -104,7 +104,8 @@ class StructuredOutputs:
         if not isinstance(spec, StructuredOutputsParams):
             raise InvalidRequestError(
                 "invalid sampling parameters: structured_outputs must be a "
-                f"StructuredOutputsParams, got {type(spec).__name__}"
+                f"StructuredOutputsParams, got {type(spec).__name__}",
+                field="structured_outputs",
             )
         key = spec.key()
         with self._lock:
@@ -132,7 +133,8 @@ class StructuredOutputs:
         what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}.get(kind, kind)
         return InvalidRequestError(
             f"invalid sampling parameters: structured_outputs has an invalid {what}: "
-            f"{error.strip()[:300]}"
+            f"{error.strip()[:300]}",
+            field="structured_outputs",
         )
 
     def _matcher(self, seq_id: int, spec: StructuredOutputsParams) -> llguidance.LLMatcher:

@@ -42,7 +42,8 @@ class StructuredOutputsParams:
         if len(given) != 1:
             raise InvalidRequestError(
                 "invalid sampling parameters: structured_outputs needs exactly one of "
-                f"{', '.join(KINDS)}; got {', '.join(given) or 'none'}"
+                f"{', '.join(KINDS)}; got {', '.join(given) or 'none'}",
+                field="structured_outputs",
             )
         return given[0]
 
@@ -51,7 +52,9 @@ class StructuredOutputsParams:
         Validates the shape of the fields (their content is checked when compiled)."""
 
         def bad(msg: str) -> InvalidRequestError:
-            return InvalidRequestError(f"invalid sampling parameters: structured_outputs {msg}")
+            return InvalidRequestError(
+                f"invalid sampling parameters: structured_outputs {msg}", field="structured_outputs"
+            )
 
         kind = self.kind()
         value = getattr(self, kind)

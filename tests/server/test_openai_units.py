@@ -12,6 +12,7 @@ from jinja2.exceptions import SecurityError
 
 from jserve.errors import ConfigError
 from jserve.model_loader import default_model_path
+from jserve.sampling_params import SamplingParams
 from jserve.server.metrics import ServerMetrics
 from jserve.server.openai_api.app import build_app
 from jserve.server.openai_api.chat_template import ChatTemplate, TemplateError
@@ -176,16 +177,24 @@ def test_engine_errors_name_the_endpoints_field() -> None:
     from jserve.server.openai_api.errors import from_engine_error
 
     chat = {"max_tokens": "max_completion_tokens", "prompt": "messages"}
-    err = from_engine_error(RequestTooLargeError("request needs up to 9 KV pages"), chat)
+    too_large = RequestTooLargeError("needs 9 pages", "max_tokens", "context_length_exceeded")
+    err = from_engine_error(too_large, chat)
     assert (err.status, err.param, err.code) == (
         400,
         "max_completion_tokens",
         "context_length_exceeded",
     )
-    err = from_engine_error(InvalidRequestError("prompt has 9 tokens but the model's ..."), chat)
+    too_long = InvalidRequestError("prompt has 9 tokens", "prompt", "context_length_exceeded")
+    err = from_engine_error(too_long, chat)
     assert (err.param, err.code) == ("messages", "context_length_exceeded")
-    err = from_engine_error(InvalidRequestError("invalid sampling parameters: top_p must be"))
-    assert err.param == "top_p"
+    # The field comes from where the error is raised.
+    with pytest.raises(InvalidRequestError) as bad:
+        SamplingParams(top_p=2.0).validate()
+    assert from_engine_error(bad.value).param == "top_p"
+    with pytest.raises(InvalidRequestError) as bad:
+        SamplingParams(logit_bias={3: 500.0}).validate()
+    assert from_engine_error(bad.value).param == "logit_bias"
+    assert from_engine_error(InvalidRequestError("no field")).param is None
     assert from_engine_error(CapacityError("the queue is full")).status == 429
 
 

@@ -22,7 +22,6 @@ from jserve.errors import (
     CapacityError,
     EngineDeadError,
     InvalidRequestError,
-    RequestTooLargeError,
 )
 
 _TYPES = {
@@ -68,24 +67,10 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param, code)
 
 
-# The engine's InvalidRequestError messages -> (the request field, code). The
-# SamplingParams field a message names is mapped through the endpoint's own
-# field names (``fields``), e.g. chat's logprobs are ``top_logprobs``.
-_SAMPLING = re.compile(r"invalid sampling parameters: (\w+)")
-_ENGINE_MESSAGES: tuple[tuple[re.Pattern[str], str, str | None], ...] = (
-    (re.compile(r"prompt has \d+ tokens but"), "prompt", "context_length_exceeded"),
-    (re.compile(r"prompt \(\d+ tokens\) \+ max_tokens"), "max_tokens", "context_length_exceeded"),
-    (re.compile(r"prompt|token id \d+ is outside"), "prompt", None),
-    (re.compile(r"n \(\d+\) exceeds"), "n", None),
-    (re.compile(r"stop token id"), "stop_token_ids", None),
-    (re.compile(r"stop strings"), "stop", None),
-    (re.compile(r"with min_tokens"), "min_tokens", None),
-    (re.compile(r"priority"), "priority", None),
-)
-
-
 def from_engine_error(e: Exception, fields: dict[str, str] | None = None) -> APIError:
-    """The APIError for one of the engine's typed errors, naming the request's field."""
+    """The APIError for one of the engine's typed errors, naming the request's field
+    (the engine's field names mapped through the endpoint's own, ``fields``: e.g.
+    chat's logprobs are ``top_logprobs``)."""
     fields = fields or {}
     msg = str(e)
     if isinstance(e, CapacityError):
@@ -94,15 +79,8 @@ def from_engine_error(e: Exception, fields: dict[str, str] | None = None) -> API
         return APIError(500, msg, None, "engine_dead")
     if not isinstance(e, InvalidRequestError):
         return APIError(500, "internal error", None, "internal_error")
-    if isinstance(e, RequestTooLargeError):  # more KV pages than the pool has
-        return bad_request(msg, fields.get("max_tokens", "max_tokens"), "context_length_exceeded")
-    m = _SAMPLING.match(msg)
-    if m:
-        return bad_request(msg, fields.get(m.group(1), m.group(1)))
-    for pattern, field, code in _ENGINE_MESSAGES:
-        if pattern.match(msg):
-            return bad_request(msg, fields.get(field, field), code)
-    return bad_request(msg)
+    field = fields.get(e.field, e.field) if e.field is not None else None
+    return bad_request(msg, field, e.code)
 
 
 # How pydantic names the member of a union in an error's location: str, list[int], ...
