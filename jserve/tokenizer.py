@@ -86,6 +86,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The tokenizer as Hugging Face's tokenizer.json text, for libraries that build
+        their own view of the vocabulary (the grammar engine of jserve.structured)."""
+        return self._tok.to_str()
+
     def stream(
         self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True
     ) -> IncrementalDecoder:

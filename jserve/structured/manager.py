@@ -92,7 +92,7 @@ class StructuredOutputs:
                     "structured output needs the model's tokenizer; this model has none"
                 )
             # The Hugging Face tokenizer.json, handed over once per model.
-            text = self._tokenizer._tok.to_str()  # type: ignore[attr-defined]
+            text = self._tokenizer.to_json()
             self._lltok = llguidance.LLTokenizer(
                 text, n_vocab=self.vocab_size, eos_token=self._eos or None
             )
