@@ -41,6 +41,10 @@ class LLM:
     matmul); a checkpoint whose config.json declares ``quantization_config`` loads in its
     own format without it (see jserve.models.quant).
 
+    ``fp8_activations``: with fp8 weights (one scale per output channel), quantize each
+    matmul's activations to fp8 per token and multiply fp8 x fp8: True, False (weight-only)
+    or "auto" (on for a GPU of compute capability 8.9 or newer, off on CPU and TPU).
+
     ``kv_cache_dtype``: "auto" (the model's dtype), "fp8" or "int8": KV pages in one byte
     per value with per-layer K/V scales, so the pool holds correspondingly more pages
     (see jserve.models.kv_quant).
@@ -75,6 +79,7 @@ class LLM:
         check_weights: bool | None = None,
         quantization: str | None = None,
         kv_cache_dtype: str = "auto",
+        fp8_activations: bool | str = "auto",
     ) -> None:
         ecfg = EngineConfig(
             page_size=page_size,
@@ -102,6 +107,7 @@ class LLM:
             check_weights,
             quantization,
             kv_cache_dtype,
+            fp8_activations,
         )
         self.engine = LLMEngine(self.model, ecfg, warmup=warmup)
         self._counter = 0

@@ -18,7 +18,12 @@ from jserve.models import get_model, moe
 from jserve.models.kv_quant import check_kv_cache_dtype, with_kv_cache
 from jserve.models.params import init_params
 from jserve.models.presets import PRESETS, preset_config
-from jserve.models.quant import QuantConfig, parse_quantization, quantize_params
+from jserve.models.quant import (
+    QuantConfig,
+    parse_quantization,
+    quantize_params,
+    with_fp8_activations,
+)
 from jserve.tokenizer import Tokenizer
 from sharding import STAGE, make_mesh, param_shardings
 from sharding.pipeline import pipeline_param_shardings, stack_stages, uniform_stage_windows
@@ -52,18 +57,21 @@ def _stage_layers(params: Any, cfg: ModelConfig, mesh: Any) -> Any:
     return stack_stages(params, get_model(cfg).param_specs(cfg), mesh)
 
 
-def with_quantization(cfg: ModelConfig, quantization: str | None) -> ModelConfig:
+def with_quantization(
+    cfg: ModelConfig, quantization: str | None, fp8_activations: Any = False
+) -> ModelConfig:
     """``cfg`` with the weight format ``quantization`` names ("int8", "fp8", "int4"), which a
-    checkpoint that is already quantized (``cfg.quant`` from its config.json) refuses."""
+    checkpoint that is already quantized (``cfg.quant`` from its config.json) refuses;
+    ``fp8_activations`` (True, False, "auto") as ``quant.with_fp8_activations`` takes it."""
     q = parse_quantization(quantization)
     if q is None:
-        return cfg
+        return cfg.replace(quant=with_fp8_activations(cfg.quant, fp8_activations))
     if cfg.quant is not None and cfg.quant.source != "quantize":
         raise ConfigError(
             f"quantization={quantization!r} asks to quantize a checkpoint that is already "
             f"quantized ({cfg.quant.source}, {cfg.quant.weights}); leave quantization unset"
         )
-    return cfg.replace(quant=q)
+    return cfg.replace(quant=with_fp8_activations(q, fp8_activations))
 
 
 def kv_cache_config(
@@ -186,12 +194,15 @@ def load_model(
     check_weights: bool | None = None,
     quantization: str | None = None,
     kv_cache_dtype: str | None = "auto",
+    fp8_activations: Any = False,
 ) -> LoadedModel:
     """Loads a Hugging Face model directory (config, safetensors weights, tokenizer).
 
     ``quantization`` ("int8", "fp8", "int4", "int4-g32") quantizes a float checkpoint's
     matmul weights as they load (see jserve.models.quant); a checkpoint whose config.json
     declares ``quantization_config`` loads in its own format without it.
+    ``fp8_activations`` (True, False, "auto") multiplies fp8 x fp8 for fp8 weights (see
+    ``jserve.models.quant.with_fp8_activations``).
     ``kv_cache_dtype`` "fp8" or "int8" stores the KV pages quantized, with per-layer
     scales calibrated here (see jserve.models.kv_quant); "auto" keeps the model's dtype.
 
@@ -207,7 +218,7 @@ def load_model(
             f"model {path!r} is not a directory; pass a local Hugging Face model directory "
             "(models are never downloaded)"
         )
-    cfg = with_quantization(load_config(path), quantization)
+    cfg = with_quantization(load_config(path), quantization, fp8_activations)
     dt = resolve_dtype(dtype)
     check_fits_in_memory(cfg, dt, parallel)
     tokenizer = None
@@ -278,6 +289,7 @@ def random_model(
     parallel: Any = None,
     quantization: str | None = None,
     kv_cache_dtype: str | None = "auto",
+    fp8_activations: Any = False,
 ) -> LoadedModel:
     """A model with random weights created directly on the device.
 
@@ -295,7 +307,7 @@ def random_model(
             f"--config {shape!r} is neither a known shape ({sorted(PRESETS)}) nor a directory "
             "with a config.json"
         )
-    cfg = with_quantization(cfg, quantization)
+    cfg = with_quantization(cfg, quantization, fp8_activations)
     dt = resolve_dtype(dtype)
     check_fits_in_memory(cfg, dt, parallel)
     cfg, mesh, shardings = placement(cfg, parallel)

@@ -75,6 +75,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "quantization_config loads in its own format without it",
     )
     g.add_argument(
+        "--fp8-activations",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="with fp8 weights: quantize matmul activations to fp8 per token and multiply "
+        "fp8 x fp8 (auto = on for GPUs of compute capability 8.9 or newer, e.g. H100)",
+    )
+    g.add_argument(
         "--kv-cache-dtype",
         default="auto",
         choices=["auto", "fp8", "int8"],
@@ -187,6 +194,7 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
             parallel,
             args.quantization,
             args.kv_cache_dtype,
+            args.fp8_activations,
         )
     return load_model(
         args.model or default_model_path(),
@@ -195,6 +203,7 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
         args.check_weights,
         args.quantization,
         args.kv_cache_dtype,
+        fp8_activations=args.fp8_activations,
     )
 
 

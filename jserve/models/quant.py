@@ -8,7 +8,9 @@ shardings (the scales carry the weight's logical axes, so they split with it),
 loading and Orbax save/restore all walk that tree like any other, and model
 code calls ``qeinsum`` / ``qtake``, which dequantize inside the jitted step
 (XLA fuses the convert and multiply into the matmul's operand) and never ask
-which format a weight is in.
+which format a weight is in. fp8 weights declared with ``fp8_activations`` (set from
+``LLM(fp8_activations=...)``, see ``with_fp8_activations``) multiply fp8 x fp8 instead:
+``qeinsum`` quantizes the activations per token (``fp8_einsum``).
 
 Formats (``QuantConfig.weights``):
   int8  int8 values, symmetric, one scale per output channel (or per group)
@@ -60,6 +62,9 @@ class QuantConfig:
     # modules left float (compressed-tensors' ``ignore``).
     packing: str = ""
     ignore: tuple[str, ...] = ()
+    # fp8 weights: quantize each matmul's activations to fp8 per token and multiply two
+    # fp8 operands (fp8 matrix units, compute capability >= 8.9); see ``with_fp8_activations``.
+    fp8_activations: bool = False
 
     @property
     def bits(self) -> int:
@@ -86,6 +91,57 @@ def parse_quantization(name: str | None, field: str = "quantization") -> QuantCo
     return QuantConfig(base, size)
 
 
+FP8_ACTIVATION_MODES = (True, False, "auto")
+FP8_MATMUL_CAPABILITY = (8, 9)  # Ada / Hopper and newer have fp8 matrix units
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """The first device's CUDA compute capability, None off GPU (or where unknown)."""
+    if jax.default_backend() != "gpu":
+        return None
+    cap = getattr(jax.devices()[0], "compute_capability", None)
+    return None if cap is None else tuple(int(p) for p in str(cap).split("."))[:2]
+
+
+def with_fp8_activations(
+    q: QuantConfig | None, mode: Any, capability: Any = "detect", field: str = "fp8_activations"
+) -> QuantConfig | None:
+    """``q`` with ``fp8_activations`` set from ``LLM(fp8_activations=...)`` /
+    ``--fp8-activations``: True, False or "auto" (on for fp8 per-channel weights on a GPU
+    of compute capability >= 8.9, off elsewhere). ``capability`` is the GPU's, None for
+    CPU/TPU (default: detected). ConfigError for True without fp8 per-channel weights or
+    on a GPU without fp8 matrix units."""
+    if isinstance(mode, str) and mode.lower() in ("true", "false", "auto"):
+        mode = {"true": True, "false": False, "auto": "auto"}[mode.lower()]
+    if mode is None:
+        mode = False
+    if mode not in FP8_ACTIVATION_MODES or (mode != "auto" and not isinstance(mode, bool)):
+        raise ConfigError(f"{field} must be True, False or 'auto', got {mode!r}")
+    if mode is False:
+        return q
+    cap = gpu_compute_capability() if capability == "detect" else capability
+    fits = q is not None and q.weights == "fp8" and q.group_size == 0
+    if mode == "auto":
+        on = fits and cap is not None and tuple(cap) >= FP8_MATMUL_CAPABILITY
+        return dataclasses.replace(q, fp8_activations=True) if on else q
+    if not fits:
+        have = "no quantization" if q is None else f"{q.weights} weights"
+        if q is not None and q.weights == "fp8":
+            have = f"fp8 weights in groups of {q.group_size}"
+        raise ConfigError(
+            f"{field}=True multiplies fp8 activations by fp8 weights with one scale per "
+            f"output channel, but the model has {have}; use quantization='fp8' (or an fp8 "
+            f"checkpoint), or {field}=False"
+        )
+    if cap is not None and tuple(cap) < FP8_MATMUL_CAPABILITY:
+        raise ConfigError(
+            f"{field}=True needs a GPU with fp8 matrix units (compute capability 8.9 or "
+            f"newer, e.g. L4, H100); this one has {'.'.join(map(str, cap))}: use "
+            f"{field}=False (weight-only fp8)"
+        )
+    return dataclasses.replace(q, fp8_activations=True)
+
+
 # ---------------------------------------------------------------------------
 # The pytree.
 
@@ -102,6 +158,8 @@ class QuantArray:
     zeros: Any = None
     bits: int = dataclasses.field(default=8, metadata={"static": True})
     packed_axis: int = dataclasses.field(default=-1, metadata={"static": True})
+    # fp8 values with per-channel scales: ``qeinsum`` multiplies fp8 x fp8.
+    fp8_activations: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -159,9 +217,61 @@ def dequantize(w: Any, dtype: Any = None) -> Any:
 
 
 def qeinsum(subscripts: str, x: jax.Array, w: Any) -> jax.Array:
-    """``jnp.einsum(subscripts, x, w)`` for a float or quantized weight ``w`` (weight-only
-    quantization: the weight is dequantized to x's dtype inside the matmul)."""
+    """``jnp.einsum(subscripts, x, w)`` for a float or quantized weight ``w``. Weight-only
+    quantization dequantizes the weight to x's dtype inside the matmul; an fp8 weight
+    declared with ``fp8_activations`` multiplies fp8 x fp8 instead (``fp8_einsum``)."""
+    if isinstance(w, QuantArray) and w.fp8_activations:
+        return fp8_einsum(subscripts, x, w)
     return jnp.einsum(subscripts, x, dequantize(w, x.dtype))
+
+
+def _explicit(subscripts: str, ndim: int) -> tuple[str, str, str]:
+    """(x's, w's, the output's letters) of a two-operand einsum, "..." spelled out for an
+    ``x`` of ``ndim`` dims (the weight has none)."""
+    ins, out = subscripts.replace(" ", "").split("->")
+    xs, ws = ins.split(",")
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in subscripts]
+    dots = "".join(free[: ndim - len(xs.replace("...", ""))])
+    return xs.replace("...", dots), ws, out.replace("...", dots)
+
+
+def _broadcast_to_out(a: jax.Array, letters: str, out: str) -> jax.Array:
+    """``a`` (dims named by ``letters``, all in ``out``) transposed and expanded to
+    broadcast against an array with dims ``out``."""
+    keep = sorted(letters, key=out.index)
+    a = jnp.transpose(a, [letters.index(c) for c in keep])
+    return a.reshape([a.shape[keep.index(c)] if c in keep else 1 for c in out])
+
+
+def quantize_activations(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(fp8 values, float32 scales): one dynamic scale per token, max |x| over ``axes``
+    (the contracted dims, kept as 1) / 448, and 1 for an all-zero token."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    return (xf / scale).astype(jnp.float8_e4m3fn), scale
+
+
+def fp8_einsum(subscripts: str, x: jax.Array, w: QuantArray) -> jax.Array:
+    """fp8 x fp8 ``einsum``: x quantized per token (``quantize_activations``), the fp8
+    values of ``w`` as they are, accumulated in float32, then the token scales and the
+    weight's per-output-channel scales multiplied in; the result in x's dtype. On GPUs
+    with fp8 matrix units XLA lowers the dot to cuBLASLt's fp8 GEMM."""
+    xs, ws, out = _explicit(subscripts, x.ndim)
+    contracted = tuple(i for i, c in enumerate(xs) if c not in out)
+    wc = tuple(i for i, c in enumerate(ws) if c not in out)
+    if w.values.dtype != jnp.float8_e4m3fn or any(w.scales.shape[i] != 1 for i in wc):
+        raise ConfigError(
+            "fp8_activations needs fp8 weights with one scale per output channel, got "
+            f"{w.values.dtype} values with scales {w.scales.shape} for {subscripts!r}"
+        )
+    xq, sx = quantize_activations(x, contracted)
+    acc = jnp.einsum(f"{xs},{ws}->{out}", xq, w.values, preferred_element_type=jnp.float32)
+    xkeep = "".join(c for c in xs if c in out)
+    wkeep = "".join(c for c in ws if c in out)
+    sx = _broadcast_to_out(jnp.squeeze(sx, contracted), xkeep, out)
+    sw = _broadcast_to_out(jnp.squeeze(w.scales.astype(jnp.float32), wc), wkeep, out)
+    return (acc * sx * sw).astype(x.dtype)
 
 
 def qtake(w: Any, ids: jax.Array) -> jax.Array:
@@ -312,7 +422,8 @@ def quantize_specs(
             zeros = ParamSpec(
                 sshape, saxes, "zeros", source_fn(spec, fmt, group, "zeros"), contract=()
             )
-        return QuantArray(values, scales, zeros, 4 if fmt == "int4" else 8, axis)
+        act = q.fp8_activations and fmt == "fp8" and group == 0
+        return QuantArray(values, scales, zeros, 4 if fmt == "int4" else 8, axis, act)
 
     return jax.tree_util.tree_map_with_path(one, specs, is_leaf=is_spec)
 
@@ -377,7 +488,9 @@ def quantize_params(params: Any, specs: Any, float_specs: Any, shardings: Any = 
 
         def q(w: jax.Array) -> QuantArray:
             values, scales = quantize_array(w, fspec.contract, fmt, group, jnp, w.dtype)
-            return QuantArray(values, scales, None, qspec.bits, qspec.packed_axis)
+            return QuantArray(
+                values, scales, None, qspec.bits, qspec.packed_axis, qspec.fp8_activations
+            )
 
         return jax.jit(q, out_shardings=sharding)(p)
 
