@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API of a real ``jserve serve`` process, through the official
 ``openai`` client (sync and async, streamed and whole) and plain HTTP.
 
-One server process serves the whole module (the tiny random Llama with a real
+One server process serves the whole package (the tiny random Llama with a real
 tokenizer; its chat template sits in tokenizer_config.json). Sampling fields
 are checked against the gRPC API of the same process: the same fields there
 give the same tokens, and leaving a field out changes them.
@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
 
 import httpx
 import openai
@@ -23,83 +21,18 @@ from tokenizers import Tokenizer
 from jserve.server.client import Client
 from jserve.server.proto import generation_pb2 as pb
 from tests.server.helpers import metric
-from tests.server.openai_process import ENGINE_ARGS, ServeProcess
+from tests.server.http_api.common import (
+    EOS_PROMPT,
+    MODEL,
+    PROMPT,
+    error_of,
+    grpc_generate,
+    render,
+    sse_events,
+)
+from tests.server.openai_process import ServeProcess
 
 pytestmark = pytest.mark.timeout(300)
-
-MODEL = "tiny"
-PROMPT = "First Citizen:"
-EOS_PROMPT = "Resolved."  # the tiny model's greedy continuation reaches EOS at its 12th token
-# Exercises the variables Hugging Face templates use: bos/eos tokens, tools, raise_exception.
-TEMPLATE = (
-    "{%- if tools %}Tools: {{ tools | map(attribute='function') | map(attribute='name') "
-    "| join(',') }}\n{% endif -%}"
-    "{%- for m in messages -%}"
-    "{%- if m['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('no ' + m['role'] + ' messages') }}{% endif -%}"
-    "{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{{ '\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt %}assistant:{% endif -%}"
-    "{%- if greeting is defined %} {{ greeting }}{% endif -%}"
-)
-
-
-def render(messages, add_generation_prompt=True, tools=None, greeting=None) -> str:
-    """TEMPLATE by hand, to check the server's rendering against."""
-    out = f"Tools: {','.join(t['function']['name'] for t in tools)}\n" if tools else ""
-    out += "".join(f"{m['role']}: {m['content']}<|endoftext|>\n" for m in messages)
-    out += "assistant:" if add_generation_prompt else ""
-    return out + (f" {greeting}" if greeting else "")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tok_model_dir: str, tmp_path_factory) -> str:
-    d = str(tmp_path_factory.mktemp("openai") / "model")
-    shutil.copytree(tok_model_dir, d)
-    path = os.path.join(d, "tokenizer_config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg["chat_template"] = TEMPLATE
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(model_dir: str) -> Tokenizer:
-    return Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: str, tmp_path_factory):
-    log = str(tmp_path_factory.mktemp("openai-log") / "server.log")
-    args = ["--model", model_dir, "--served-model-name", MODEL, *ENGINE_ARGS]
-    proc = ServeProcess(log, [*args, "--max-request-bytes", "65536"]).start()
-    yield proc
-    assert proc.stop() == 0, proc.log()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture
-def http(server: ServeProcess):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-def grpc_generate(server: ServeProcess, prompt, **kw):
-    async def main():
-        async with Client(f"127.0.0.1:{server.grpc_port}") as c:
-            return await c.generate(prompt, **kw)
-
-    return asyncio.run(main())
-
-
-def sse_events(lines) -> list[str]:
-    return [line[len("data: ") :] for line in lines if line.startswith("data: ")]
 
 
 # -- models, completions --------------------------------------------------------
@@ -480,13 +413,6 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
 # -- errors ---------------------------------------------------------------------
 
 
-def error_of(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
-
-
 @pytest.mark.parametrize(
     "body, param",
     [
@@ -701,137 +627,3 @@ def test_40_streaming_clients_a_third_leaving(server: ServeProcess) -> None:
 @pytest.mark.slow
 def test_200_streaming_clients_a_third_leaving(server: ServeProcess) -> None:
     _many_clients(server, 200)
-
-
-# -- lm-evaluation-harness --------------------------------------------------------
-
-LM_EVAL_DATA = [
-    {"q": "First Citizen:", "a": "Speak", "choices": ["Speak, speak.", "Resolved."], "label": 0},
-    {"q": "All:", "a": "Resolved", "choices": ["Resolved.", "Before we proceed"], "label": 1},
-]
-
-
-def lm_eval_task(tmp_path, output_type: str) -> str:
-    """A local lm-eval task over LM_EVAL_DATA (no download)."""
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in LM_EVAL_DATA))
-    name = f"jserve_tiny_{output_type}"
-    lines = [
-        f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
-        f"    test: {data}", "test_split: test", f"output_type: {output_type}",
-        'doc_to_text: "{{q}}"',
-    ]  # fmt: skip
-    if output_type == "generate_until":
-        lines += ['doc_to_target: "{{a}}"', "generation_kwargs:", '  until: ["\\n\\n"]',
-                  "  max_gen_toks: 8", "metric_list:", "  - metric: exact_match"]  # fmt: skip
-    else:
-        lines += ['doc_to_choice: "{{choices}}"', 'doc_to_target: "{{label}}"', "metric_list:",
-                  "  - metric: acc"]  # fmt: skip
-    (tmp_path / f"{name}.yaml").write_text("\n".join(lines) + "\n")
-    return name
-
-
-def run_lm_eval(server: ServeProcess, tmp_path, monkeypatch, output_type: str) -> list:
-    """lm-eval's ``local-completions`` model on a local task; each sample's responses."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional test dependency")
-    pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity")
-    from lm_eval.tasks import TaskManager
-
-    task = lm_eval_task(tmp_path, output_type)
-    res = lm_eval.simple_evaluate(
-        model="local-completions",
-        model_args={
-            "base_url": f"{server.url}/v1/completions",
-            "model": MODEL,
-            "tokenizer_backend": "remote",
-            "max_retries": 1,
-        },
-        tasks=[task],
-        task_manager=TaskManager(include_path=str(tmp_path)),
-        log_samples=True,
-    )
-    return [s["resps"] for s in sorted(res["samples"][task], key=lambda s: s["doc_id"])]
-
-
-@pytest.mark.timeout(180)
-def test_lm_eval_generates_through_the_api(
-    server: ServeProcess, client: openai.OpenAI, tmp_path, monkeypatch
-) -> None:
-    resps = run_lm_eval(server, tmp_path, monkeypatch, "generate_until")
-    for doc, resp in zip(LM_EVAL_DATA, resps, strict=True):
-        want = client.completions.create(
-            model=MODEL, prompt=doc["q"], max_tokens=8, temperature=0,
-            stop=["\n\n", "<|endoftext|>"], seed=1234,
-        )  # fmt: skip
-        assert resp == [[want.choices[0].text]]
-
-
-# -- echo with logprobs: the prompt's own logprobs ------------------------------
-
-
-def hf_prompt_logprobs(model_dir: str, ids: list[int]):
-    """[L-1] logprobs of prompt tokens 1.. and [L-1] most likely ids, from transformers."""
-    import numpy as np
-
-    from tests.hf_models import hf_logits
-
-    logits = hf_logits(model_dir, ids).astype(np.float64)  # [L, V]
-    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    return [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], logp[:-1].argmax(-1)
-
-
-def test_echo_logprobs_equal_a_full_forward(
-    client: openai.OpenAI, model_dir: str, tok: Tokenizer
-) -> None:
-    """lm-eval's loglikelihood request: echo, logprobs=1, max_tokens=0."""
-    ids = tok.encode("First Citizen: Before we proceed any further, hear me speak.").ids
-    want, top1 = hf_prompt_logprobs(model_dir, ids)
-    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
-    (c,) = r.choices
-    lp = c.logprobs
-    assert c.text == tok.decode(ids, skip_special_tokens=False) and c.finish_reason == "length"
-    assert lp.tokens == [tok.decode([t], skip_special_tokens=False) for t in ids]
-    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
-    for j, top in enumerate(lp.top_logprobs[1:]):
-        assert tok.decode([int(top1[j])], skip_special_tokens=False) in top
-        assert len(top) <= 2  # the prompt token and the most likely one
-    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
-    # With max_tokens=1 (what lm-eval sends) the generated token follows the prompt's.
-    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True, logprobs=1,
-                                  temperature=0)  # fmt: skip
-    lp = r.choices[0].logprobs
-    assert len(lp.tokens) == len(ids) + 1
-    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-4)
-    # Streamed: the prompt's logprobs open the first chunk.
-    chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True,
-                                            logprobs=1, stream=True))  # fmt: skip
-    streamed = [x for ch in chunks for x in ch.choices[0].logprobs.token_logprobs]
-    assert streamed[0] is None and streamed[1 : len(ids)] == pytest.approx(want, abs=1e-4)
-    assert len(streamed) == len(ids) + 2
-    # Two prompts at once, echo without logprobs and max_tokens=0: the prompts back.
-    r = client.completions.create(model=MODEL, prompt=["All:", PROMPT], max_tokens=0, echo=True)
-    assert [ch.text for ch in r.choices] == ["All:", PROMPT] and r.usage.completion_tokens == 0
-
-
-def test_max_tokens_0_without_echo_is_refused(http: httpx.Client) -> None:
-    err = error_of(http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0}), 400)
-    assert err["param"] == "max_tokens"
-
-
-@pytest.mark.timeout(180)
-def test_lm_eval_loglikelihood_equals_a_full_forward(
-    server: ServeProcess, model_dir: str, tok: Tokenizer, tmp_path, monkeypatch
-) -> None:
-    resps = run_lm_eval(server, tmp_path, monkeypatch, "multiple_choice")
-    for doc, resp in zip(LM_EVAL_DATA, resps, strict=True):
-        context = tok.encode(doc["q"]).ids
-        for choice, ((ll, _greedy),) in zip(doc["choices"], resp, strict=True):
-            # lm-eval scores " " + choice after the context, tokenized on their own.
-            cont = tok.encode(" " + choice).ids
-            want, _ = hf_prompt_logprobs(model_dir, context + cont)
-            assert ll == pytest.approx(sum(want[len(context) - 1 :]), abs=1e-3)
