@@ -354,18 +354,18 @@ def layer(
     return x, state, None
 
 
-def decoder_layer(
-    lp: dict[str, jax.Array],
-    cfg: ModelConfig,
-    x: jax.Array,  # [..., E]
-    positions: jax.Array,  # i32[...]
-    attend: Attend,
-    state: Any,
-    md: AttentionMetadata | None = None,
-) -> tuple[jax.Array, Any]:
-    """One transformer block; returns (x, the state ``attend`` hands back)."""
-    x, state, _ = layer(lp, cfg, x, positions, attend, state, md)
-    return x, state
+def without_stats(layer_fn: LayerFn) -> Callable[..., tuple[jax.Array, Any]]:
+    """A family's ``decoder_layer`` from its ``layer``: the same block, returning
+    (x, the state ``attend`` hands back) without the layer's statistics."""
+
+    def decoder_layer(*args: Any) -> tuple[jax.Array, Any]:
+        x, state, _ = layer_fn(*args)
+        return x, state
+
+    return decoder_layer
+
+
+decoder_layer = without_stats(layer)
 
 
 def paged_attend(

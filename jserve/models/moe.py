@@ -336,17 +336,7 @@ def layer(
     return out.reshape(x.shape), state, counts
 
 
-def decoder_layer(
-    lp: dict[str, jax.Array],
-    cfg: ModelConfig,
-    x: jax.Array,  # [..., E]
-    positions: jax.Array,  # i32[...]
-    attend: Attend,
-    state: Any,
-    md: AttentionMetadata | None = None,
-) -> tuple[jax.Array, Any]:
-    x, state, _ = layer(lp, cfg, x, positions, attend, state, md)
-    return x, state
+decoder_layer = llama.without_stats(layer)
 
 
 def forward(
