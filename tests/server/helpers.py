@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import subprocess
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -57,3 +58,19 @@ def metric(text: str, name: str, **labels: str) -> float:
         if got == want:
             return float(m.group(3))
     return 0.0
+
+
+def wait_for_output(path: str, pattern: str, proc: subprocess.Popen, timeout: float) -> re.Match:
+    """The first match of ``pattern`` in a process's log file, waiting up to ``timeout``
+    seconds (less if the process ends); fails with the log's tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            m = re.search(pattern, f.read())
+        if m:
+            return m
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        raise AssertionError(f"no {pattern!r} in the output:\n{f.read()[-4000:]}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from jserve.server.client import Client, decode_request, generate_request
 from jserve.server.proto.generation_pb2 import FINISH_REASON_ABORT, FINISH_REASON_LENGTH
 from jserve.server.servicers import SHUTDOWN_ABORT_MESSAGE
 from tests.server.conftest import ENGINE
-from tests.server.helpers import wait_until_free
+from tests.server.helpers import wait_for_output, wait_until_free
 from tests.server.openai_process import ENGINE_ARGS, ServeProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -111,20 +110,6 @@ def test_streams_past_the_grace_period_end_with_abort_and_usage(
     asyncio.run(main())
 
 
-def _wait_for(path: str, pattern: str, proc: subprocess.Popen, timeout: float) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            m = re.search(pattern, f.read())
-        if m:
-            return m
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        raise AssertionError(f"no {pattern!r} in the server's output:\n{f.read()[-4000:]}")
-
-
 @pytest.mark.timeout(180)
 def test_sigterm_during_a_stream_lets_it_finish_and_exits_0(tok_model_dir: str, tmp_path) -> None:
     log = str(tmp_path / "server.log")
@@ -140,7 +125,7 @@ def test_sigterm_during_a_stream_lets_it_finish_and_exits_0(tok_model_dir: str, 
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
-        port = int(_wait_for(log, r"gRPC on 127\.0\.0\.1:(\d+)", proc, 120).group(1))
+        port = int(wait_for_output(log, r"gRPC on 127\.0\.0\.1:(\d+)", proc, 120).group(1))
 
         async def main():
             async with Client(f"127.0.0.1:{port}") as c:
@@ -162,7 +147,7 @@ def test_sigterm_during_a_stream_lets_it_finish_and_exits_0(tok_model_dir: str, 
         assert tokens == 480 and finish == FINISH_REASON_LENGTH
         assert proc.wait(timeout=grace) == 0
         assert time.monotonic() - t0 < grace
-        _wait_for(log, r"SIGTERM: draining 1 running request", proc, 1)
+        wait_for_output(log, r"SIGTERM: draining 1 running request", proc, 1)
     finally:
         if proc.poll() is None:
             proc.kill()

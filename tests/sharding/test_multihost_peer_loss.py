@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 
 from jserve.engine.multihost import EXIT_PEER_LOST
 from jserve.server.client import Client, generate_request
+from tests.server.helpers import wait_for_output
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,20 +35,6 @@ def _free_port_pair() -> int:
         except OSError:
             continue
     raise AssertionError("no two free ports in a row")
-
-
-def _wait_for(path: str, pattern: str, proc: subprocess.Popen, timeout: float) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            m = re.search(pattern, f.read())
-        if m:
-            return m
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        raise AssertionError(f"no {pattern!r} in the output:\n{f.read()[-4000:]}")
 
 
 @pytest.mark.parametrize("victim", ["follower", "leader"])
@@ -74,7 +60,9 @@ def test_a_killed_process_ends_the_group_in_seconds(llama_dir: str, tmp_path, vi
             )
     leader, follower = procs
     try:
-        grpc_port = int(_wait_for(logs[0], r"gRPC on 127\.0\.0\.1:(\d+)", leader, 200).group(1))
+        grpc_port = int(
+            wait_for_output(logs[0], r"gRPC on 127\.0\.0\.1:(\d+)", leader, 200).group(1)
+        )
 
         async def main():
             async with Client(f"127.0.0.1:{grpc_port}") as c:
