@@ -27,6 +27,16 @@ def _save(src_dir: str, out_dir: str, tensors: dict[str, np.ndarray]) -> None:
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
+def _set_quantization_config(model_dir: str, qc: dict) -> None:
+    """Writes ``qc`` as the ``quantization_config`` of model_dir's config.json."""
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["quantization_config"] = qc
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def _quantize(w: np.ndarray, kind: str, group: int) -> tuple[np.ndarray, np.ndarray]:
     """[out, in] float -> (values, scales [out, in/group or 1]); symmetric."""
     out, n = w.shape
@@ -111,12 +121,7 @@ def write_compressed_tensors(
             }
         },
     }
-    path = os.path.join(out_dir, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["quantization_config"] = qc
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2)
+    _set_quantization_config(out_dir, qc)
 
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i] of its 8
@@ -157,19 +162,17 @@ def write_awq(src_dir: str, out_dir: str, ref_dir: str, group: int = 32) -> None
         out[f"{module}.scales"] = scale.astype(np.float16)
     _save(src_dir, out_dir, out)
     _save(src_dir, ref_dir, ref)
-    path = os.path.join(out_dir, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["quantization_config"] = {
-        "quant_method": "awq",
-        "bits": 4,
-        "group_size": group,
-        "zero_point": True,
-        "version": "gemm",
-        "modules_to_not_convert": None,
-    }
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2)
+    _set_quantization_config(
+        out_dir,
+        {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": group,
+            "zero_point": True,
+            "version": "gemm",
+            "modules_to_not_convert": None,
+        },
+    )
 
 
 def _pack_seq(u4: np.ndarray, axis: int) -> np.ndarray:
@@ -207,16 +210,14 @@ def write_gptq(src_dir: str, out_dir: str, ref_dir: str, group: int = 32) -> Non
         out[f"{module}.g_idx"] = (np.arange(n) // group).astype(np.int32)
     _save(src_dir, out_dir, out)
     _save(src_dir, ref_dir, ref)
-    path = os.path.join(out_dir, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["quantization_config"] = {
-        "quant_method": "gptq",
-        "bits": 4,
-        "group_size": group,
-        "desc_act": False,
-        "sym": True,
-        "checkpoint_format": "gptq",
-    }
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2)
+    _set_quantization_config(
+        out_dir,
+        {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": group,
+            "desc_act": False,
+            "sym": True,
+            "checkpoint_format": "gptq",
+        },
+    )
