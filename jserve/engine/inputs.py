@@ -11,11 +11,12 @@ their sampling parameters, learned once from ``SchedulerOutput.new_seqs``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
 from jserve.engine.scheduler import NewSeq, SchedulerOutput
-from jserve.engine.shapes import BAN_WIDTH, Flag, StepShapes
+from jserve.engine.shapes import BAN_WIDTH, StepShapes
 
 # A sequence with more new pages than this in one step gets its whole
 # page-table row written before the step (a long cached prefix).
@@ -41,6 +42,9 @@ class StepPlan:
     copies: np.ndarray | None = None  # i32[2, C]: copy page src -> dst (-1: no-op)
     table_writes: RowWrites | None = None
     history_writes: RowWrites | None = None
+    # (row, seq_id, spec) of each row sampling a grammar-constrained sequence
+    # (jserve.structured): the rows the runner's mask hook fills a bitmask for.
+    constrained: list[tuple[int, int, Any]] = dataclasses.field(default_factory=list)
     # i32[R, ceil(vocab / 32)]: structured output's allowed tokens per row (None: all).
     bitmask: np.ndarray | None = None
 
@@ -256,7 +260,8 @@ class InputBuilder:
             v["num_lanes"][0] = nl
             at, rows = zip(*device_inputs, strict=True)
             v["token_draft_row"][list(at)] = rows
-        want_logprobs = self._sampling(v, targets)
+        constrained: list[tuple[int, int, Any]] = []
+        want_logprobs = self._sampling(v, targets, constrained)
         return StepPlan(
             shape=(t_bucket, r_bucket),
             packed=packed,
@@ -267,6 +272,7 @@ class InputBuilder:
             if table_writes
             else None,
             history_writes=self._row_writes(history, shapes.max_model_len) if history else None,
+            constrained=constrained,
         )
 
     def _copies(self, copies: list[tuple[int, int]]) -> np.ndarray | None:
@@ -277,11 +283,14 @@ class InputBuilder:
         return out
 
     def _sampling(
-        self, v: dict[str, np.ndarray], targets: list[tuple[_SeqInfo | None, int]]
+        self,
+        v: dict[str, np.ndarray],
+        targets: list[tuple[_SeqInfo | None, int]],
+        constrained: list[tuple[int, int, Any]],
     ) -> bool:
         """Per-row sampling parameters; rows without a target, and rows scoring a
-        prompt position, keep neutral (greedy) values. Returns whether any row
-        wants logprobs."""
+        prompt position, keep neutral (greedy) values. Appends the grammar-constrained
+        rows to ``constrained``. Returns whether any row wants logprobs."""
         n = len(targets)
         if n == 0:
             return False
@@ -303,6 +312,8 @@ class InputBuilder:
             sort |= info.sort
             logprobs |= info.logprobs
             sp = info.new.params
+            if sp.structured_outputs is not None:
+                constrained.append((i, info.new.seq_id, sp.structured_outputs))
             if info.new.token_ids is not None:  # penalties
                 penalties = True
                 v["repetition_penalty"][i] = sp.repetition_penalty
@@ -316,13 +327,7 @@ class InputBuilder:
                 k = len(info.bias[0])
                 v["bias_ids"][i, :k] = info.bias[0]
                 v["bias_values"][i, :k] = info.bias[1]
-        # (Flag.BITMASK is set by the runner, with the plan's bitmask.)
-        for flag, on in zip(
-            (Flag.RANDOM, Flag.SORT, Flag.PENALTIES, Flag.LOGPROBS, Flag.BIAS),
-            (rand, sort, penalties, logprobs, biased),
-            strict=True,
-        ):
-            v["flags"][flag] = on
+        v["flags"][:] = (rand, sort, penalties, logprobs, biased, bool(constrained))  # Flag order
         return logprobs
 
 

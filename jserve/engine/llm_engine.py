@@ -38,7 +38,7 @@ from jserve.prompts import PromptType, tokenize_prompt
 from jserve.sampling_params import SamplingParams
 from jserve.spec.draft import load_draft
 from jserve.spec.speculator import Speculator
-from jserve.structured.manager import StructuredOutputs, constrained_rows
+from jserve.structured.manager import StructuredOutputs
 from sharding import describe_mesh
 
 logger = logging.getLogger(__name__)
@@ -433,11 +433,9 @@ class LLMEngine:
             self.stats.generation_tokens += kept
             self._touched[req.request_id] = req
 
-    def _fill_bitmask(self, plan: StepPlan, so: SchedulerOutput) -> None:
-        """The runner's hook: the bitmask of the rows of constrained sequences."""
-        rows = constrained_rows(so, self.scheduler.sequence)
-        if rows:
-            plan.bitmask = self.structured.fill(plan.shape[1], rows)
+    def _fill_bitmask(self, plan: StepPlan) -> None:
+        """The runner's hook: the bitmask of the plan's grammar-constrained rows."""
+        plan.bitmask = self.structured.fill(plan.shape[1], plan.constrained)
 
     def _find_stop_string(self, upd: SeqUpdate) -> int:
         """Feeds the new tokens to the detokenizer; a completed stop string ends the

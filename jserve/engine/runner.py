@@ -36,7 +36,7 @@ from jserve.engine.config import EngineConfig
 from jserve.engine.inputs import InputBuilder, RowWrites, StepPlan
 from jserve.engine.sampler import SamplerOutput, sample
 from jserve.engine.scheduler import SchedulerOutput
-from jserve.engine.shapes import Flag, StepShapes
+from jserve.engine.shapes import StepShapes
 from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
 from jserve.models.kv_quant import page_dtype
@@ -236,7 +236,7 @@ class ModelRunner:
             self._draft = DraftSpec(draft_model.cfg, num_speculative_tokens)
         self.reset()
         # Structured output's hook: fills a plan's bitmask (jserve.structured).
-        self.mask_filler: Callable[[StepPlan, SchedulerOutput], None] | None = None
+        self.mask_filler: Callable[[StepPlan], None] | None = None
         self._programs: dict[tuple, Any] = {}
         self.compiles = 0
         self.dispatches = 0
@@ -374,11 +374,8 @@ class ModelRunner:
     def prepare(self, so: SchedulerOutput) -> StepPlan:
         """Host work only: the step's inputs as numpy arrays."""
         plan = self.inputs.build(so)
-        if self.mask_filler is not None:
-            self.mask_filler(plan, so)
-            if plan.bitmask is not None:
-                flags = self.shapes.layout(*plan.shape).fields["flags"]
-                plan.packed[flags.offset + Flag.BITMASK] = 1
+        if plan.constrained and self.mask_filler is not None:
+            self.mask_filler(plan)
         return plan
 
     @property

@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import llguidance
 import llguidance.numpy as llnp
@@ -182,18 +182,3 @@ class StructuredOutputs:
 
     def release(self, seq_id: int) -> None:
         self._matchers.pop(seq_id, None)
-
-
-def constrained_rows(
-    so: object, lookup: Callable[[int], object | None]
-) -> list[tuple[int, int, StructuredOutputsParams]]:
-    """(row, seq_id, spec) of every row of a SchedulerOutput that samples a constrained
-    sequence (one row per target: speculation is refused with structured output)."""
-    out = []
-    for e in so.entries:  # type: ignore[attr-defined]
-        for j, seq_id in enumerate(e.targets):
-            seq = lookup(seq_id)
-            spec = seq.request.params.structured_outputs if seq is not None else None
-            if spec is not None:
-                out.append((e.first_row + j * e.num_scored, seq_id, spec))
-    return out
