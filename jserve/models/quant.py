@@ -30,6 +30,7 @@ input order (e.g. ``wo`` [Hq, D, E] with D 32 and groups of 64 has scales
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -40,10 +41,10 @@ import numpy as np
 from checkpoints.source import HFSource
 from jserve.errors import ConfigError
 from jserve.models.params import ParamSpec, is_spec
+from pallas_kernels.kv_cache import FP8_MAX
 
 FORMATS = ("int8", "fp8", "int4")
 DEFAULT_INT4_GROUP = 64
-FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 _QMAX = {8: 127, 4: 7}
 
 
@@ -485,14 +486,9 @@ def quantize_params(params: Any, specs: Any, float_specs: Any, shardings: Any = 
         if qspec.bits == 4:
             fmt = "int4"
         group = _group_of(fspec.shape, fspec.contract, qspec.scales.shape)
-
-        def q(w: jax.Array) -> QuantArray:
-            values, scales = quantize_array(w, fspec.contract, fmt, group, jnp, w.dtype)
-            return QuantArray(
-                values, scales, None, qspec.bits, qspec.packed_axis, qspec.fp8_activations
-            )
-
-        return jax.jit(q, out_shardings=sharding)(p)
+        out = None if sharding is None else (sharding.values, sharding.scales)
+        layout = (qspec.bits, qspec.packed_axis, qspec.fp8_activations)
+        return _quantizer(tuple(fspec.contract), fmt, group, layout, out)(p)
 
     if shardings is None:
         return jax.tree_util.tree_map(one, params, float_specs, specs)
@@ -503,6 +499,21 @@ def _group_of(shape: tuple[int, ...], contract: tuple[int, ...], sshape: tuple[i
     n_in = int(np.prod([shape[i] for i in contract]))
     n_scales = int(np.prod([sshape[i] for i in contract]))
     return 0 if n_scales == 1 else n_in // n_scales
+
+
+@functools.cache
+def _quantizer(
+    contract: tuple[int, ...], fmt: str, group: int, layout: tuple, shardings: tuple | None
+) -> Any:
+    """One jitted quantizer per kind of weight (layers of one shape share its programs)."""
+    bits, packed_axis, fp8_activations = layout
+
+    def q(w: jax.Array) -> QuantArray:
+        values, scales = quantize_array(w, contract, fmt, group, jnp, w.dtype)
+        return QuantArray(values, scales, None, bits, packed_axis, fp8_activations)
+
+    out = None if shardings is None else QuantArray(*shardings, None, *layout)
+    return jax.jit(q, out_shardings=out)
 
 
 def dequantize_params(params: Any) -> Any:
