@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jserve.errors import ConfigError
-from pallas_kernels.kv_cache import FP8_MAX, quantize_kv
+from pallas_kernels.kv_cache import FP8_MAX
 
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 _STORAGE = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
@@ -155,4 +155,4 @@ def describe_kv(cfg: Any, dtype: Any) -> str:
     return jnp.dtype(dtype).name if kv is None else f"{kv.dtype} (per-layer scales)"
 
 
-__all__ = ["KVCacheConfig", "check_kv_cache_dtype", "layer_scales", "page_dtype", "quantize_kv"]
+__all__ = ["KVCacheConfig", "check_kv_cache_dtype", "layer_scales", "page_dtype"]
