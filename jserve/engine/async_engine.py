@@ -83,7 +83,7 @@ class AsyncLLMEngine:
         if getattr(params, "structured_outputs", None) is not None:
             # Compile the grammar here too (cached), so the step thread only looks it up.
             await loop.run_in_executor(
-                None, self.engine.structured.compile, params.structured_outputs
+                tokenizer_executor, self.engine.structured.compile, params.structured_outputs
             )
         prompt = ids if ids is not None else text
         stream = _Stream(loop)
