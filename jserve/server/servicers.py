@@ -158,7 +158,7 @@ class ServingCore:
         """Refuses text too long to be worth tokenizing, or more ids than a sequence holds."""
         error = self.size_error(prompt, field)
         if error is not None:
-            raise InvalidRequestError(error, field="prompt")
+            raise InvalidRequestError(error, field=field)
 
     def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str, priority: int
