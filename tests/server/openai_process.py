@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from tests.server.helpers import wait_for_output
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tests/server/conftest.py's ENGINE, so the step programs come from the shared compilation cache.
 ENGINE_ARGS = [
@@ -59,15 +61,8 @@ class ServeProcess:
             return f.read()[-6000:]
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log())
-            if m:
-                return m
-            if self.proc is not None and self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"no {pattern!r} in the server's output:\n{self.log()}")
+        assert self.proc is not None, "start() the server first"
+        return wait_for_output(self.log_path, pattern, self.proc, timeout)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None

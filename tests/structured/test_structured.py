@@ -393,8 +393,7 @@ def _concurrent(aengine: AsyncLLMEngine, num: int) -> None:
     for kind, text, reason in done:
         assert reason == "FINISH_REASON_STOP", (kind, text)
         check(kind, text)
-    engine = aengine.engine
-    assert engine.is_idle() and engine.structured.num_active == 0
+    assert_clean(aengine.engine)
 
 
 def test_concurrent_constrained_streams_with_cancellations(warm_aengine) -> None:
