@@ -12,6 +12,7 @@ from jserve.errors import (
     RequestTooLargeError,
 )
 from jserve.llm import LLM
+from jserve.lora import AdapterError, LoRARequest
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.sampling_params import SamplingParams
 from jserve.structured import StructuredOutputsParams
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
+    "AdapterError",
     "CapacityError",
     "CheckpointError",
     "CompletionOutput",
@@ -27,6 +29,7 @@ __all__ = [
     "EngineStepError",
     "InvalidRequestError",
     "JserveError",
+    "LoRARequest",
     "Logprob",
     "RequestOutput",
     "RequestTooLargeError",

@@ -13,6 +13,7 @@ from jserve.config import ModelConfig
 from jserve.engine.config import EngineConfig
 from jserve.engine.llm_engine import LLMEngine
 from jserve.errors import EngineStepError, InvalidRequestError
+from jserve.lora import LoRARequest
 from jserve.model_loader import LoadedModel, default_model_path, load_model
 from jserve.outputs import RequestOutput, merge_delta
 from jserve.prompts import PromptType, normalize_prompts
@@ -51,6 +52,11 @@ class LLM:
 
     ``check_weights``: refuse weights holding NaN or infinite values; None (the
     default) checks models of up to 10B parameters (see jserve.model_loader).
+
+    ``enable_lora``: serve PEFT LoRA adapters over the model, per request
+    (``generate(..., lora_request=LoRARequest(name, int_id, path))``): ``max_loras``
+    adapters on the device at once, each of rank up to ``max_lora_rank``, and
+    ``max_cpu_loras`` (default ``max_loras``) kept in host memory (see jserve.lora).
     """
 
     def __init__(
@@ -80,6 +86,10 @@ class LLM:
         quantization: str | None = None,
         kv_cache_dtype: str = "auto",
         fp8_activations: bool | str = "auto",
+        enable_lora: bool = False,
+        max_loras: int = 1,
+        max_lora_rank: int = 16,
+        max_cpu_loras: int | None = None,
     ) -> None:
         ecfg = EngineConfig(
             page_size=page_size,
@@ -95,6 +105,10 @@ class LLM:
             async_scheduling=async_scheduling,
             seed=seed,
             speculative_config=speculative_config,
+            enable_lora=enable_lora,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            max_cpu_loras=max_cpu_loras,
         ).validate()
         enable_compilation_cache(compilation_cache_dir)  # before loading compiles anything
         parallel = ParallelConfig(
@@ -125,14 +139,32 @@ class LLM:
         exporter gives them), e.g. ``jserve_spec_decode_mean_accepted_length``."""
         return self.engine.get_metrics()
 
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Loads and checks an adapter ahead of its first request (AdapterError if it
+        cannot be served)."""
+        self.engine.add_lora(lora_request)
+        return True
+
+    def remove_lora(self, name: str) -> bool:
+        """Forgets an adapter that no unfinished request uses."""
+        self.engine.remove_lora(name)
+        return True
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.engine.list_loras()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generates for every prompt; returns outputs in prompt order.
+
+        ``lora_request``: one adapter for every prompt, or a list with one per prompt
+        (None for the base model); needs ``LLM(enable_lora=True)``.
 
         Every prompt is validated before any is queued, so one bad prompt
         raises without side effects. With ``SamplingParams(prompt_logprobs=K)``
@@ -160,18 +192,29 @@ class LLM:
         prio = list(priority) if priority is not None else [0] * len(prompt_list)
         if len(prio) != len(prompt_list):
             raise InvalidRequestError(f"{len(prio)} priorities for {len(prompt_list)} prompts")
+        if isinstance(lora_request, list | tuple):
+            loras = list(lora_request)
+            if len(loras) != len(prompt_list):
+                raise InvalidRequestError(
+                    f"{len(loras)} lora requests for {len(prompt_list)} prompts",
+                    field="lora_request",
+                )
+        else:
+            loras = [lora_request] * len(prompt_list)
         ids = [str(self._counter + i) for i in range(len(prompt_list))]
         checked = []
-        for i, (rid, p, sp, pr) in enumerate(zip(ids, prompt_list, params, prio, strict=True)):
+        for i, (rid, p, sp, pr, lr) in enumerate(
+            zip(ids, prompt_list, params, prio, loras, strict=True)
+        ):
             try:
-                checked.append(self.engine.validate_request(rid, p, sp, pr))
+                checked.append(self.engine.validate_request(rid, p, sp, pr, lr))
             except InvalidRequestError as e:
                 if len(prompt_list) == 1:
                     raise
                 raise type(e)(f"prompts[{i}]: {e}") from None
         self._counter += len(prompt_list)
-        for rid, (text, tokens), sp, pr in zip(ids, checked, params, prio, strict=True):
-            self.engine.enqueue(rid, text, tokens, sp, pr)
+        for rid, (text, tokens), sp, pr, lr in zip(ids, checked, params, prio, loras, strict=True):
+            self.engine.enqueue(rid, text, tokens, sp, pr, lora_request=lr)
 
         results: dict[str, RequestOutput] = {}
         errors: dict[str, EngineStepError] = {}

@@ -44,6 +44,12 @@ class EngineConfig:
     min_token_bucket: int | None = None  # None: 1 on CPU, 16 on accelerators
     # Speculative decoding (jserve.spec), as vLLM's dict or a SpeculativeConfig; None: off.
     speculative_config: SpeculativeConfig | Mapping[str, Any] | str | None = None
+    # Multi-LoRA serving (jserve.lora): adapter slots on the device, their rank, and
+    # adapters kept in host memory (None: max_loras).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         spec = self.speculative_config
@@ -83,7 +89,23 @@ class EngineConfig:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if isinstance(self.speculative_config, SpeculativeConfig):
             self.speculative_config.validate()
+        if self.enable_lora:
+            for name in ("max_loras", "max_lora_rank"):
+                positive(name)
+            if self.max_cpu_loras is not None:
+                positive("max_cpu_loras")
+                if self.max_cpu_loras < self.max_loras:
+                    raise ConfigError(
+                        f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                        f"({self.max_loras}): every adapter on the device is also kept in host "
+                        "memory"
+                    )
         return self
+
+    @property
+    def cpu_loras(self) -> int:
+        """Adapters kept in host memory."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
 
     def token_buckets(self) -> tuple[int, ...]:
         low = self.min_token_bucket

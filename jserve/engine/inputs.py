@@ -47,6 +47,8 @@ class StepPlan:
     constrained: list[tuple[int, int, Any]] = dataclasses.field(default_factory=list)
     # i32[R, ceil(vocab / 32)]: structured output's allowed tokens per row (None: all).
     bitmask: np.ndarray | None = None
+    # LoRA adapters to write into device slots before the step: (slot, weights).
+    lora_loads: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
 
 
 # The sampling fields of a row that only scores a prompt position: greedy, no filters.
@@ -158,9 +160,13 @@ class InputBuilder:
         # input, its position, first verifying row, proposals); and (input index, row).
         lanes: list[tuple[int, int, int, int, int]] = []
         device_inputs: list[tuple[int, int]] = []
+        lora_spans: list[tuple[int, int, int]] = []  # (first token, tokens, adapter slot)
         seqs = self.seqs
         for e in so.entries:
-            row = seqs[e.seq_id].row
+            info = seqs[e.seq_id]
+            row = info.row
+            if info.new.lora_slot >= 0:
+                lora_spans.append((cu[-1], e.num_new, info.new.lora_slot))
             if e.new_pages:
                 off, pages = e.page_offset, e.new_pages
                 table[row, off : off + len(pages)] = pages
@@ -236,6 +242,8 @@ class InputBuilder:
             v["num_seqs"][0] = ns
         else:
             _split_microbatches(v, t_bucket, seq_rows, kv_lens, cu)
+        for first, n, slot in lora_spans:
+            v["lora_slots"][first : first + n] = slot
         nd = len(diff_rows)
         v["diff_rows"][:nd] = diff_rows
         v["diff_cols"][:nd] = diff_cols
@@ -273,6 +281,7 @@ class InputBuilder:
             else None,
             history_writes=self._row_writes(history, shapes.max_model_len) if history else None,
             constrained=constrained,
+            lora_loads=so.lora_loads,
         )
 
     def _copies(self, copies: list[tuple[int, int]]) -> np.ndarray | None:

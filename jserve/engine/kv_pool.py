@@ -18,8 +18,11 @@ from collections.abc import Sequence
 _ROOT_HASH = 0x6A736572  # the chain's starting value
 
 
-def page_hash(parent: int | None, tokens: Sequence[int]) -> int:
-    return hash((_ROOT_HASH if parent is None else parent, tuple(tokens)))
+def page_hash(parent: int | None, tokens: Sequence[int], salt: int = 0) -> int:
+    """A full page's key: chained over its parent's key, or for a first page over
+    ``salt`` (the LoRA adapter id: equal tokens under different adapters hold different
+    K/V, so their pages never match)."""
+    return hash(((_ROOT_HASH, salt) if parent is None else parent, tuple(tokens)))
 
 
 class PagePool:
@@ -32,7 +35,7 @@ class PagePool:
         # O(1) removal of a cached page that gets reused.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
         self._key_of: dict[int, int] = {}  # page -> hash key
-        self._tokens_of: dict[int, tuple[int, ...]] = {}
+        self._tokens_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # page -> (salt, tokens)
         self._page_of: dict[int, int] = {}  # hash key -> page
         # Counters (in tokens) for the prefix cache hit rate.
         self.query_tokens = 0
@@ -79,8 +82,11 @@ class PagePool:
                     # Nothing worth keeping: hand it out before any cached page.
                     self._free.move_to_end(p, last=False)
 
-    def lookup(self, tokens: Sequence[int], max_pages: int) -> tuple[list[int], list[int]]:
-        """Takes a reference on the longest cached run of full pages that prefixes ``tokens``.
+    def lookup(
+        self, tokens: Sequence[int], max_pages: int, salt: int = 0
+    ) -> tuple[list[int], list[int]]:
+        """Takes a reference on the longest cached run of full pages that prefixes ``tokens``
+        (computed under adapter ``salt``, see ``page_hash``).
 
         Returns (pages, their hash keys). At most ``max_pages`` pages.
         """
@@ -92,9 +98,9 @@ class PagePool:
         parent: int | None = None
         for i in range(min(max_pages, len(tokens) // s)):
             chunk = tuple(tokens[i * s : (i + 1) * s])
-            key = page_hash(parent, chunk)
+            key = page_hash(parent, chunk, salt)
             page = self._page_of.get(key)
-            if page is None or self._tokens_of[page] != chunk:
+            if page is None or self._tokens_of[page] != (salt, chunk):
                 break
             if self.ref_count[page] == 0:
                 del self._free[page]
@@ -108,13 +114,13 @@ class PagePool:
         self.query_tokens += num_tokens
         self.hit_tokens += num_hit
 
-    def register(self, page: int, key: int, tokens: Sequence[int]) -> None:
+    def register(self, page: int, key: int, tokens: Sequence[int], salt: int = 0) -> None:
         """Makes a full, computed page findable by its hash key."""
         if not self.enable_prefix_caching or key in self._page_of or page in self._key_of:
             return
         self._page_of[key] = page
         self._key_of[page] = key
-        self._tokens_of[page] = tuple(tokens)
+        self._tokens_of[page] = (salt, tuple(tokens))
 
     def _uncache(self, page: int) -> None:
         key = self._key_of.pop(page, None)

@@ -29,6 +29,8 @@ from jserve.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
+from jserve.lora.adapter import AdapterError
+from jserve.lora.manager import LoRAManager, LoRARequest
 from jserve.model_loader import LoadedModel
 from jserve.models.kv_quant import describe_kv
 from jserve.models.moe import expert_placement
@@ -71,6 +73,21 @@ def pages_that_fit(model: LoadedModel, ecfg: EngineConfig, max_model_len: int) -
             "max_num_seqs, or raise memory_utilization"
         )
     return pages
+
+
+def _lora_manager(model: LoadedModel, ecfg: EngineConfig) -> LoRAManager | None:
+    """The engine's adapters under ``enable_lora``; ConfigError where LoRA cannot run."""
+    if not ecfg.enable_lora:
+        return None
+    if model.mesh is not None and model.mesh.shape["stage"] > 1:
+        raise ConfigError(
+            "enable_lora does not run with pipeline parallelism yet; use tensor parallelism "
+            "(tensor_parallel_size) or pipeline_parallel_size=1"
+        )
+    layer_keys = [set(lp) for lp in model.params["layers"]]
+    return LoRAManager(
+        model.cfg, layer_keys, ecfg.max_loras, ecfg.max_lora_rank, ecfg.cpu_loras, model.dtype
+    )
 
 
 def _size(num_bytes: float) -> str:
@@ -117,7 +134,10 @@ class LLMEngine:
             if spec.method == "draft_model":
                 spec, draft = load_draft(spec, model, self.max_model_len)
             self.speculator = Speculator(spec)
-        self.scheduler = Scheduler(ecfg, self.pool, self.cfg.eos_token_ids, self.speculator)
+        self.lora = _lora_manager(model, self.ecfg)
+        self.scheduler = Scheduler(
+            ecfg, self.pool, self.cfg.eos_token_ids, self.speculator, self.lora
+        )
         # Proposals are made from the tokens of the previous step, so a speculating
         # engine collects each step before planning the next.
         self._async = ecfg.async_scheduling and self.speculator is None
@@ -132,6 +152,7 @@ class LLMEngine:
             parallel=model.parallel,
             draft_model=draft,
             num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0,
+            lora_specs=self.lora.specs() if self.lora is not None else None,
         )
         self.structured = StructuredOutputs(
             self.tokenizer, self.cfg.vocab_size, self.cfg.eos_token_ids
@@ -154,9 +175,15 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------
 
     def validate_request(
-        self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> tuple[str | None, list[int]]:
-        """Checks everything about a request without changing any state."""
+        """Checks everything about a request without changing any state (a new LoRA
+        adapter it names is read, checked and registered)."""
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidRequestError(
                 f"priority must be an integer, got {priority!r}", field="priority"
@@ -241,7 +268,59 @@ class LLMEngine:
             raise CapacityError(
                 f"the queue is full ({self.ecfg.max_waiting} waiting requests); retry later"
             )
+        self._lora_id(lora_request)
         return text, ids
+
+    # -- LoRA adapters (jserve.lora) ---------------------------------------------
+
+    def _lora_id(self, lora_request: LoRARequest | None) -> int:
+        """The engine's id of a request's adapter (0: none), registering a new one."""
+        if lora_request is None:
+            return 0
+        if self.lora is None:
+            raise AdapterError(
+                f"LoRA adapter {getattr(lora_request, 'lora_name', lora_request)!r} was asked "
+                "for, but this engine serves no adapters; start it with enable_lora=True "
+                "(--enable-lora)"
+            )
+        return self.lora.register(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> LoRARequest:
+        """Reads, checks and registers an adapter (vLLM's ``add_lora``); AdapterError, with
+        nothing registered, if it cannot be served."""
+        self._lora_id(lora_request)
+        return lora_request
+
+    def remove_lora(self, name: str) -> LoRARequest:
+        """Forgets adapter ``name``; refused while a request uses it."""
+        req = self.lora_by_name(name)
+        busy = self.lora.in_use(req.lora_int_id)
+        if busy:
+            raise AdapterError(
+                f"LoRA adapter {name!r} is used by {busy} unfinished request(s); unload it "
+                "once they finish"
+            )
+        return self.lora.remove(name)
+
+    def lora_by_name(self, name: str) -> LoRARequest:
+        """A registered adapter by name; AdapterError naming the known ones otherwise."""
+        found = None if self.lora is None else self.lora.get(name)
+        if found is None:
+            known = [] if self.lora is None else sorted(r.lora_name for r in self.list_loras())
+            raise AdapterError(
+                f"unknown LoRA adapter {name!r}; "
+                + (f"this engine serves {known}" if known else "this engine serves none")
+                + (
+                    ""
+                    if self.lora is not None
+                    else " (start it with enable_lora=True / --enable-lora)"
+                )
+            )
+        return found
+
+    def list_loras(self) -> list[LoRARequest]:
+        """Registered adapters, by id."""
+        return [] if self.lora is None else [self.lora.known[i] for i in sorted(self.lora.known)]
 
     def add_request(
         self,
@@ -251,11 +330,14 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
         prompt_text: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> Request:
         """Validates and queues a request. ``prompt_text`` records the text of a prompt
         that the caller already tokenized (passed as ids)."""
-        text, ids = self.validate_request(request_id, prompt, params, priority)
-        return self.enqueue(request_id, text or prompt_text, ids, params, priority, arrival_time)
+        text, ids = self.validate_request(request_id, prompt, params, priority, lora_request)
+        return self.enqueue(
+            request_id, text or prompt_text, ids, params, priority, arrival_time, lora_request
+        )
 
     def enqueue(
         self,
@@ -265,11 +347,15 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> Request:
         """Adds a request that ``validate_request`` already accepted."""
         seed = params.seed32 if params.seed is not None else self._rng.getrandbits(32)
         max_out = self._max_tokens(params, len(ids))
-        req = Request(request_id, text, ids, params, seed, max_out, priority, arrival_time)
+        lora_id = self._lora_id(lora_request)
+        req = Request(request_id, text, ids, params, seed, max_out, priority, arrival_time, lora_id)
+        if self.lora is not None:
+            self.lora.hold(lora_id)
         self.requests[request_id] = req
         self.scheduler.add_request(req)
         self.stats.num_requests += 1
@@ -389,6 +475,8 @@ class LLMEngine:
             self.scheduler.abort_request(req)  # frees its pages; a no-op once finished
         self._touched.clear()
         self.runner.reset()
+        if self.lora is not None:
+            self.lora.reset_device()
         self.pool = PagePool(self.num_pages, self.ecfg.page_size, self.ecfg.enable_prefix_caching)
         self.scheduler.pool = self.pool
         self._idle_steps = 0
@@ -407,7 +495,7 @@ class LLMEngine:
             outputs.append(RequestOutput(rid, req.prompt, req.prompt_token_ids, comps, True))
             self.step_errors[rid] = failed
             if self.requests.get(rid) is req:
-                del self.requests[rid]
+                self._forget(req)
             self.stats.num_aborted += 1
         self.stats.update_gauges(self.scheduler, self.pool)
         return outputs
@@ -492,6 +580,12 @@ class LLMEngine:
         if len(req.prompt_logprobs or ()) == len(req.prompt_token_ids):
             self._touched[req.request_id] = req
 
+    def _forget(self, req: Request) -> None:
+        """A finished request leaves the engine."""
+        del self.requests[req.request_id]
+        if self.lora is not None:
+            self.lora.unhold(req.lora_id)
+
     def _decode_one(self, token: int) -> str | None:
         return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else None
 
@@ -538,7 +632,7 @@ class LLMEngine:
                 )
             )
             if finished:
-                del self.requests[rid]
+                self._forget(req)
                 self.stats.num_finished += 1
         self._touched.clear()
         self.stats.update_gauges(self.scheduler, self.pool)

@@ -28,6 +28,7 @@ class Request:
         max_output_tokens: int,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_id: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -37,6 +38,7 @@ class Request:
         self.max_output_tokens = max_output_tokens  # each sequence ends ("length") here
         self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.lora_id = lora_id  # its LoRA adapter (jserve.lora), 0 for the base model
         self.seqs: list[Sequence] = []
         self.num_cached_tokens = 0
         self.aborted = False
@@ -95,6 +97,8 @@ class Sequence:
         self.drafts: list[int] = []
         # Where the newest pending token is on the device: (step id, row).
         self.pending_row: tuple[int, int] | None = None
+        # Its adapter's device slot while it runs (-1: the base model; jserve.lora).
+        self.lora_slot = -1
         # Outputs already handed to the caller (for deltas).
         self.num_emitted_tokens = 0
 

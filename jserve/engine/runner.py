@@ -37,13 +37,14 @@ from jserve.engine.inputs import InputBuilder, RowWrites, StepPlan
 from jserve.engine.sampler import SamplerOutput, sample
 from jserve.engine.scheduler import SchedulerOutput
 from jserve.engine.shapes import StepShapes
+from jserve.lora import ops as lora_ops
 from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
 from jserve.models.kv_quant import page_dtype
 from jserve.models.pipeline import pipeline_forward
 from jserve.spec import draft as spec_draft
 from jserve.spec.draft import DraftSpec
-from sharding import STAGE, kv_pages_sharding, logical_to_spec
+from sharding import STAGE, kv_pages_sharding, logical_to_spec, param_shardings
 from sharding.pipeline import pipeline_kv_sharding
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def _step(
     bitmask: jax.Array,  # i32[R, ceil(vocab / 32)]: tokens each row may sample
     draft_params: Any = None,  # a draft model's (speculative decoding), or None
     draft_kv: list[jax.Array] | None = None,  # its KV pool, with the target's page ids
+    lora: Any = None,  # LoRA adapter slots (jserve.lora.ops), or None
     *,
     cfg: ModelConfig,
     shapes: StepShapes,
@@ -102,6 +104,8 @@ def _step(
         mesh=mesh,
     )
     model = get_model(cfg)
+    if lora is not None:
+        params = lora_ops.with_adapters(params, lora, f["lora_slots"])
     if mesh is None or mesh.shape[STAGE] == 1:
         hidden, kv_pages, stats = model.forward(params, cfg, ids, kv_pages, md)
     else:
@@ -205,6 +209,7 @@ class ModelRunner:
         parallel: Any = None,
         draft_model: Any = None,  # a LoadedModel proposing tokens (speculative decoding)
         num_speculative_tokens: int = 0,
+        lora_specs: Any = None,  # declarations of LoRA adapter slots (jserve.lora), or None
     ) -> None:
         self.params = params
         self.cfg = cfg
@@ -234,6 +239,11 @@ class ModelRunner:
         if draft_model is not None:  # its own pool, with the target's page ids
             self.draft_params = draft_model.params
             self._draft = DraftSpec(draft_model.cfg, num_speculative_tokens)
+        self._lora_specs = lora_specs
+        self._lora_shardings = None
+        if lora_specs is not None and mesh is not None:  # split like their base weights
+            self._lora_shardings = param_shardings(lora_specs, mesh)
+        self.lora: Any = None
         self.reset()
         # Structured output's hook: fills a plan's bitmask (jserve.structured).
         self.mask_filler: Callable[[StepPlan], None] | None = None
@@ -265,6 +275,13 @@ class ModelRunner:
             self.draft_kv = [
                 zeros(dshape, self._dtype, self._kv_sharding) for _ in range(d.num_layers)
             ]
+        self.lora = None
+        if self._lora_specs is not None:  # every slot empty (zero)
+            self.lora = jax.tree_util.tree_map(
+                lambda spec, sh: zeros(spec.shape, self._dtype, sh),
+                self._lora_specs,
+                self._lora_shardings or jax.tree_util.tree_map(lambda _: None, self._lora_specs),
+            )
         self.table = zeros((rows, self.pages_per_seq), jnp.int32, rep)
         self.history = zeros((rows, self.shapes.max_model_len), jnp.int32, rep)
         self._prev_tokens = zeros((self.ecfg.max_num_seqs,), jnp.int32, rep)
@@ -301,6 +318,7 @@ class ModelRunner:
                 np.full((r, self.mask_words), -1, np.int32),
                 self.draft_params,
                 self.draft_kv,
+                self.lora,
             )
             opts: dict[str, Any] = dict(donate_argnums=(1, 2, 3, 8))
             if self.mesh is not None:
@@ -308,6 +326,12 @@ class ModelRunner:
                 dkv = [self._kv_sharding] * len(self.draft_kv)
                 opts["out_shardings"] = (kv, rep, rep, rep, rep, dkv, rep)
             return fn, args, opts
+        if kind == "lora":  # one adapter slot written in place
+            slot_tree = jax.tree_util.tree_map(lambda x: np.zeros(x.shape[1:], x.dtype), self.lora)
+            opts = dict(donate_argnums=(0,))
+            if self.mesh is not None:
+                opts["out_shardings"] = self._lora_shardings
+            return lora_ops.write_slot, (self.lora, np.int32(0), slot_tree), opts
         (n,) = size
         if kind == "copy":  # both pools: the draft's pages mirror the target's
             pools = self.kv_pages + self.draft_kv
@@ -364,6 +388,7 @@ class ModelRunner:
             + [("copy", n) for n in sizes]
             + [("table", n) for n in sizes]
             + [("history", n) for n in sizes]
+            + ([("lora",)] if self.lora is not None else [])
         )
 
     # -- one step ----------------------------------------------------------
@@ -407,6 +432,8 @@ class ModelRunner:
             self.table = self._write(("table",), self.table, plan.table_writes)
         if plan.history_writes is not None:
             self.history = self._write(("history",), self.history, plan.history_writes)
+        for slot, weights in plan.lora_loads:
+            self.lora = self._call(("lora",), self.lora, np.int32(slot), weights)
         self.kv_pages, self.table, self.history, out, stats, self.draft_kv, drafts = self._call(
             ("step", *plan.shape),
             self.params,
@@ -418,6 +445,7 @@ class ModelRunner:
             self._bitmask(plan),
             self.draft_params,
             self.draft_kv,
+            self.lora,
         )
         self._prev_tokens = out.tokens
         return StepHandle(out, plan.num_rows, plan.want_logprobs, stats, drafts)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 from jserve.engine import logprobs
 from jserve.engine.config import EngineConfig
@@ -50,6 +51,9 @@ from jserve.engine.kv_pool import PagePool, page_hash
 from jserve.engine.request import Request, Sequence, Status
 from jserve.sampling_params import SamplingParams
 from jserve.spec.speculator import Speculator
+
+if TYPE_CHECKING:
+    from jserve.lora.manager import LoRAManager
 
 
 @dataclasses.dataclass(slots=True)
@@ -63,6 +67,7 @@ class NewSeq:
     num_prompt_tokens: int
     # Every known token, given only when the runner needs the history (penalties).
     token_ids: list[int] | None
+    lora_slot: int = -1  # its LoRA adapter's device slot, -1 for the base model
 
 
 @dataclasses.dataclass(slots=True)
@@ -119,6 +124,8 @@ class SchedulerOutput:
     copies: list[tuple[int, int]]
     # Sequences (by seq_id) that left the running set: their page-table rows are free.
     released: list[int]
+    # LoRA adapters to write into device slots before the step: (slot, weights).
+    lora_loads: list[tuple[int, object]] = dataclasses.field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -141,10 +148,13 @@ class Scheduler:
         pool: PagePool,
         eos_token_ids: Seq[int] = (),
         speculator: Speculator | None = None,
+        adapters: LoRAManager | None = None,
     ) -> None:
         self.cfg = cfg
         self.pool = pool
         self.speculator = speculator
+        # LoRA (jserve.lora): a sequence runs only while its adapter holds a device slot.
+        self.adapters = adapters
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -251,6 +261,9 @@ class Scheduler:
         """Takes a sequence out of the running set and frees its pages and table row."""
         self._slots_used -= self._slots_of(seq)
         self.running.remove(seq)
+        if self.adapters is not None:
+            self.adapters.release(seq.request.lora_id)
+            seq.lora_slot = -1
         self._released.append(seq.seq_id)
         self.pool.free(seq.pages)
         seq.pages = []
@@ -273,10 +286,11 @@ class Scheduler:
             return
         if seq.status is not Status.RUNNING:
             return
+        salt = seq.request.lora_id
         for i in range(len(seq.page_hashes), full):
             tokens = seq.token_ids[i * s : (i + 1) * s]
-            key = page_hash(seq.page_hashes[-1] if seq.page_hashes else None, tokens)
-            self.pool.register(seq.pages[i], key, tokens)
+            key = page_hash(seq.page_hashes[-1] if seq.page_hashes else None, tokens, salt)
+            self.pool.register(seq.pages[i], key, tokens, salt)
             seq.page_hashes.append(key)
 
     # -- the step plan ------------------------------------------------------
@@ -373,7 +387,15 @@ class Scheduler:
         while self.waiting and budget > 0:
             # A sequence preempted this step, or whose last token is still on
             # the device, waits for a later step.
-            seq = next((s for s in self.waiting if s.num_pending == 0 and s not in preempted), None)
+            # So does one whose LoRA adapter finds no device slot free of running sequences.
+            seq = next(
+                (
+                    s
+                    for s in self.waiting
+                    if s.num_pending == 0 and s not in preempted and self._adapter_fits(s)
+                ),
+                None,
+            )
             if seq is None or self._slots_used + self._slots_of(seq) > self.cfg.max_num_seqs:
                 break
             # Waiting sequences hold no pages. Reuse cached ones, but always compute
@@ -381,7 +403,9 @@ class Scheduler:
             max_pages = (seq.num_tokens - 1) // self.pool.page_size
             cap = logprobs.max_cached_pages(seq.request, self.pool.page_size)
             max_pages = max_pages if cap is None else min(max_pages, cap)
-            seq.pages, seq.page_hashes = self.pool.lookup(seq.token_ids, max_pages)
+            seq.pages, seq.page_hashes = self.pool.lookup(
+                seq.token_ids, max_pages, seq.request.lora_id
+            )
             hit = len(seq.pages) * self.pool.page_size
             seq.num_computed = hit
             num_new = min(seq.num_tokens - seq.num_computed, budget)
@@ -447,7 +471,12 @@ class Scheduler:
             return 0
         return logprobs.owed(seq.request, seq.num_computed, seq.num_computed + num_new)[1]
 
+    def _adapter_fits(self, seq: Sequence) -> bool:
+        return self.adapters is None or self.adapters.can_acquire(seq.request.lora_id)
+
     def _start_running(self, seq: Sequence, take_slots: bool = True) -> None:
+        if self.adapters is not None:
+            seq.lora_slot = self.adapters.acquire(seq.request.lora_id)
         seq.status = Status.RUNNING
         bisect.insort(self.running, seq, key=lambda s: s.sort_key)
         if take_slots:
@@ -461,6 +490,7 @@ class Scheduler:
                 seq.index,
                 seq.num_prompt_tokens,
                 list(seq.token_ids) if p.uses_penalties else None,
+                seq.lora_slot,
             )
         )
 
@@ -552,8 +582,11 @@ class Scheduler:
         live = {id(seq) for seq, _ in chosen}
         new, self._new = self._new, []
         released: list[int] = []
-        if entries:  # an empty step never reaches the runner: keep releases for the next one
+        loads: list[tuple[int, object]] = []
+        if entries:  # an empty step never reaches the runner: keep these for the next one
             released, self._released = self._released, []
+            if self.adapters is not None:
+                loads = self.adapters.take_loads()
         return SchedulerOutput(
             new_seqs=new,
             entries=entries,
@@ -561,6 +594,7 @@ class Scheduler:
             num_rows=rows,
             copies=[(src, dst) for seq, src, dst in copies if id(seq) in live],
             released=released,
+            lora_loads=loads,
         )
 
     # -- after the step -----------------------------------------------------

@@ -217,6 +217,8 @@ class StepShapes:
                 ("num_lanes", (1,), "i32", 0),
                 # An input that is a draft model's proposal: the row verifying it, else -1.
                 ("token_draft_row", (t,), "i32", -1),
+                # Each token's LoRA adapter slot (jserve.lora), -1 for the base model.
+                ("lora_slots", (t,), "i32", -1),
                 # Whether any row needs each optional part of the sampler (see Flag).
                 ("flags", (len(Flag),), "i32", 0),
             ]

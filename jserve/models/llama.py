@@ -29,6 +29,7 @@ import numpy as np
 
 from checkpoints.source import HFSource
 from jserve.config import ModelConfig, llama_options
+from jserve.lora.ops import lora_delta
 from jserve.models.attention import AttentionMetadata, paged_attention
 from jserve.models.base import Attend
 from jserve.models.kv_quant import layer_scales
@@ -277,12 +278,22 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
+def project(lp: dict[str, Any], name: str, subscripts: str, x: jax.Array) -> jax.Array:
+    """``x`` times the layer's weight ``name`` (``qeinsum``), plus the LoRA update of each
+    token's adapter where the step's layers carry adapters (jserve.lora.ops)."""
+    y = qeinsum(subscripts, x, lp[name])
+    lora = lp.get("lora")
+    if lora is not None and name in lora:
+        y = y + lora_delta(subscripts, x, lora[name], lora["one_hot"])
+    return y
+
+
 def _qkv(
     lp: dict[str, jax.Array], cfg: ModelConfig, h: jax.Array, positions: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projects [..., E] to rotated q [..., Hq, D], k and v [..., Hkv, D]."""
     g = cfg.q_per_kv
-    qkv = qeinsum("...e,ekgd->...kgd", h, lp["wqkv"])  # [..., Hkv, G+2, D]
+    qkv = project(lp, "wqkv", "...e,ekgd->...kgd", h)  # [..., Hkv, G+2, D]
     if "bqkv" in lp:
         qkv = qkv + lp["bqkv"]
     q = qkv[..., :g, :].reshape(*qkv.shape[:-3], cfg.num_q_heads, cfg.head_dim)
@@ -295,7 +306,7 @@ def _qkv(
 
 
 def _attn_out(lp: dict[str, jax.Array], x: jax.Array, attn: jax.Array) -> jax.Array:
-    out = qeinsum("...hd,hde->...e", attn, lp["wo"])  # [..., E]
+    out = project(lp, "wo", "...hd,hde->...e", attn)  # [..., E]
     if "bo" in lp:
         out = out + lp["bo"]
     return x + out
@@ -304,11 +315,11 @@ def _attn_out(lp: dict[str, jax.Array], x: jax.Array, attn: jax.Array) -> jax.Ar
 def mlp_block(lp: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """The gated MLP with its norm and residual, [..., E] -> [..., E]."""
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gu = qeinsum("...e,ecf->...cf", h, lp["w_gate_up"])  # [..., 2, F]
+    gu = project(lp, "w_gate_up", "...e,ecf->...cf", h)  # [..., 2, F]
     if "b_gate_up" in lp:
         gu = gu + lp["b_gate_up"]
     act = jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]  # [..., F]
-    out = qeinsum("...f,fe->...e", act, lp["w_down"])
+    out = project(lp, "w_down", "...f,fe->...e", act)
     if "b_down" in lp:
         out = out + lp["b_down"]
     return x + out

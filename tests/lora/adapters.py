@@ -1,0 +1,89 @@
+"""PEFT LoRA adapters made with peft itself on tiny random models, and their references."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Three adapters of different ranks and target modules (the acceptance mix).
+ADAPTERS: dict[str, dict[str, Any]] = {
+    "qv8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "all4": dict(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    ),
+    "mlp16": dict(
+        r=16,
+        lora_alpha=24,
+        target_modules=["o_proj", "gate_proj", "down_proj"],
+        rank_pattern={"down_proj": 6},
+        alpha_pattern={"gate_proj": 5},
+    ),
+}
+
+
+def make_peft_adapter(
+    base_dir: str, out_dir: str, seed: int = 0, scale: float = 0.2, **lora: Any
+) -> str:
+    """Saves a PEFT adapter with random (non-zero) A and B for ``base_dir``'s model."""
+    import peft
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(init_lora_weights=False, lora_dropout=0.0, **lora)
+    pm = peft.get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+    pm.save_pretrained(out_dir)
+    assert os.path.exists(os.path.join(out_dir, "adapter_model.safetensors"))
+    return out_dir
+
+
+def merged_greedy(base_dir: str, adapter_dir: str | None, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of transformers with the adapter merged into the base weights."""
+    import peft
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    if adapter_dir is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def merged_logits(base_dir: str, adapter_dir: str, tokens: list[int]) -> Any:
+    """[L, V] float32 logits of transformers with the adapter merged."""
+    import peft
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    model = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
