@@ -37,6 +37,14 @@ class EngineStats:
     spec_decode_num_drafts: int = 0
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
+    # Multi-LoRA (jserve.lora): adapters in host memory and in device slots (gauges),
+    # adapters written into a slot and of those the ones that replaced another
+    # (counters), and running requests per adapter name (None without LoRA).
+    lora_adapters_host: int = 0
+    lora_adapters_device: int = 0
+    lora_loads: int = 0
+    lora_evictions: int = 0
+    lora_running_requests: dict[str, int] | None = None
 
     @property
     def spec_decode_mean_accepted_length(self) -> float:
@@ -52,6 +60,8 @@ class EngineStats:
             if isinstance(v, int | float)  # not the per-expert array
         }
         out["jserve_spec_decode_mean_accepted_length"] = self.spec_decode_mean_accepted_length
+        for name, n in (self.lora_running_requests or {}).items():
+            out[f'jserve_lora_running_requests{{adapter="{name}"}}'] = n
         return out
 
     def record_step(self, num_tokens: int) -> None:
@@ -82,6 +92,18 @@ class EngineStats:
         self.pages_cached = pool.num_cached
         self.prefix_cache_queries = pool.query_tokens
         self.prefix_cache_hits = pool.hit_tokens
+        lora = getattr(scheduler, "adapters", None)
+        if lora is not None:
+            self.lora_adapters_host = len(lora.host)
+            self.lora_adapters_device = len(lora.slot_of)
+            self.lora_loads = lora.num_loads
+            self.lora_evictions = lora.num_evictions
+            running = dict.fromkeys((r.lora_name for r in lora.known.values()), 0)
+            names = {rid: r.lora_name for rid, r in lora.known.items()}
+            for req in {id(s.request): s.request for s in scheduler.running}.values():
+                if req.lora_id:
+                    running[names[req.lora_id]] += 1
+            self.lora_running_requests = running
         spec = getattr(scheduler, "speculator", None)
         if spec is not None:
             self.spec_decode_num_drafts = spec.stats.num_drafts

@@ -271,9 +271,3 @@ class LoRAManager:
                 layer[name] = {"a": got[0], "b": got[1]}
             layers.append(layer)
         return {"layers": layers}
-
-    # -- metrics ------------------------------------------------------------------
-
-    def running_by_name(self) -> dict[str, int]:
-        """Running sequences per registered adapter name."""
-        return {req.lora_name: self.users[rid] for rid, req in self.known.items()}

@@ -115,6 +115,25 @@ class EngineCollector(Collector):
             "Speculative decoding: tokens per speculating sequence-step, 1 + accepted / drafts",
             s.spec_decode_mean_accepted_length,
         )
+        if s.lora_running_requests is not None:  # serving LoRA adapters (jserve.lora)
+            yield gauge("lora_adapters_host", "LoRA adapters in host memory", s.lora_adapters_host)
+            yield gauge(
+                "lora_adapters_device", "LoRA adapters in device slots", s.lora_adapters_device
+            )
+            yield counter("lora_loads", "LoRA adapters written into a device slot", s.lora_loads)
+            yield counter(
+                "lora_evictions",
+                "LoRA adapters that replaced another in a device slot",
+                s.lora_evictions,
+            )
+            running = GaugeMetricFamily(
+                "jserve_lora_running_requests",
+                "Running requests per LoRA adapter",
+                labels=["adapter"],
+            )
+            for name, n in sorted(s.lora_running_requests.items()):
+                running.add_metric([name], n)
+            yield running
         if s.expert_tokens is not None:  # mixture-of-experts models
             experts = CounterMetricFamily(
                 "jserve_expert_tokens",
