@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from typing import TYPE_CHECKING
 
 from jserve.compile_cache import DEFAULT_CACHE_DIR, ENV_VAR, enable_compilation_cache
 from jserve.engine.config import EngineConfig
+from jserve.errors import ConfigError, InvalidRequestError
+from jserve.lora import LoRARequest
 from jserve.model_loader import LoadedModel, default_model_path, load_model, random_model
 from sharding import ParallelConfig
 
@@ -136,6 +139,31 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help='speculative decoding, as vLLM\'s dict, e.g. \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}\'',
     )
+    g.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve PEFT LoRA adapters per request over the base model",
+    )
+    g.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapters to register at start-up, as name=path (or JSON "
+        '\'{"name": ..., "path": ...}\'); requests name them as the model (implies --enable-lora)',
+    )
+    g.add_argument(
+        "--max-loras", type=int, default=d.max_loras, help="LoRA adapters on the device at once"
+    )
+    g.add_argument(
+        "--max-lora-rank", type=int, default=d.max_lora_rank, help="largest LoRA rank served"
+    )
+    g.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="LoRA adapters kept in host memory (default: --max-loras)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
         "--warmup",
@@ -168,8 +196,47 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: object) -> En
         async_scheduling=args.async_scheduling,
         seed=args.seed,
         speculative_config=args.speculative_config,
+        enable_lora=args.enable_lora or bool(args.lora_modules),
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
     )
     return dataclasses.replace(cfg, **overrides).validate()
+
+
+def parse_lora_modules(values: list[str]) -> list[LoRARequest]:
+    """``--lora-modules`` entries (name=path, or a JSON object with name and path) as
+    LoRARequests with ids 1, 2, ... in order; ConfigError for a malformed one."""
+    out = []
+    for i, value in enumerate(values):
+        if value.lstrip().startswith("{"):
+            try:
+                obj = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--lora-modules {value!r} is not valid JSON: {e}") from None
+            obj = obj if isinstance(obj, dict) else {}
+            name, path = obj.get("name"), obj.get("path")
+        else:
+            name, _, path = value.partition("=")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise ConfigError(
+                f"--lora-modules {value!r}: give each adapter as name=path, e.g. "
+                "sql=/adapters/sql-lora"
+            )
+        if any(r.lora_name == name for r in out):
+            raise ConfigError(f"--lora-modules names adapter {name!r} twice")
+        out.append(LoRARequest(name, i + 1, path))
+    return out
+
+
+def register_lora_modules(engine: LLMEngine, values: list[str]) -> None:
+    """Reads and checks every ``--lora-modules`` adapter before serving (ConfigError
+    naming the first that cannot be served)."""
+    for req in parse_lora_modules(values):
+        try:
+            engine.add_lora(req)
+        except InvalidRequestError as e:
+            raise ConfigError(f"--lora-modules {req.lora_name}={req.lora_path}: {e}") from None
 
 
 def enable_compilation_cache_from_args(args: argparse.Namespace) -> None:
@@ -223,5 +290,6 @@ def build_engine(
         model = load_model_from_args(args)
     ecfg = engine_config_from_args(args, **overrides)
     engine = LLMEngine(model, ecfg, warmup=args.warmup, progress=progress)
+    register_lora_modules(engine, getattr(args, "lora_modules", []))
     print(f"jserve: {engine.describe()}", file=sys.stderr, flush=True)
     return engine

@@ -371,6 +371,11 @@ def start_engine(
     """On the leader: an LLMEngine whose device calls reach every process. On a
     follower: repeats the leader's calls until it stops, then returns None
     (``record`` collects each step's sampled tokens there, see ``follow``)."""
+    if ecfg.enable_lora:
+        raise ConfigError(
+            "enable_lora does not run across several hosts yet (adapter slots are written "
+            "by the leader alone); serve LoRA adapters from one host"
+        )
     if mh.is_leader:
         runner_cls = functools.partial(BroadcastingRunner, mh=mh)
         return LLMEngine(model, ecfg, warmup=warmup, runner_cls=runner_cls)
