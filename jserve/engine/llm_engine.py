@@ -419,6 +419,8 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         so = self.scheduler.schedule() if self.scheduler.has_work else None
+        if self.lora is not None:
+            self._fail_adapter_requests()
         handle = None
         if so is not None and not so.empty:
             handle = self.runner.execute(so)
@@ -579,6 +581,18 @@ class LLMEngine:
         )
         if len(req.prompt_logprobs or ()) == len(req.prompt_token_ids):
             self._touched[req.request_id] = req
+
+    def _fail_adapter_requests(self) -> None:
+        """Requests whose adapter could not be read again when they were to run: they end
+        ("abort") with the error; the others go on."""
+        for req, error in self.scheduler.take_adapter_errors():
+            failed = EngineStepError(
+                f"LoRA adapter of this request could not be loaded to run it: {error}"
+            )
+            failed.__cause__ = error
+            self.step_errors[req.request_id] = failed
+            self._touched[req.request_id] = req
+            self.stats.num_aborted += 1
 
     def _forget(self, req: Request) -> None:
         """A finished request leaves the engine."""

@@ -49,6 +49,7 @@ from jserve.engine import logprobs
 from jserve.engine.config import EngineConfig
 from jserve.engine.kv_pool import PagePool, page_hash
 from jserve.engine.request import Request, Sequence, Status
+from jserve.lora.adapter import AdapterError
 from jserve.sampling_params import SamplingParams
 from jserve.spec.speculator import Speculator
 
@@ -155,6 +156,7 @@ class Scheduler:
         self.speculator = speculator
         # LoRA (jserve.lora): a sequence runs only while its adapter holds a device slot.
         self.adapters = adapters
+        self.adapter_errors: list[tuple[Request, Exception]] = []
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -472,7 +474,21 @@ class Scheduler:
         return logprobs.owed(seq.request, seq.num_computed, seq.num_computed + num_new)[1]
 
     def _adapter_fits(self, seq: Sequence) -> bool:
-        return self.adapters is None or self.adapters.can_acquire(seq.request.lora_id)
+        if self.adapters is None:
+            return True
+        try:
+            return self.adapters.can_acquire(seq.request.lora_id)
+        except AdapterError as e:  # its adapter can no longer be read: it fails alone
+            self.adapter_errors.append((seq.request, e))
+            return False
+
+    def take_adapter_errors(self) -> list[tuple[Request, Exception]]:
+        """Requests whose adapter could not be read again for a device slot, with the
+        error; they are aborted here (their final output says "abort")."""
+        errors, self.adapter_errors = self.adapter_errors, []
+        for req, _ in errors:
+            self.abort_request(req)
+        return errors
 
     def _start_running(self, seq: Sequence, take_slots: bool = True) -> None:
         if self.adapters is not None:

@@ -1,8 +1,9 @@
 """The adapters an engine knows, which are in host memory, and which hold device slots.
 
 - Registered adapters (``LoRARequest``: name, int id, path) are read and checked
-  once (``jserve.lora.adapter``) and kept in a host LRU of ``max_cpu_loras``;
-  an adapter some queued or running request uses is never dropped from it.
+  when registered (``jserve.lora.adapter``) and kept in a host LRU of
+  ``max_cpu_loras``; one dropped from it is read again from its directory when a
+  sequence needs it in a device slot.
 - ``max_loras`` device slots. The scheduler ``acquire``s a slot for a sequence
   as it starts running and ``release``s it when the sequence stops; a slot whose
   adapter no running sequence uses may be given to another adapter (least
@@ -24,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from jserve.config import ModelConfig
-from jserve.errors import CapacityError
 from jserve.lora.adapter import AdapterError, HostAdapter, WeightSlot, load_adapter, weight_slots
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class LoRAManager:
         self.known: dict[int, LoRARequest] = {}  # registered, by id
         self._id_of: dict[str, int] = {}  # by name
         self.host: collections.OrderedDict[int, HostAdapter] = collections.OrderedDict()
-        self._holds: collections.Counter[int] = collections.Counter()  # active requests
+        self._holds: collections.Counter[int] = collections.Counter()  # unfinished requests
         self.users: collections.Counter[int] = collections.Counter()  # running sequences
         self.slot_of: dict[int, int] = {}
         self._owner: list[int | None] = [None] * max_loras
@@ -112,8 +112,8 @@ class LoRAManager:
     # -- registration ---------------------------------------------------------
 
     def register(self, req: LoRARequest) -> int:
-        """Knows ``req`` (reading and checking it unless it is in host memory); returns its
-        id. AdapterError, with nothing changed, for a bad adapter or a name or id that is
+        """Knows ``req`` (reading and checking it when it is new); returns its id.
+        AdapterError, with nothing changed, for a bad adapter or a name or id that is
         already taken by another adapter."""
         req = _check_request(req)
         rid, name = req.lora_int_id, req.lora_name
@@ -128,6 +128,8 @@ class LoRAManager:
                 f"LoRA adapter name {name!r} is already adapter id {self._id_of[name]}; give "
                 "each adapter its own name"
             )
+        if known is not None:  # checked when registered; read again when it is to run
+            return rid
         self._host_adapter(req)
         self.known[rid] = req
         self._id_of[name] = rid
@@ -155,26 +157,19 @@ class LoRAManager:
         if adapter is not None:
             self.host.move_to_end(rid)
             return adapter
-        if len(self.host) >= self.max_cpu_loras and not any(not self._holds[i] for i in self.host):
-            raise CapacityError(
-                f"all {self.max_cpu_loras} LoRA adapters in host memory (max_cpu_loras) are "
-                f"in use by requests; retry adapter {req.lora_name!r} later or raise "
-                "max_cpu_loras"
-            )
         adapter = load_adapter(
             req.lora_name, req.lora_path, self.cfg, self.slots, self.max_rank, self.dtype
         )
         self.num_host_loads += 1
         while len(self.host) >= self.max_cpu_loras:
-            victim = next(i for i in self.host if not self._holds[i])
-            del self.host[victim]
+            self.host.popitem(last=False)  # the least recently used
         self.host[rid] = adapter
         return adapter
 
     # -- requests -------------------------------------------------------------
 
     def hold(self, rid: int) -> None:
-        """A request using adapter ``rid`` was queued: keep it in host memory."""
+        """A request using adapter ``rid`` was queued (the adapter cannot be removed)."""
         if rid:
             self._holds[rid] += 1
 
@@ -189,10 +184,15 @@ class LoRAManager:
     # -- device slots -----------------------------------------------------------
 
     def can_acquire(self, rid: int) -> bool:
-        """Whether a sequence using adapter ``rid`` (0: none) can start running now."""
+        """Whether a sequence using adapter ``rid`` (0: none) can start running now; reads
+        the adapter into host memory again if it left it (AdapterError if it no longer
+        can be, e.g. its directory was removed)."""
         if not rid or rid in self.slot_of:
             return True
-        return any(not self._busy(slot) for slot in self._lru)
+        if not any(not self._busy(slot) for slot in self._lru):
+            return False
+        self._host_adapter(self.known[rid])
+        return True
 
     def _busy(self, slot: int) -> bool:
         owner = self._owner[slot]
@@ -212,7 +212,7 @@ class LoRAManager:
                 self.num_evictions += 1
             self._owner[slot] = rid
             self.slot_of[rid] = slot
-            self._loads.append((slot, self.device_weights(self.host[rid])))
+            self._loads.append((slot, self.device_weights(self._host_adapter(self.known[rid]))))
             self.num_loads += 1
         self.users[rid] += 1
         self._lru.move_to_end(slot)
