@@ -15,6 +15,24 @@ def _add_offline_common(p: argparse.ArgumentParser) -> None:
     add_result_arguments(p)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--random-loras",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write N random LoRA adapters for the model (every supported module) and serve "
+        "the requests through them, round-robin (implies --enable-lora)",
+    )
+    p.add_argument(
+        "--random-lora-rank", type=int, default=16, help="rank of the --random-loras adapters"
+    )
+    p.add_argument(
+        "--lora-fraction",
+        type=float,
+        default=1.0,
+        help="with adapters (--random-loras or --lora-modules): the fraction of requests that "
+        "use one (the rest use the base model)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

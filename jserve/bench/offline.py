@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import tempfile
 import time
 from typing import Any
 
@@ -21,6 +23,9 @@ from jserve.bench.results import (
 )
 from jserve.cli.engine_args import build_engine, load_model_from_args
 from jserve.engine.llm_engine import LLMEngine
+from jserve.errors import ConfigError
+from jserve.lora import LoRARequest
+from jserve.lora.synthetic import write_random_adapter
 from jserve.model_loader import LoadedModel
 from jserve.sampling_params import SamplingParams
 from jserve.structured import StructuredOutputsParams
@@ -37,13 +42,43 @@ def _start_engine(
 ) -> tuple[LLMEngine, dict[str, float]]:
     """The engine for a run that queues up to ``max_queued`` requests at once."""
     t0 = time.perf_counter()
+    extra = {"enable_lora": True} if args.random_loras > 0 else {}
     engine = build_engine(
         args,
         model,
         progress=not args.disable_tqdm,
         max_waiting=max(args.max_waiting, max_queued),
+        **extra,
     )
+    _register_random_loras(args, engine)
     return engine, {"load_s": load_s, "engine_init_and_compile_s": time.perf_counter() - t0}
+
+
+def _register_random_loras(args: argparse.Namespace, engine: LLMEngine) -> None:
+    """``--random-loras N``: N random adapters written to a temporary directory and
+    registered (kept until the process exits)."""
+    if args.random_loras <= 0:
+        return
+    if not 0.0 <= args.lora_fraction <= 1.0:
+        raise ConfigError(f"--lora-fraction must be in [0, 1], got {args.lora_fraction}")
+    root = tempfile.mkdtemp(prefix="jserve-bench-loras-")
+    first = max((r.lora_int_id for r in engine.list_loras()), default=0) + 1
+    for i in range(args.random_loras):
+        path = write_random_adapter(
+            engine.cfg, os.path.join(root, f"lora{i}"), args.random_lora_rank, seed=i
+        )
+        engine.add_lora(LoRARequest(f"random-lora-{i}", first + i, path))
+
+
+def _lora_for(engine: LLMEngine, args: argparse.Namespace, i: int) -> LoRARequest | None:
+    """Request ``i``'s adapter: ``--lora-fraction`` of the requests, spread evenly, take
+    the registered adapters round-robin; None for the rest (and without adapters)."""
+    loras = engine.list_loras()
+    fraction = getattr(args, "lora_fraction", 1.0)
+    if not loras or fraction <= 0:
+        return None
+    k = int((i + 1) * fraction) - int(i * fraction)  # 1 for every 1/fraction-th request
+    return loras[int(i * fraction) % len(loras)] if k else None
 
 
 def _params(req: BenchRequest, args: argparse.Namespace, constrained: bool) -> SamplingParams:
@@ -67,7 +102,8 @@ def _run_to_completion(
     every = round(1 / fraction) if fraction > 0 else 0
     for i, r in enumerate(reqs):
         constrained = every > 0 and i % every == 0
-        engine.add_request(f"{tag}{i}", r.prompt, _params(r, args, constrained))
+        lora = _lora_for(engine, args, i)
+        engine.add_request(f"{tag}{i}", r.prompt, _params(r, args, constrained), lora_request=lora)
     out_lens: dict[str, int] = {}
     token_times: list[float] = []
     bar = tqdm(total=len(reqs), desc=tag or "requests", disable=args.disable_tqdm)
@@ -97,6 +133,27 @@ def _header(args: argparse.Namespace, engine: LLMEngine, mode: str) -> dict[str,
         # Start-up figures depend on it: a warm cache skips most of the compile time.
         "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
     }
+
+
+def _lora_metrics(engine: LLMEngine, args: argparse.Namespace) -> dict[str, Any]:
+    """LoRA figures of the run (empty without adapters); printed too."""
+    if engine.lora is None or not engine.list_loras():
+        return {}
+    s = engine.stats
+    out = {
+        "num_loras": len(engine.list_loras()),
+        "lora_fraction": args.lora_fraction,
+        "max_loras": engine.ecfg.max_loras,
+        "max_lora_rank": engine.ecfg.max_lora_rank,
+        "lora_loads": s.lora_loads,
+        "lora_evictions": s.lora_evictions,
+    }
+    print(
+        f"LoRA: {out['num_loras']} adapters ({args.lora_fraction:g} of requests), "
+        f"{engine.ecfg.max_loras} device slots of rank {engine.ecfg.max_lora_rank}, "
+        f"{s.lora_loads} slot loads, {s.lora_evictions} evictions"
+    )
+    return out
 
 
 def _spec_metrics(engine: LLMEngine) -> dict[str, Any]:
@@ -157,6 +214,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         f"engine + compile {startup['engine_init_and_compile_s']:.2f} s"
     )
     result.update(_spec_metrics(engine))
+    result.update(_lora_metrics(engine, args))
     s = engine.structured
     if s.mask_rows:
         result["structured_mask_us_per_row"] = 1e6 * s.mask_seconds / s.mask_rows
@@ -206,6 +264,7 @@ def run_latency(args: argparse.Namespace) -> int:
         print(f"{p}% percentile latency: {v:.4f} s")
     print(f"Output tokens/s: {result['output_tokens_per_second']:.2f}")
     result.update(_spec_metrics(engine))
+    result.update(_lora_metrics(engine, args))
     if args.plot_dir:
         plot_cdfs(args.plot_dir, {"iteration latency": latencies}, "jserve bench latency")
     save_result(args, "latency", result)
