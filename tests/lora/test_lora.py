@@ -312,3 +312,37 @@ def test_tensor_parallel_gives_one_device_tokens(setup: dict) -> None:
     for tp in ("4",):
         assert res[tp]["tokens"] == want, tp
         assert "model" in res[tp]["b_spec"] and "model" in res[tp]["a_spec"], res[tp]
+
+
+def test_composes_with_ngram_speculation_and_moe(tmp_path, setup: dict) -> None:
+    """n-gram speculation verifies with the adapter (tokens stay exact); a mixture-of-experts
+    model serves attention adapters and refuses one for its routed experts' MLP."""
+    from tests.models.moe_models import make_tiny_moe
+
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[5, 17, 99, 3, 42, 7, 5, 17, 99], [1, 2, 3, 1, 2, 3, 1, 2]]
+    small = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=16, warmup=False)
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    llm = LLM(setup["base"], enable_lora=True, speculative_config=ngram, **small)
+    qv8 = setup["reqs"]["qv8"]
+    outs = llm.generate(prompts, sp, lora_request=[qv8, None], use_tqdm=False)
+    for name, prompt, out in zip(["qv8", None], prompts, outs, strict=True):
+        assert out.outputs[0].token_ids == merged_greedy(
+            setup["base"], None if name is None else setup["dirs"][name], prompt, 8
+        )
+    assert llm.get_metrics()["jserve_spec_decode_num_drafts"] > 0
+
+    moe = make_tiny_moe("mixtral", str(tmp_path / "moe"))
+    attn = make_peft_adapter(moe, str(tmp_path / "attn"), r=4, target_modules=["q_proj", "o_proj"])
+    from jserve.config import load_config
+    from jserve.lora.synthetic import write_random_adapter
+
+    mlp = write_random_adapter(load_config(moe), str(tmp_path / "mlp"), 4, modules=("gate_proj",))
+    llm = LLM(moe, enable_lora=True, max_lora_rank=8, **small)
+    outs = llm.generate(
+        prompts, sp, lora_request=[LoRARequest("attn", 1, attn), None], use_tqdm=False
+    )
+    for adapter, prompt, out in zip([attn, None], prompts, outs, strict=True):
+        assert out.outputs[0].token_ids == merged_greedy(moe, adapter, prompt, 8)
+    with pytest.raises(AdapterError, match="no dense gate_proj"):
+        llm.add_lora(LoRARequest("mlp", 2, mlp))
