@@ -259,3 +259,23 @@ def test_a_server_without_lora_says_so(tok_model_dir: str, tmp_path) -> None:
         asyncio.run(main())
     finally:
         aengine.shutdown()
+
+
+def test_loading_adapters_needs_the_token(setup) -> None:
+    """Loading reads a directory on the server's machine: with a token set, only callers
+    holding it may (the token check covers every RPC and route but health)."""
+    aengine, paths, _, _ = setup
+
+    async def main():
+        async with (
+            serving(aengine, model_name=MODEL, http_port=0, auth_token="s3cret") as (h, c),
+            httpx.AsyncClient(base_url=h.http_url, timeout=60) as http,
+        ):
+            code, _ = await _rpc_error(c.load_lora_adapter("all4", paths["all4"]))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            body = {"lora_name": "all4", "lora_path": paths["all4"]}
+            assert (await http.post("/v1/load_lora_adapter", json=body)).status_code == 401
+            assert (await http.post("/v1/unload_lora_adapter", json=body)).status_code == 401
+            assert [x.lora_name for x in aengine.loras] == ["qv8"]
+
+    asyncio.run(main())
