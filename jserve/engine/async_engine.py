@@ -206,13 +206,14 @@ class AsyncLLMEngine:
                     admitted.set_exception(EngineDeadError(f"the engine stopped: {self.dead}"))
                     continue
                 try:
-                    if isinstance(lora, str):
+                    named = isinstance(lora, str)
+                    if named:
                         lora = self._lora_by_name(lora)
                     req = self.engine.add_request(
                         rid, prompt, params, priority, prompt_text=text, lora_request=lora
                     )
-                    if lora is not None:
-                        self._snapshot_loras()  # a new adapter may have come with it
+                    if lora is not None and not named:
+                        self._snapshot_loras()  # the request may have registered it
                 except Exception as e:  # validation changes nothing: only this add fails
                     if not isinstance(e, JserveError):
                         logger.exception("adding request %s failed", rid)

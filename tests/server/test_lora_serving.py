@@ -12,7 +12,7 @@ import grpc
 import httpx
 import pytest
 
-from jserve import LoRARequest
+from jserve import LoRARequest, SamplingParams
 from jserve.engine.async_engine import AsyncLLMEngine
 from jserve.server.client import generate_request
 from tests.engine.helpers import make_engine
@@ -277,5 +277,28 @@ def test_loading_adapters_needs_the_token(setup) -> None:
             assert (await http.post("/v1/load_lora_adapter", json=body)).status_code == 401
             assert (await http.post("/v1/unload_lora_adapter", json=body)).status_code == 401
             assert [x.lora_name for x in aengine.loras] == ["qv8"]
+
+    asyncio.run(main())
+
+
+def test_async_engine_takes_vllm_lora_requests(setup) -> None:
+    """AsyncLLMEngine.generate(lora_request=LoRARequest(...)) registers a new adapter as
+    the engine's add_request does; the snapshot and the server's next id follow it."""
+    aengine, paths, ids, refs = setup
+
+    async def main():
+        params = SamplingParams(**GREEDY)
+        req = LoRARequest("direct", 10, paths["all4"])
+        tokens: list[int] = []
+        async for out in aengine.generate(ids, params, lora_request=req):
+            tokens += out.outputs[0].token_ids
+        assert tokens == refs["all4"]
+        assert [r.lora_name for r in aengine.loras] == ["qv8", "direct"]
+        await wait_until_free(aengine)
+        assert (await aengine.remove_lora("direct")) == req
+        added = await aengine.add_lora("again", paths["all4"])
+        assert added.lora_int_id == 11
+        await aengine.remove_lora("again")
+        assert [r.lora_name for r in aengine.loras] == ["qv8"]
 
     asyncio.run(main())
