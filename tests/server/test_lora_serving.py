@@ -155,12 +155,15 @@ def test_unloading_an_adapter_in_use_is_refused(setup) -> None:
     asyncio.run(main())
 
 
-def test_openai_model_names_an_adapter(setup) -> None:
+def test_openai_model_names_an_adapter(setup, tmp_path) -> None:
     aengine, paths, ids, refs = setup
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
 
     async def main():
+        server = serving(aengine, model_name=MODEL, http_port=0, chat_template=str(template))
         async with (
-            serving(aengine, model_name=MODEL, http_port=0) as (h, c),
+            server as (h, c),
             httpx.AsyncClient(base_url=h.http_url, timeout=60) as http,
         ):
             models = (await http.get("/v1/models")).json()["data"]
@@ -177,6 +180,17 @@ def test_openai_model_names_an_adapter(setup) -> None:
                 assert r.status_code == 200, r.text
                 assert r.json()["model"] == (model or MODEL)
                 assert r.json()["choices"][0]["text"] == want.text[0]
+
+            # Chat: the same adapter, on the rendered conversation (/tokenize renders it).
+            messages = [{"role": "user", "content": PROMPT}]
+            r = await http.post("/tokenize", json={"model": "qv8", "messages": messages})
+            rendered = r.json()["tokens"]
+            chat = dict(messages=messages, max_tokens=N, temperature=0, ignore_eos=True)
+            r = await http.post("/v1/chat/completions", json={**chat, "model": "qv8"})
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == "qv8"
+            want = await c.generate(rendered, lora_name="qv8", **GREEDY)
+            assert r.json()["choices"][0]["message"]["content"] == want.text[0]
 
             r = await http.post("/v1/completions", json={**body, "model": "nope"})
             err = r.json()["error"]
