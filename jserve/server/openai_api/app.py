@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jserve.errors import JserveError
+from jserve.lora import LoRARequest
 from jserve.server.openai_api.chat import create_chat_completion, render_chat
 from jserve.server.openai_api.completions import create_completion
 from jserve.server.openai_api.errors import (
@@ -164,7 +165,7 @@ def build_app(state: APIState) -> FastAPI:
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict[str, Any]:
         lora = state.check_model(model)
-        return _model_card(state) if lora is None else _lora_card(state, state.core.lora(lora))
+        return _model_card(state) if lora is None else _lora_card(state, lora)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(req: LoadLoRAAdapterRequest) -> Response:
@@ -270,7 +271,7 @@ def _model_card(state: APIState) -> dict[str, Any]:
     }
 
 
-def _lora_card(state: APIState, lora: Any) -> dict[str, Any]:
+def _lora_card(state: APIState, lora: LoRARequest) -> dict[str, Any]:
     return {
         **_model_card(state),
         "id": lora.lora_name,

@@ -27,7 +27,8 @@ class APICall(abc.ABC):
     def __init__(self, state: APIState, req: Any, id_prefix: str) -> None:
         self.state = state
         self.req = req
-        self.lora_name = state.check_model(req.model)  # None: the base model
+        lora = state.check_model(req.model)
+        self.lora_name = lora.lora_name if lora is not None else None  # None: the base model
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options needs stream: true", "stream_options")
         self.include_usage = req.stream_options is not None and req.stream_options.include_usage

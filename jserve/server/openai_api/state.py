@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from jserve.lora import LoRARequest
 from jserve.sampling_params import SamplingParams
 from jserve.server.openai_api.chat_template import ChatTemplate
 from jserve.server.openai_api.errors import APIError, bad_request
@@ -31,13 +32,14 @@ class APIState:
     def tokenizer(self) -> Any:
         return self.core.tokenizer
 
-    def check_model(self, model: str | None) -> str | None:
+    def check_model(self, model: str | None) -> LoRARequest | None:
         """The LoRA adapter a request's ``model`` names (vLLM's convention), or None for
         the base model (also when ``model`` is not given); 404 for any other name."""
         if model is None or model == self.model_name:
             return None
-        if self.core.lora(model) is not None:
-            return model
+        lora = self.core.lora(model)
+        if lora is not None:
+            return lora
         served = [self.model_name, *(r.lora_name for r in self.core.loras)]
         raise APIError(
             404,
