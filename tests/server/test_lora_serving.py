@@ -316,3 +316,36 @@ def test_async_engine_takes_vllm_lora_requests(setup) -> None:
         assert [r.lora_name for r in aengine.loras] == ["qv8"]
 
     asyncio.run(main())
+
+
+def test_loading_while_host_memory_is_full_of_adapters_in_use(setup) -> None:
+    """max_cpu_loras (here 2) adapters in host memory, each used by a running request:
+    another load is RESOURCE_EXHAUSTED (HTTP 429) and registers nothing."""
+    aengine, paths, ids, _ = setup
+
+    async def main():
+        async with (
+            serving(aengine, model_name=MODEL, http_port=0) as (h, c),
+            httpx.AsyncClient(base_url=h.http_url, timeout=60) as http,
+        ):
+            await c.load_lora_adapter("all4", paths["all4"])
+            calls = [
+                c.generation.Generate(
+                    generate_request(ids, lora_name=name, max_tokens=200, ignore_eos=True)
+                )
+                for name in ("qv8", "all4")
+            ]
+            for call in calls:
+                await call.read()  # both running
+            code, details = await _rpc_error(c.load_lora_adapter("more", paths["all4"]))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_cpu_loras" in details
+            body = {"lora_name": "more", "lora_path": paths["all4"]}
+            r = await http.post("/v1/load_lora_adapter", json=body)
+            assert r.status_code == 429, r.text
+            assert [x.lora_name for x in aengine.loras] == ["qv8", "all4"]
+            for call in calls:
+                call.cancel()
+            await wait_until_free(aengine)
+            await c.unload_lora_adapter("all4")
+
+    asyncio.run(main())
