@@ -14,10 +14,11 @@ import pytest
 
 from jserve import LoRARequest, SamplingParams
 from jserve.engine.async_engine import AsyncLLMEngine
-from jserve.server.client import generate_request
+from jserve.server.client import Client, generate_request
 from tests.engine.helpers import make_engine
 from tests.lora.adapters import ADAPTERS, make_peft_adapter, merged_greedy
 from tests.server.helpers import serving, wait_until_free
+from tests.server.openai_process import ENGINE_ARGS, ServeProcess
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -349,3 +350,32 @@ def test_loading_while_host_memory_is_full_of_adapters_in_use(setup) -> None:
             await c.unload_lora_adapter("all4")
 
     asyncio.run(main())
+
+
+def test_serve_lora_modules_are_served_from_start_up(setup, tok_model_dir: str, tmp_path) -> None:
+    """``jserve serve --lora-modules name=path``: the adapters are listed from the start
+    (no request is run here: neither warm-up compiles anything)."""
+    _, paths, _, _ = setup
+    args = [
+        "--model", tok_model_dir, "--served-model-name", MODEL, *ENGINE_ARGS,
+        "--no-server-warmup", "--max-lora-rank", "8", "--max-loras", "2",
+        "--lora-modules", f"qv8={paths['qv8']}", f"all4={paths['all4']}",
+    ]  # fmt: skip
+    proc = ServeProcess(str(tmp_path / "serve.log"), args).start()
+    try:
+        proc.wait_for(r"LoRA adapters: qv8 \(id 1\), all4 \(id 2\)", 10)
+        models = httpx.get(f"{proc.url}/v1/models", timeout=30).json()["data"]
+        assert [(m["id"], m["parent"]) for m in models] == [
+            (MODEL, None),
+            ("qv8", MODEL),
+            ("all4", MODEL),
+        ]
+
+        async def info():
+            async with Client(f"127.0.0.1:{proc.grpc_port}") as c:
+                return await c.model_info()
+
+        got = asyncio.run(info())
+        assert _names(got) == [("qv8", 1, paths["qv8"]), ("all4", 2, paths["all4"])]
+    finally:
+        assert proc.stop() == 0, proc.log()
