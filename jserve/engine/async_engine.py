@@ -7,6 +7,11 @@ add is validated on the loop thread and its error (bad input, queue full)
 is raised to the caller before the stream starts. A step that fails raises
 EngineStepError to the streams of the requests it held and the loop serves
 on; only an engine that cannot recover (EngineDeadError) stops it.
+
+LoRA adapters are loaded and unloaded the same way (``add_lora``,
+``remove_lora``): the step thread reads the adapter's files and changes the
+engine's registry between steps, and ``loras`` is a snapshot of what is
+registered for callers on other threads to read.
 """
 
 from __future__ import annotations
@@ -26,11 +31,17 @@ from jserve.engine.llm_engine import LLMEngine
 from jserve.engine.request import Request
 from jserve.engine.stats import EngineStats
 from jserve.errors import EngineDeadError, EngineUnavailableError, JserveError
+from jserve.lora import AdapterError, LoRARequest
 from jserve.outputs import RequestOutput
 from jserve.prompts import PromptType, prompt_parts
 from jserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# AdapterError codes for the two failures an API answers apart: no adapter by
+# that name (NOT_FOUND / 404), and one that unfinished requests still use.
+LORA_NOT_FOUND = "lora_adapter_not_found"
+LORA_IN_USE = "lora_adapter_in_use"
 
 
 class _Stream:
@@ -52,6 +63,9 @@ class AsyncLLMEngine:
         self._stop = threading.Event()
         self._ids = itertools.count()
         self.dead: BaseException | None = None
+        # Registered adapters, replaced whole on the step thread after each change.
+        self.loras: tuple[LoRARequest, ...] = tuple(engine.list_loras())
+        self._next_lora_id = 1 + max((r.lora_int_id for r in self.loras), default=0)
         self._thread = threading.Thread(target=self._loop, name="jserve-engine", daemon=True)
         self._thread.start()
 
@@ -64,13 +78,21 @@ class AsyncLLMEngine:
         request_id: str | None = None,
         priority: int = 0,
         tokenizer_executor: concurrent.futures.Executor | None = None,
+        lora_request: LoRARequest | None = None,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields incremental outputs (new tokens, text delta, logprobs) until finished.
 
         A text prompt is tokenized on ``tokenizer_executor`` (default: the event
         loop's default executor), off the step thread. Leaving the iteration early
         (client gone, cancelled, deadline) aborts the request and frees its pages.
+        The request runs with adapter ``lora_request`` (registered if new, as the
+        engine's ``add_request``) or the registered adapter named ``lora_name``,
+        looked up on the step thread as the request is admitted, so an adapter
+        unloaded just before is refused (AdapterError, code LORA_NOT_FOUND).
         """
+        if lora_request is not None and lora_name is not None:
+            raise AdapterError("give lora_request or lora_name, not both")
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.dead}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -88,7 +110,8 @@ class AsyncLLMEngine:
         prompt = ids if ids is not None else text
         stream = _Stream(loop)
         admitted: concurrent.futures.Future[Request] = concurrent.futures.Future()
-        self._send(("add", rid, prompt, params, priority, text, stream, admitted))
+        lora = lora_request if lora_name is None else lora_name
+        self._send(("add", rid, prompt, params, priority, text, lora, stream, admitted))
         try:
             req = await asyncio.wrap_future(admitted)
         except asyncio.CancelledError:
@@ -122,6 +145,18 @@ class AsyncLLMEngine:
         now): each stream still gets its final output, whose samples say "abort"."""
         self._send(("abort_all",))
 
+    async def add_lora(self, name: str, path: str) -> LoRARequest:
+        """Loads adapter ``name`` from directory ``path`` under the next unused id (ids
+        are never reused, so nothing cached for an unloaded adapter can match a new one).
+        AdapterError, with nothing registered, for an adapter that cannot be served or a
+        name already loaded; CapacityError while host memory is full of adapters in use."""
+        return await self._call(self._add_lora, name, path)
+
+    async def remove_lora(self, name: str) -> LoRARequest:
+        """Unloads adapter ``name``. AdapterError with code LORA_NOT_FOUND for a name
+        not loaded, LORA_IN_USE while unfinished requests use it."""
+        return await self._call(self._remove_lora, name)
+
     def get_stats(self) -> EngineStats:
         return self.engine.get_stats()
 
@@ -143,6 +178,14 @@ class AsyncLLMEngine:
         self._wake.set()
         self._thread.join(timeout)
 
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        """Runs ``fn(*args)`` on the step thread between steps; its result or error."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self.dead}")
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._send(("call", fn, args, done))
+        return await asyncio.wrap_future(done)
+
     def _send(self, command: tuple[Any, ...]) -> None:
         self._commands.put(command)
         self._wake.set()
@@ -156,14 +199,21 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, prompt, params, priority, text, stream, admitted = cmd
+                _, rid, prompt, params, priority, text, lora, stream, admitted = cmd
                 if not admitted.set_running_or_notify_cancel():
                     continue  # the caller gave up before admission
                 if self.dead is not None:
                     admitted.set_exception(EngineDeadError(f"the engine stopped: {self.dead}"))
                     continue
                 try:
-                    req = self.engine.add_request(rid, prompt, params, priority, prompt_text=text)
+                    named = isinstance(lora, str)
+                    if named:
+                        lora = self._lora_by_name(lora)
+                    req = self.engine.add_request(
+                        rid, prompt, params, priority, prompt_text=text, lora_request=lora
+                    )
+                    if lora is not None and not named:
+                        self._snapshot_loras()  # the request may have registered it
                 except Exception as e:  # validation changes nothing: only this add fails
                     if not isinstance(e, JserveError):
                         logger.exception("adding request %s failed", rid)
@@ -176,6 +226,55 @@ class AsyncLLMEngine:
             elif cmd[0] == "abort_all":
                 for rid in list(self._streams):
                     self.engine.abort_request(rid)
+            elif cmd[0] == "call":
+                _, fn, args, done = cmd
+                if not done.set_running_or_notify_cancel():
+                    continue
+                if self.dead is not None:
+                    done.set_exception(EngineDeadError(f"the engine stopped: {self.dead}"))
+                    continue
+                try:
+                    done.set_result(fn(*args))
+                except Exception as e:  # each call checks before it changes anything
+                    if not isinstance(e, JserveError):
+                        logger.exception("engine call %s failed", getattr(fn, "__name__", fn))
+                    done.set_exception(e)
+
+    # LoRA registry changes, on the step thread (through _call).
+
+    def _snapshot_loras(self) -> None:
+        self.loras = tuple(self.engine.list_loras())
+        self._next_lora_id = max(
+            self._next_lora_id, 1 + max((r.lora_int_id for r in self.loras), default=0)
+        )
+
+    def _lora_by_name(self, name: str) -> LoRARequest:
+        try:
+            return self.engine.lora_by_name(name)
+        except AdapterError as e:
+            e.code = LORA_NOT_FOUND
+            raise
+
+    def _add_lora(self, name: str, path: str) -> LoRARequest:
+        if self.engine.lora is not None and self.engine.lora.get(name) is not None:
+            known = self.engine.lora_by_name(name)
+            raise AdapterError(
+                f"LoRA adapter {name!r} is already loaded (from {known.lora_path}); unload it "
+                "first to load it again, or choose another name"
+            )
+        req = self.engine.add_lora(LoRARequest(name, self._next_lora_id, path))
+        self._snapshot_loras()
+        return req
+
+    def _remove_lora(self, name: str) -> LoRARequest:
+        self._lora_by_name(name)
+        try:
+            req = self.engine.remove_lora(name)
+        except AdapterError as e:  # the name is known: unfinished requests use it
+            e.code = LORA_IN_USE
+            raise
+        self._snapshot_loras()
+        return req
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         errors = self.engine.step_errors  # requests a failed step aborted: raise to them

@@ -135,6 +135,9 @@ def _announce(handle: ServerHandle) -> None:
     if handle.metrics_port is not None:
         line += f", metrics on http://{_hostport(cfg.metrics_host, handle.metrics_port)}/metrics"
     print(line, file=sys.stderr, flush=True)
+    if handle.core.lora_enabled:
+        loras = ", ".join(f"{r.lora_name} (id {r.lora_int_id})" for r in handle.core.loras)
+        print(f"jserve: LoRA adapters: {loras or 'none loaded yet'}", file=sys.stderr, flush=True)
 
 
 def run_serve(args: argparse.Namespace, aengine: AsyncLLMEngine) -> int:

@@ -6,6 +6,8 @@ Each streaming call records when every message (and so every token) arrived:
         r = await client.generate("ROMEO:", max_tokens=32, temperature=0)
         print(r.text[0], r.ttft, r.token_times[0])
         r = await client.decode("ROMEO:", max_tokens=32)  # JetStream's Decode
+        await client.load_lora_adapter("sql", "/adapters/sql")
+        r = await client.generate("SELECT", lora_name="sql", temperature=0)
 
 Times are ``time.perf_counter()`` values; ``start`` is taken just before the
 call is made.
@@ -91,6 +93,7 @@ def generate_request(
     *,
     request_id: str = "",
     priority: int = 0,
+    lora_name: str = "",
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     **sampling: Any,
@@ -99,6 +102,7 @@ def generate_request(
     req = pb.GenerateRequest(
         request_id=request_id,
         priority=priority,
+        lora_name=lora_name,
         sampling=pb.SamplingParameters(
             stop=list(stop), stop_token_ids=list(stop_token_ids), **sampling
         ),
@@ -228,6 +232,19 @@ class Client:
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         return await self.generation.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata)
+
+    async def load_lora_adapter(self, name: str, path: str) -> pb.LoRAAdapter:
+        """Loads a PEFT adapter directory on the server's machine; the server's entry."""
+        resp = await self.generation.LoadLoRAAdapter(
+            pb.LoadLoRAAdapterRequest(lora_name=name, lora_path=path), metadata=self.metadata
+        )
+        return resp.adapter
+
+    async def unload_lora_adapter(self, name: str) -> pb.LoRAAdapter:
+        resp = await self.generation.UnloadLoRAAdapter(
+            pb.UnloadLoRAAdapterRequest(lora_name=name), metadata=self.metadata
+        )
+        return resp.adapter
 
     async def health(self, service: str = "") -> str:
         """The standard health status name, e.g. "SERVING"."""

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from jserve.errors import InvalidRequestError
+from jserve.lora import LoRARequest
 from jserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jserve.sampling_params import SamplingParams
 from jserve.server.proto import generation_pb2 as pb
@@ -67,6 +68,10 @@ def structured_outputs(msg: pb.SamplingParameters) -> StructuredOutputsParams | 
     if kind == "choice":
         return StructuredOutputsParams(choice=list(so.choice.choices), whitespace_pattern=ws)
     return StructuredOutputsParams(**{kind: getattr(so, kind)}, whitespace_pattern=ws)
+
+
+def lora_adapter(req: LoRARequest) -> pb.LoRAAdapter:
+    return pb.LoRAAdapter(name=req.lora_name, id=req.lora_int_id, path=str(req.lora_path))
 
 
 def generate_prompt(request: pb.GenerateRequest) -> str | list[int]:

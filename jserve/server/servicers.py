@@ -16,6 +16,13 @@ mapping, metrics and cleanup:
   signal, or the grace period is over) -> the request's last message says
   FINISH_REASON_ABORT and carries its usage, then the call ends UNAVAILABLE
   with ``SHUTDOWN_ABORT_MESSAGE``.
+
+LoRA adapters: a Generate request names a loaded adapter (``lora_name``),
+looked up as the engine admits it (unknown: INVALID_ARGUMENT, nothing queued).
+``LoadLoRAAdapter`` and ``UnloadLoRAAdapter`` change the set at run time
+through ``ServingCore.load_lora`` / ``unload_lora``, which the HTTP API's
+``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` share; the adapter's
+files are read on the engine's step thread, between steps.
 """
 
 from __future__ import annotations
@@ -31,13 +38,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from jserve.engine.async_engine import AsyncLLMEngine
+from jserve.engine.async_engine import LORA_IN_USE, LORA_NOT_FOUND, AsyncLLMEngine
 from jserve.errors import (
     CapacityError,
     EngineDeadError,
     EngineUnavailableError,
     InvalidRequestError,
 )
+from jserve.lora import AdapterError, LoRARequest
 from jserve.outputs import RequestOutput
 from jserve.sampling_params import SamplingParams
 from jserve.server import convert
@@ -64,6 +72,10 @@ SHUTDOWN_ABORT_MESSAGE = (
 )
 # The engine's errors whose message is the client's to read, and each outcome's status.
 _TYPED_ERRORS = (InvalidRequestError, CapacityError, EngineDeadError)
+_LORA_CODES = {
+    LORA_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    LORA_IN_USE: grpc.StatusCode.FAILED_PRECONDITION,
+}
 _GRPC_CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "rejected": grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -81,6 +93,7 @@ class Job:
     priority: int
     respond: Callable[[RequestOutput], list[Any]]
     client_id: str | None = None  # the id the client chose, if any (never sent to the engine)
+    lora_name: str | None = None  # a loaded LoRA adapter; None: the base model
 
 
 class ServingCore:
@@ -161,12 +174,62 @@ class ServingCore:
             raise InvalidRequestError(error, field=field)
 
     def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str, priority: int
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """The engine stream of one request; a text prompt is tokenized on the tokenizer
         threads, in turn with Tokenize calls, so a flood of either cannot crowd out the
-        step thread."""
-        return self.aengine.generate(prompt, params, request_id, priority, self._tokenizer_pool)
+        step thread. ``lora_name`` names a loaded adapter (AdapterError if none is)."""
+        return self.aengine.generate(
+            prompt, params, request_id, priority, self._tokenizer_pool, lora_name=lora_name
+        )
+
+    # -- LoRA adapters -----------------------------------------------------------
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.engine.lora is not None
+
+    @property
+    def loras(self) -> tuple[LoRARequest, ...]:
+        """The adapters loaded now, by id (a snapshot the engine's thread keeps)."""
+        return self.aengine.loras
+
+    def lora(self, name: str) -> LoRARequest | None:
+        """The loaded adapter called ``name``, or None."""
+        return next((r for r in self.aengine.loras if r.lora_name == name), None)
+
+    def lora_disabled_error(self) -> AdapterError:
+        return AdapterError(
+            "this server runs no LoRA adapters; start it with --enable-lora (and "
+            "--max-lora-rank at least the adapters' rank) to load them"
+        )
+
+    async def load_lora(self, name: str, path: str) -> LoRARequest:
+        """Loads adapter ``name`` from ``path``; the errors of ``AsyncLLMEngine.add_lora``
+        (AdapterError, CapacityError), or ``lora_disabled_error`` without --enable-lora."""
+        if not self.lora_enabled:
+            raise self.lora_disabled_error()
+        if name == self.model_name:
+            raise AdapterError(
+                f"LoRA adapter name {name!r} is the base model's name; give the adapter "
+                "another name"
+            )
+        req = await self.aengine.add_lora(name, path)
+        logger.info("loaded LoRA adapter %r (id %d) from %s", name, req.lora_int_id, path)
+        return req
+
+    async def unload_lora(self, name: str) -> LoRARequest:
+        """Unloads adapter ``name``; the errors of ``AsyncLLMEngine.remove_lora``."""
+        if not self.lora_enabled:
+            raise self.lora_disabled_error()
+        req = await self.aengine.remove_lora(name)
+        logger.info("unloaded LoRA adapter %r (id %d)", name, req.lora_int_id)
+        return req
 
     async def in_tokenizer_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs tokenizer work on the server's few tokenizer threads."""
@@ -273,7 +336,7 @@ class ServingCore:
             self.client_ids.add(job.client_id)
         outcome: str | None = None  # stays None if the RPC ends before the request does
         late_abort = False
-        gen = self.generate(job.prompt, job.params, job.request_id, job.priority)
+        gen = self.generate(job.prompt, job.params, job.request_id, job.priority, job.lora_name)
         try:
             # Leaving this block before the request finished (the RPC was cancelled,
             # ran out of time or was closed) closes the engine stream, which aborts
@@ -351,7 +414,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             rid = core.new_request_id("gen")
             client_id = request.request_id or None
             respond = convert.GenerateResponder(client_id or rid, params)
-            return Job(prompt, params, rid, request.priority, respond, client_id)
+            lora = request.lora_name or None
+            return Job(prompt, params, rid, request.priority, respond, client_id, lora)
 
         async for msg in core.stream("generation", context, make_job):
             yield msg
@@ -411,7 +475,45 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         )
         if core.bos_token_id is not None:
             info.bos_token_id = core.bos_token_id
+        info.lora_enabled = core.lora_enabled
+        info.lora_adapters.extend(convert.lora_adapter(r) for r in core.loras)
         return info
+
+    async def LoadLoRAAdapter(
+        self, request: pb.LoadLoRAAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadLoRAAdapterResponse:
+        req = await self._lora_call(
+            context, self.core.load_lora(request.lora_name, request.lora_path)
+        )
+        return pb.LoadLoRAAdapterResponse(adapter=convert.lora_adapter(req))
+
+    async def UnloadLoRAAdapter(
+        self, request: pb.UnloadLoRAAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadLoRAAdapterResponse:
+        req = await self._lora_call(context, self.core.unload_lora(request.lora_name))
+        return pb.UnloadLoRAAdapterResponse(adapter=convert.lora_adapter(req))
+
+    async def _lora_call(
+        self, context: grpc.aio.ServicerContext, call: Awaitable[LoRARequest]
+    ) -> LoRARequest:
+        """Awaits a load or unload, aborting the RPC with its error's status."""
+        try:
+            return await call
+        except AdapterError as e:
+            code = _LORA_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT)
+            if not self.core.lora_enabled:
+                code = grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(code, str(e))
+        except CapacityError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:
+            unavailable = isinstance(e, EngineUnavailableError)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE if unavailable else grpc.StatusCode.INTERNAL, str(e)
+            )
+        raise AssertionError("unreachable: context.abort raises")
 
 
 class OrchestratorServicer(js_grpc.OrchestratorServicer):

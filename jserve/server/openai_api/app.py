@@ -7,6 +7,12 @@ Prometheus registry, the one the gRPC server's ``--metrics-port`` serves),
 ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` (vLLM's
 shapes, which lm-evaluation-harness's ``local-completions`` tokenizes with). With a token set,
 every route but ``/health`` needs ``Authorization: Bearer <token>``.
+
+LoRA adapters, as vLLM serves them: a request's ``model`` may name a loaded adapter;
+``/v1/models`` lists each one after the base model (``parent``: the base model's id);
+``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}`` and ``POST
+/v1/unload_lora_adapter`` ``{"lora_name"}`` change them at run time (400 for an adapter
+that cannot be served, 404 for unloading an unknown name, 409 while requests use it).
 """
 
 from __future__ import annotations
@@ -23,14 +29,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from jserve.errors import JserveError
+from jserve.lora import LoRARequest
 from jserve.server.openai_api.chat import create_chat_completion, render_chat
 from jserve.server.openai_api.completions import create_completion
-from jserve.server.openai_api.errors import APIError, bad_request, from_validation_errors
+from jserve.server.openai_api.errors import (
+    APIError,
+    bad_request,
+    from_lora_error,
+    from_validation_errors,
+)
 from jserve.server.openai_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 from jserve.server.openai_api.runs import ClientGone
 from jserve.server.openai_api.state import APIState
@@ -144,12 +159,38 @@ def build_app(state: APIState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(state)]}
+        cards = [_model_card(state), *(_lora_card(state, r) for r in state.core.loras)]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict[str, Any]:
-        state.check_model(model)
-        return _model_card(state)
+        lora = state.check_model(model)
+        return _model_card(state) if lora is None else _lora_card(state, lora)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoRAAdapterRequest) -> Response:
+        try:
+            lora = await state.core.load_lora(req.lora_name, req.lora_path)
+        except JserveError as e:
+            raise from_lora_error(e, "lora_path") from None
+        return PlainTextResponse(
+            f"Success: LoRA adapter {lora.lora_name!r} loaded (id {lora.lora_int_id})"
+        )
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoRAAdapterRequest) -> Response:
+        known = state.core.lora(req.lora_name)
+        given = req.lora_int_id
+        if given is not None and known is not None and known.lora_int_id != given:
+            raise bad_request(
+                f"LoRA adapter {req.lora_name!r} has id {known.lora_int_id}, not {given}",
+                "lora_int_id",
+            )
+        try:
+            lora = await state.core.unload_lora(req.lora_name)
+        except JserveError as e:
+            raise from_lora_error(e, "lora_name") from None
+        return PlainTextResponse(f"Success: LoRA adapter {lora.lora_name!r} unloaded")
 
     @app.get("/health")
     async def health() -> Response:
@@ -225,5 +266,15 @@ def _model_card(state: APIState) -> dict[str, Any]:
         "object": "model",
         "created": state.created,
         "owned_by": "jserve",
+        "parent": None,
         "max_model_len": state.core.engine.max_model_len,
+    }
+
+
+def _lora_card(state: APIState, lora: LoRARequest) -> dict[str, Any]:
+    return {
+        **_model_card(state),
+        "id": lora.lora_name,
+        "root": str(lora.lora_path),
+        "parent": state.model_name,
     }

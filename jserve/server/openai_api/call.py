@@ -27,7 +27,8 @@ class APICall(abc.ABC):
     def __init__(self, state: APIState, req: Any, id_prefix: str) -> None:
         self.state = state
         self.req = req
-        state.check_model(req.model)
+        lora = state.check_model(req.model)
+        self.lora_name = lora.lora_name if lora is not None else None  # None: the base model
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options needs stream: true", "stream_options")
         self.include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -39,7 +40,7 @@ class APICall(abc.ABC):
             "id": self.id,
             "object": obj,
             "created": self.created,
-            "model": self.state.model_name,
+            "model": self.lora_name or self.state.model_name,
         }
 
     def usage_event(self, obj: str, prompt_tokens: int, completion_tokens: int) -> str:

@@ -96,7 +96,9 @@ class ChatCall(APICall):
         ids = await render_chat(
             self.state, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs
         )
-        self.run = EngineRun(self.state.core, API, [ids], self.params, req.priority, self.fields)
+        self.run = EngineRun(
+            self.state.core, API, [ids], self.params, req.priority, self.fields, self.lora_name
+        )
 
     def _logprobs(self, c: CompletionOutput) -> dict[str, Any] | None:
         if self.top_n is None:

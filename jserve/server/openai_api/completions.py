@@ -51,7 +51,9 @@ class CompletionCall(APICall):
 
     async def prepare(self) -> None:
         req = self.req
-        self.run = EngineRun(self.state.core, API, self.prompts, self.params, req.priority, FIELDS)
+        self.run = EngineRun(
+            self.state.core, API, self.prompts, self.params, req.priority, FIELDS, self.lora_name
+        )
 
     # -- the echoed prompt --------------------------------------------------
 

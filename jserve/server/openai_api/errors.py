@@ -4,7 +4,8 @@
 | --- | --- | --- |
 | 400 | invalid_request_error | a bad field (``param`` names it), a prompt beyond the model's length (code ``context_length_exceeded``) |
 | 401 | authentication_error | no token or a wrong one, when the server requires one |
-| 404 | invalid_request_error | an unknown model (code ``model_not_found``) or path |
+| 404 | invalid_request_error | an unknown model (code ``model_not_found``: neither the base model nor a loaded LoRA adapter) or path |
+| 409 | invalid_request_error | unloading a LoRA adapter that unfinished requests use (code ``lora_adapter_in_use``) |
 | 413 | invalid_request_error | a request body over ``--max-request-bytes`` |
 | 429 | rate_limit_error | the engine's queue is full; retry later |
 | 500 | server_error | the engine failed |
@@ -18,6 +19,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from jserve.engine.async_engine import LORA_IN_USE, LORA_NOT_FOUND
 from jserve.errors import (
     CapacityError,
     EngineDeadError,
@@ -29,6 +31,7 @@ _TYPES = {
     401: "authentication_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -79,8 +82,22 @@ def from_engine_error(e: Exception, fields: dict[str, str] | None = None) -> API
         return APIError(500, msg, None, "engine_dead")
     if not isinstance(e, InvalidRequestError):
         return APIError(500, "internal error", None, "internal_error")
+    if e.code == LORA_NOT_FOUND:  # e.g. unloaded between the model check and admission
+        return APIError(404, msg, "model", "model_not_found")
     field = fields.get(e.field, e.field) if e.field is not None else None
     return bad_request(msg, field, e.code)
+
+
+def from_lora_error(e: Exception, param: str) -> APIError:
+    """The APIError for a failed LoRA load or unload (``param``: the field at fault when
+    the adapter cannot be served)."""
+    if isinstance(e, InvalidRequestError):
+        if e.code == LORA_NOT_FOUND:
+            return APIError(404, str(e), "lora_name", LORA_NOT_FOUND)
+        if e.code == LORA_IN_USE:
+            return APIError(409, str(e), "lora_name", LORA_IN_USE)
+        return bad_request(str(e), param, e.code)
+    return from_engine_error(e)
 
 
 # How pydantic names the member of a union in an error's location: str, list[int], ...

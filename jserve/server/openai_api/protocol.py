@@ -105,6 +105,20 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = True
 
 
+class LoadLoRAAdapterRequest(_Body):
+    """vLLM's ``POST /v1/load_lora_adapter``."""
+
+    lora_name: StrictStr
+    lora_path: StrictStr
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    """vLLM's ``POST /v1/unload_lora_adapter``; ``lora_int_id``, if given, must match."""
+
+    lora_name: StrictStr
+    lora_int_id: StrictInt | None = None
+
+
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[StrictInt]

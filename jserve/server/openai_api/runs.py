@@ -161,6 +161,7 @@ class EngineRun:
         params: SamplingParams,
         priority: int,
         fields: dict[str, str],
+        lora_name: str | None = None,
     ) -> None:
         self.core = core
         self.api = api
@@ -168,6 +169,7 @@ class EngineRun:
         self.params = params
         self.priority = priority
         self.fields = fields  # SamplingParams names -> the request's, for error messages
+        self.lora_name = lora_name  # the adapter the request's model names; None: the base
         self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._first: list[tuple[int, Any]] = []
@@ -229,7 +231,7 @@ class EngineRun:
         rec = core.metrics.recorder(self.api)
         rid = core.new_request_id(self.api)
         outcome: str | None = None
-        gen = core.generate(prompt, self.params, rid, self.priority)
+        gen = core.generate(prompt, self.params, rid, self.priority, self.lora_name)
         try:
             async with contextlib.aclosing(gen):
                 async for out in gen:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from jserve.lora import LoRARequest
 from jserve.sampling_params import SamplingParams
 from jserve.server.openai_api.chat_template import ChatTemplate
 from jserve.server.openai_api.errors import APIError, bad_request
@@ -31,15 +32,23 @@ class APIState:
     def tokenizer(self) -> Any:
         return self.core.tokenizer
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist here; this server serves "
-                f"{self.model_name!r} (GET /v1/models)",
-                "model",
-                "model_not_found",
-            )
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's ``model`` names (vLLM's convention), or None for
+        the base model (also when ``model`` is not given); 404 for any other name."""
+        if model is None or model == self.model_name:
+            return None
+        lora = self.core.lora(model)
+        if lora is not None:
+            return lora
+        served = [self.model_name, *(r.lora_name for r in self.core.loras)]
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist here; this server serves "
+            + ", ".join(repr(m) for m in served)
+            + " (GET /v1/models)",
+            "model",
+            "model_not_found",
+        )
 
     def check_prompt_size(self, prompt: str | Sequence[int], field: str) -> None:
         """Refuses text or token ids longer than a sequence of this model can be."""

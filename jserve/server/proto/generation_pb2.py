@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$jserve/server/proto/generation.proto\x12\tjserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa6\x06\n\x12SamplingParameters\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\t\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0c\x88\x01\x01\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.jserve.v1.SamplingParameters.LogitBiasEntry\x12\x38\n\x12structured_outputs\x18\x13 \x01(\x0b\x32\x1c.jserve.v1.StructuredOutputs\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xc4\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x12.jserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12\x1f\n\x12whitespace_pattern\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\x06\n\x04kindB\x15\n\x13_whitespace_pattern\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xac\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.jserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.jserve.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x42\x08\n\x06prompt\"N\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\t\"b\n\x10PositionLogprobs\x12(\n\x07sampled\x18\x01 \x01(\x0b\x32\x17.jserve.v1.TokenLogprob\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.jserve.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x95\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12-\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1b.jserve.v1.PositionLogprobs\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.jserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\t \x01(\x0b\x32\x10.jserve.v1.UsageB\r\n\x0bstop_reason\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xd4\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x19\n\x0c\x62os_token_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\x05\x12\r\n\x05max_n\x18\x08 \x01(\x05\x42\x0f\n\r_bos_token_id*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xb4\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.jserve.v1.GenerateRequest\x1a\x1b.jserve.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.jserve.v1.TokenizeRequest\x1a\x1b.jserve.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.jserve.v1.DetokenizeRequest\x1a\x1d.jserve.v1.DetokenizeResponse\x12O\n\x0cGetModelInfo\x12\x1e.jserve.v1.GetModelInfoRequest\x1a\x1f.jserve.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$jserve/server/proto/generation.proto\x12\tjserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa6\x06\n\x12SamplingParameters\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\t\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0c\x88\x01\x01\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.jserve.v1.SamplingParameters.LogitBiasEntry\x12\x38\n\x12structured_outputs\x18\x13 \x01(\x0b\x32\x1c.jserve.v1.StructuredOutputs\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xc4\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x12.jserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12\x1f\n\x12whitespace_pattern\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\x06\n\x04kindB\x15\n\x13_whitespace_pattern\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xbf\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.jserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.jserve.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x11\n\tlora_name\x18\x06 \x01(\tB\x08\n\x06prompt\"N\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\t\"b\n\x10PositionLogprobs\x12(\n\x07sampled\x18\x01 \x01(\x0b\x32\x17.jserve.v1.TokenLogprob\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.jserve.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x95\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12-\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1b.jserve.v1.PositionLogprobs\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.jserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\t \x01(\x0b\x32\x10.jserve.v1.UsageB\r\n\x0bstop_reason\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x99\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x19\n\x0c\x62os_token_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\x05\x12\r\n\x05max_n\x18\x08 \x01(\x05\x12-\n\rlora_adapters\x18\t \x03(\x0b\x32\x16.jserve.v1.LoRAAdapter\x12\x14\n\x0clora_enabled\x18\n \x01(\x08\x42\x0f\n\r_bos_token_id\"5\n\x0bLoRAAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x05\x12\x0c\n\x04path\x18\x03 \x01(\t\">\n\x16LoadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\"B\n\x17LoadLoRAAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.jserve.v1.LoRAAdapter\"-\n\x18UnloadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\"D\n\x19UnloadLoRAAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.jserve.v1.LoRAAdapter*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xee\x03\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.jserve.v1.GenerateRequest\x1a\x1b.jserve.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.jserve.v1.TokenizeRequest\x1a\x1b.jserve.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.jserve.v1.DetokenizeRequest\x1a\x1d.jserve.v1.DetokenizeResponse\x12O\n\x0cGetModelInfo\x12\x1e.jserve.v1.GetModelInfoRequest\x1a\x1f.jserve.v1.GetModelInfoResponse\x12X\n\x0fLoadLoRAAdapter\x12!.jserve.v1.LoadLoRAAdapterRequest\x1a\".jserve.v1.LoadLoRAAdapterResponse\x12^\n\x11UnloadLoRAAdapter\x12#.jserve.v1.UnloadLoRAAdapterRequest\x1a$.jserve.v1.UnloadLoRAAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2329
-  _globals['_FINISHREASON']._serialized_end=2449
+  _globals['_FINISHREASON']._serialized_start=2721
+  _globals['_FINISHREASON']._serialized_end=2841
   _globals['_TOKENIDS']._serialized_start=51
   _globals['_TOKENIDS']._serialized_end=74
   _globals['_SAMPLINGPARAMETERS']._serialized_start=77
@@ -46,27 +46,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHOICES']._serialized_start=1084
   _globals['_CHOICES']._serialized_end=1110
   _globals['_GENERATEREQUEST']._serialized_start=1113
-  _globals['_GENERATEREQUEST']._serialized_end=1285
-  _globals['_TOKENLOGPROB']._serialized_start=1287
-  _globals['_TOKENLOGPROB']._serialized_end=1365
-  _globals['_POSITIONLOGPROBS']._serialized_start=1367
-  _globals['_POSITIONLOGPROBS']._serialized_end=1465
-  _globals['_USAGE']._serialized_start=1467
-  _globals['_USAGE']._serialized_end=1547
-  _globals['_GENERATERESPONSE']._serialized_start=1550
-  _globals['_GENERATERESPONSE']._serialized_end=1827
-  _globals['_TOKENIZEREQUEST']._serialized_start=1829
-  _globals['_TOKENIZEREQUEST']._serialized_end=1916
-  _globals['_TOKENIZERESPONSE']._serialized_start=1918
-  _globals['_TOKENIZERESPONSE']._serialized_end=1955
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1957
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2053
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2055
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2089
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2091
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2112
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2115
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2327
-  _globals['_GENERATION']._serialized_start=2452
-  _globals['_GENERATION']._serialized_end=2760
+  _globals['_GENERATEREQUEST']._serialized_end=1304
+  _globals['_TOKENLOGPROB']._serialized_start=1306
+  _globals['_TOKENLOGPROB']._serialized_end=1384
+  _globals['_POSITIONLOGPROBS']._serialized_start=1386
+  _globals['_POSITIONLOGPROBS']._serialized_end=1484
+  _globals['_USAGE']._serialized_start=1486
+  _globals['_USAGE']._serialized_end=1566
+  _globals['_GENERATERESPONSE']._serialized_start=1569
+  _globals['_GENERATERESPONSE']._serialized_end=1846
+  _globals['_TOKENIZEREQUEST']._serialized_start=1848
+  _globals['_TOKENIZEREQUEST']._serialized_end=1935
+  _globals['_TOKENIZERESPONSE']._serialized_start=1937
+  _globals['_TOKENIZERESPONSE']._serialized_end=1974
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1976
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2072
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2074
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2108
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2110
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2131
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2134
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2415
+  _globals['_LORAADAPTER']._serialized_start=2417
+  _globals['_LORAADAPTER']._serialized_end=2470
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_start=2472
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_end=2534
+  _globals['_LOADLORAADAPTERRESPONSE']._serialized_start=2536
+  _globals['_LOADLORAADAPTERRESPONSE']._serialized_end=2602
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_start=2604
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_end=2649
+  _globals['_UNLOADLORAADAPTERRESPONSE']._serialized_start=2651
+  _globals['_UNLOADLORAADAPTERRESPONSE']._serialized_end=2719
+  _globals['_GENERATION']._serialized_start=2844
+  _globals['_GENERATION']._serialized_end=3338
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,16 @@ class GenerationStub(object):
                 request_serializer=jserve_dot_server_dot_proto_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=jserve_dot_server_dot_proto_dot_generation__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/jserve.v1.Generation/LoadLoRAAdapter',
+                request_serializer=jserve_dot_server_dot_proto_dot_generation__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=jserve_dot_server_dot_proto_dot_generation__pb2.LoadLoRAAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/jserve.v1.Generation/UnloadLoRAAdapter',
+                request_serializer=jserve_dot_server_dot_proto_dot_generation__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=jserve_dot_server_dot_proto_dot_generation__pb2.UnloadLoRAAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer(object):
@@ -83,7 +93,28 @@ class GenerationServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """What the served model is and which limits apply to requests.
+        """What the served model is, its LoRA adapters, and which limits apply to requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadLoRAAdapter(self, request, context):
+        """Loads a PEFT LoRA adapter from a directory on the server's machine, under a
+        name requests then give as GenerateRequest.lora_name; the server assigns its
+        id. INVALID_ARGUMENT (nothing loaded) for an adapter that cannot be served
+        (missing or malformed files, a rank above the server's limit, another
+        architecture) or a name already loaded; RESOURCE_EXHAUSTED while host
+        memory is full of adapters in use; FAILED_PRECONDITION on a server started
+        without LoRA support (--enable-lora).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """Unloads an adapter. NOT_FOUND for a name not loaded; FAILED_PRECONDITION
+        while unfinished requests use it (retry once they finish).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +142,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=jserve_dot_server_dot_proto_dot_generation__pb2.GetModelInfoRequest.FromString,
                     response_serializer=jserve_dot_server_dot_proto_dot_generation__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=jserve_dot_server_dot_proto_dot_generation__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=jserve_dot_server_dot_proto_dot_generation__pb2.LoadLoRAAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=jserve_dot_server_dot_proto_dot_generation__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=jserve_dot_server_dot_proto_dot_generation__pb2.UnloadLoRAAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +262,60 @@ class Generation(object):
             '/jserve.v1.Generation/GetModelInfo',
             jserve_dot_server_dot_proto_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
             jserve_dot_server_dot_proto_dot_generation__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jserve.v1.Generation/LoadLoRAAdapter',
+            jserve_dot_server_dot_proto_dot_generation__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            jserve_dot_server_dot_proto_dot_generation__pb2.LoadLoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jserve.v1.Generation/UnloadLoRAAdapter',
+            jserve_dot_server_dot_proto_dot_generation__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            jserve_dot_server_dot_proto_dot_generation__pb2.UnloadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
