@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 # that name (NOT_FOUND / 404), and one that unfinished requests still use.
 LORA_NOT_FOUND = "lora_adapter_not_found"
 LORA_IN_USE = "lora_adapter_in_use"
+# Loading or unloading adapters at run time while the server does not allow it.
+LORA_UPDATES_OFF = "lora_runtime_updates_off"
 
 
 class _Stream:

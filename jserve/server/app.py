@@ -96,6 +96,9 @@ class ServerConfig:
     # Sampling of JetStream Decode requests (they carry no sampling fields);
     # n and max_tokens come from each request. Default: greedy.
     jetstream_params: SamplingParams | None = None
+    # Load and unload LoRA adapters through the APIs (LoadLoRAAdapter, /v1/load_lora_adapter):
+    # off unless asked, since a load makes the server read a directory its caller names.
+    allow_runtime_lora_updating: bool = False
 
     def validate(self) -> ServerConfig:
         """Checks every option (ports, TLS files, token, limits); ConfigError naming it."""
@@ -212,6 +215,7 @@ class ServerHandle:
         model_name = config.model_name or aengine.engine.cfg.name or "model"
         js_params = config.jetstream_params or SamplingParams(temperature=0.0)
         self.core = ServingCore(aengine, self.metrics, model_name, js_params, self._engine_died)
+        self.core.runtime_lora_updates = config.allow_runtime_lora_updating
         self.port = 0
         self.metrics_port: int | None = None
         self.http_port: int | None = None

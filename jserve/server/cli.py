@@ -89,6 +89,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="model name reported to clients (default: the model directory's name)",
     )
     g.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="with --enable-lora: let clients load and unload adapters at run time "
+        "(LoadLoRAAdapter, /v1/load_lora_adapter); a load reads the directory the client names",
+    )
+    g.add_argument(
         "--no-server-warmup",
         action="store_true",
         help="report SERVING without first sending a warm-up request through the engine",
@@ -122,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grace_period=args.grace_period,
         model_name=args.served_model_name,
         warmup=not args.no_server_warmup,
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )
 
 

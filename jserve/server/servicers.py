@@ -38,7 +38,12 @@ from typing import Any, TypeVar
 
 import grpc
 
-from jserve.engine.async_engine import LORA_IN_USE, LORA_NOT_FOUND, AsyncLLMEngine
+from jserve.engine.async_engine import (
+    LORA_IN_USE,
+    LORA_NOT_FOUND,
+    LORA_UPDATES_OFF,
+    AsyncLLMEngine,
+)
 from jserve.errors import (
     CapacityError,
     EngineDeadError,
@@ -75,6 +80,7 @@ _TYPED_ERRORS = (InvalidRequestError, CapacityError, EngineDeadError)
 _LORA_CODES = {
     LORA_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     LORA_IN_USE: grpc.StatusCode.FAILED_PRECONDITION,
+    LORA_UPDATES_OFF: grpc.StatusCode.PERMISSION_DENIED,
 }
 _GRPC_CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -209,11 +215,24 @@ class ServingCore:
             "--max-lora-rank at least the adapters' rank) to load them"
         )
 
+    # Whether the APIs may load and unload adapters (ServerConfig.allow_runtime_lora_updating).
+    runtime_lora_updates = False
+
+    def _check_lora_updates(self) -> None:
+        if not self.lora_enabled:
+            raise self.lora_disabled_error()
+        if not self.runtime_lora_updates:
+            e = AdapterError(
+                "loading and unloading LoRA adapters at run time is off on this server; start "
+                "it with --allow-runtime-lora-updating, or serve adapters with --lora-modules"
+            )
+            e.code = LORA_UPDATES_OFF
+            raise e
+
     async def load_lora(self, name: str, path: str) -> LoRARequest:
         """Loads adapter ``name`` from ``path``; the errors of ``AsyncLLMEngine.add_lora``
         (AdapterError, CapacityError), or ``lora_disabled_error`` without --enable-lora."""
-        if not self.lora_enabled:
-            raise self.lora_disabled_error()
+        self._check_lora_updates()
         if name == self.model_name:
             raise AdapterError(
                 f"LoRA adapter name {name!r} is the base model's name; give the adapter "
@@ -225,8 +244,7 @@ class ServingCore:
 
     async def unload_lora(self, name: str) -> LoRARequest:
         """Unloads adapter ``name``; the errors of ``AsyncLLMEngine.remove_lora``."""
-        if not self.lora_enabled:
-            raise self.lora_disabled_error()
+        self._check_lora_updates()
         req = await self.aengine.remove_lora(name)
         logger.info("unloaded LoRA adapter %r (id %d)", name, req.lora_int_id)
         return req

@@ -4,6 +4,7 @@
 | --- | --- | --- |
 | 400 | invalid_request_error | a bad field (``param`` names it), a prompt beyond the model's length (code ``context_length_exceeded``) |
 | 401 | authentication_error | no token or a wrong one, when the server requires one |
+| 403 | permission_error | loading or unloading a LoRA adapter on a server started without ``--allow-runtime-lora-updating`` |
 | 404 | invalid_request_error | an unknown model (code ``model_not_found``: neither the base model nor a loaded LoRA adapter) or path |
 | 409 | invalid_request_error | unloading a LoRA adapter that unfinished requests use (code ``lora_adapter_in_use``) |
 | 413 | invalid_request_error | a request body over ``--max-request-bytes`` |
@@ -19,7 +20,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from jserve.engine.async_engine import LORA_IN_USE, LORA_NOT_FOUND
+from jserve.engine.async_engine import LORA_IN_USE, LORA_NOT_FOUND, LORA_UPDATES_OFF
 from jserve.errors import (
     CapacityError,
     EngineDeadError,
@@ -29,6 +30,7 @@ from jserve.errors import (
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     409: "invalid_request_error",
@@ -96,6 +98,8 @@ def from_lora_error(e: Exception, param: str) -> APIError:
             return APIError(404, str(e), "lora_name", LORA_NOT_FOUND)
         if e.code == LORA_IN_USE:
             return APIError(409, str(e), "lora_name", LORA_IN_USE)
+        if e.code == LORA_UPDATES_OFF:
+            return APIError(403, str(e), None, LORA_UPDATES_OFF)
         return bad_request(str(e), param, e.code)
     return from_engine_error(e)
 
