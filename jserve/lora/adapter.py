@@ -20,6 +20,7 @@ shapes against the base model, finite values) before anything keeps it.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import os
 import re
@@ -174,11 +175,8 @@ def _check_dir(path: str) -> None:
     if not os.path.isdir(path):
         raise AdapterError(f"LoRA adapter directory {path} not found")
     if not os.path.exists(os.path.join(path, "adapter_model.safetensors")):
-        pickles = sorted(
-            f
-            for f in os.listdir(path)
-            if any(re.fullmatch(p.replace("*", ".*"), f) for p in PICKLE_PATTERNS)
-        )
+        files = os.listdir(path)
+        pickles = sorted(f for f in files if any(fnmatch.fnmatch(f, p) for p in PICKLE_PATTERNS))
         if pickles:
             raise AdapterError(
                 f"LoRA adapter {path} holds only pickle weights ({', '.join(pickles[:3])}), "

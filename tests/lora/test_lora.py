@@ -155,6 +155,7 @@ def test_bad_adapters_are_refused_with_nothing_loaded(setup: dict) -> None:
     llm = setup["llm"]
     engine = llm.engine
     d = setup["tmp"]
+    llm.add_lora(setup["reqs"]["qv8"])
     before = (sorted(engine.lora.known), sorted(engine.lora.host), engine.lora.num_host_loads)
     wide = make_tiny_hf_model("llama", str(d / "wide"), hidden_size=96)
     cases = {
