@@ -203,12 +203,17 @@ class LLM:
             loras = [lora_request] * len(prompt_list)
         ids = [str(self._counter + i) for i in range(len(prompt_list))]
         checked = []
+        known = {r.lora_name for r in self.engine.list_loras()}
         for i, (rid, p, sp, pr, lr) in enumerate(
             zip(ids, prompt_list, params, prio, loras, strict=True)
         ):
             try:
                 checked.append(self.engine.validate_request(rid, p, sp, pr, lr))
             except InvalidRequestError as e:
+                # Nothing stays changed: adapters the earlier prompts registered go again.
+                for r in self.engine.list_loras():
+                    if r.lora_name not in known:
+                        self.engine.remove_lora(r.lora_name)
                 if len(prompt_list) == 1:
                     raise
                 raise type(e)(f"prompts[{i}]: {e}") from None

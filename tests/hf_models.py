@@ -99,6 +99,13 @@ def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int) -> list[in
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager"
     ).eval()
+    return model_greedy(model, prompt, max_new_tokens)
+
+
+def model_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens of a loaded transformers model after ``prompt``."""
+    import torch
+
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]),

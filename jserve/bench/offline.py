@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -55,13 +57,14 @@ def _start_engine(
 
 
 def _register_random_loras(args: argparse.Namespace, engine: LLMEngine) -> None:
-    """``--random-loras N``: N random adapters written to a temporary directory and
-    registered (kept until the process exits)."""
+    """``--random-loras N``: N random adapters written to a temporary directory (removed
+    when the process exits) and registered."""
     if args.random_loras <= 0:
         return
     if not 0.0 <= args.lora_fraction <= 1.0:
         raise ConfigError(f"--lora-fraction must be in [0, 1], got {args.lora_fraction}")
     root = tempfile.mkdtemp(prefix="jserve-bench-loras-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     first = max((r.lora_int_id for r in engine.list_loras()), default=0) + 1
     for i in range(args.random_loras):
         path = write_random_adapter(
@@ -149,7 +152,7 @@ def _lora_metrics(engine: LLMEngine, args: argparse.Namespace) -> dict[str, Any]
         "lora_evictions": s.lora_evictions,
     }
     print(
-        f"LoRA: {out['num_loras']} adapters ({args.lora_fraction:g} of requests), "
+        f"LoRA: {out['num_loras']} adapters ({args.lora_fraction:.0%} of requests), "
         f"{engine.ecfg.max_loras} device slots of rank {engine.ecfg.max_lora_rank}, "
         f"{s.lora_loads} slot loads, {s.lora_evictions} evictions"
     )

@@ -151,7 +151,7 @@ class AsyncLLMEngine:
         """Loads adapter ``name`` from directory ``path`` under the next unused id (ids
         are never reused, so nothing cached for an unloaded adapter can match a new one).
         AdapterError, with nothing registered, for an adapter that cannot be served or a
-        name already loaded; CapacityError while host memory is full of adapters in use."""
+        name already loaded."""
         return await self._call(self._add_lora, name, path)
 
     async def remove_lora(self, name: str) -> LoRARequest:

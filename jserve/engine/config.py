@@ -97,8 +97,8 @@ class EngineConfig:
                 if self.max_cpu_loras < self.max_loras:
                     raise ConfigError(
                         f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
-                        f"({self.max_loras}): every adapter on the device is also kept in host "
-                        "memory"
+                        f"({self.max_loras}), so host memory can hold as many adapters as the "
+                        "device slots"
                     )
         return self
 

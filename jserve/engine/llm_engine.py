@@ -356,6 +356,7 @@ class LLMEngine:
         req = Request(request_id, text, ids, params, seed, max_out, priority, arrival_time, lora_id)
         if self.lora is not None:
             self.lora.hold(lora_id)
+            req.lora_salt = self.lora.salt(lora_id)
         self.requests[request_id] = req
         self.scheduler.add_request(req)
         self.stats.num_requests += 1

@@ -39,6 +39,7 @@ class Request:
         self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.lora_id = lora_id  # its LoRA adapter (jserve.lora), 0 for the base model
+        self.lora_salt = 0  # that adapter's prefix-cache salt (LoRAManager.salt)
         self.seqs: list[Sequence] = []
         self.num_cached_tokens = 0
         self.aborted = False

@@ -156,7 +156,8 @@ class Scheduler:
         self.speculator = speculator
         # LoRA (jserve.lora): a sequence runs only while its adapter holds a device slot.
         self.adapters = adapters
-        self.adapter_errors: list[tuple[Request, Exception]] = []
+        # Requests whose adapter could not be read again, by id (take_adapter_errors).
+        self.adapter_errors: dict[str, tuple[Request, Exception]] = {}
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -281,14 +282,15 @@ class Scheduler:
         self._enqueue(seq)
 
     def _cache_full_pages(self, seq: Sequence) -> None:
-        """Registers each newly full page whose tokens are known and computed."""
+        """Registers each newly full page whose tokens are known and computed (salted by
+        its adapter, see ``kv_pool.page_hash``)."""
         s = self.pool.page_size
         full = min(seq.num_computed, len(seq.token_ids)) // s
         if full <= len(seq.page_hashes) or not self.pool.enable_prefix_caching:
             return
         if seq.status is not Status.RUNNING:
             return
-        salt = seq.request.lora_id
+        salt = seq.request.lora_salt
         for i in range(len(seq.page_hashes), full):
             tokens = seq.token_ids[i * s : (i + 1) * s]
             key = page_hash(seq.page_hashes[-1] if seq.page_hashes else None, tokens, salt)
@@ -387,17 +389,7 @@ class Scheduler:
                 take(seq, num_new)  # (a no-op for any other chosen sequence)
 
         while self.waiting and budget > 0:
-            # A sequence preempted this step, or whose last token is still on
-            # the device, waits for a later step.
-            # So does one whose LoRA adapter finds no device slot free of running sequences.
-            seq = next(
-                (
-                    s
-                    for s in self.waiting
-                    if s.num_pending == 0 and s not in preempted and self._adapter_fits(s)
-                ),
-                None,
-            )
+            seq = self._next_waiting(preempted)
             if seq is None or self._slots_used + self._slots_of(seq) > self.cfg.max_num_seqs:
                 break
             # Waiting sequences hold no pages. Reuse cached ones, but always compute
@@ -406,7 +398,7 @@ class Scheduler:
             cap = logprobs.max_cached_pages(seq.request, self.pool.page_size)
             max_pages = max_pages if cap is None else min(max_pages, cap)
             seq.pages, seq.page_hashes = self.pool.lookup(
-                seq.token_ids, max_pages, seq.request.lora_id
+                seq.token_ids, max_pages, seq.request.lora_salt
             )
             hit = len(seq.pages) * self.pool.page_size
             seq.num_computed = hit
@@ -473,19 +465,38 @@ class Scheduler:
             return 0
         return logprobs.owed(seq.request, seq.num_computed, seq.num_computed + num_new)[1]
 
+    def _next_waiting(self, preempted: list[Sequence]) -> Sequence | None:
+        """The first waiting sequence that can start now. A sequence preempted this step,
+        or whose last token is still on the device, waits for a later step. So does one
+        whose LoRA adapter finds no device slot free of running sequences, and after it
+        every later one with an adapter (starting those would keep the slots busy past
+        it); base-model sequences still start."""
+        blocked = False
+        for s in self.waiting:
+            if s.num_pending or s in preempted:
+                continue
+            if self.adapters is None or not s.request.lora_id:
+                return s
+            if not blocked and self._adapter_fits(s):
+                return s
+            blocked = True
+        return None
+
     def _adapter_fits(self, seq: Sequence) -> bool:
-        if self.adapters is None:
-            return True
+        req = seq.request
+        if req.request_id in self.adapter_errors:
+            return False
         try:
-            return self.adapters.can_acquire(seq.request.lora_id)
+            return self.adapters.can_acquire(req.lora_id)
         except AdapterError as e:  # its adapter can no longer be read: it fails alone
-            self.adapter_errors.append((seq.request, e))
+            self.adapter_errors[req.request_id] = (req, e)
             return False
 
     def take_adapter_errors(self) -> list[tuple[Request, Exception]]:
         """Requests whose adapter could not be read again for a device slot, with the
         error; they are aborted here (their final output says "abort")."""
-        errors, self.adapter_errors = self.adapter_errors, []
+        errors = list(self.adapter_errors.values())
+        self.adapter_errors = {}
         for req, _ in errors:
             self.abort_request(req)
         return errors

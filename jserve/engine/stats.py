@@ -61,7 +61,8 @@ class EngineStats:
         }
         out["jserve_spec_decode_mean_accepted_length"] = self.spec_decode_mean_accepted_length
         for name, n in (self.lora_running_requests or {}).items():
-            out[f'jserve_lora_running_requests{{adapter="{name}"}}'] = n
+            label = name.replace("\\", "\\\\").replace('"', '\\"')
+            out[f'jserve_lora_running_requests{{adapter="{label}"}}'] = n
         return out
 
     def record_step(self, num_tokens: int) -> None:

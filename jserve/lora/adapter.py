@@ -48,7 +48,7 @@ TARGETS: dict[str, tuple[str, int]] = {
 PARTS = {"wqkv": 3, "wo": 1, "w_gate_up": 2, "w_down": 1}
 
 _TENSOR = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\."
     r"(\w+)\.lora_([AB])\.weight$"
 )
 
@@ -107,20 +107,15 @@ class HostAdapter:
 
     name: str
     path: str
-    rank: int  # the largest rank of its modules
     weights: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]
-    modules: tuple[str, ...]  # the PEFT target modules it adapts
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern: the value of the first key that matches the
-    module's full name (as a suffix of dotted components, or a regex)."""
+    module's full name (e.g. "model.layers.0.self_attn.q_proj") as PEFT matches it: the
+    key, a regex, ends the name at a dot boundary."""
     for key, value in patterns.items():
-        if module == key or module.endswith("." + key) or re.fullmatch(f".*\\.{key}", module):
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
 
@@ -202,7 +197,7 @@ def load_adapter(
     raw = _read_config(path)
     alpha, rslora = float(raw["lora_alpha"]), bool(raw.get("use_rslora", False))
     alpha_pattern = raw.get("alpha_pattern") or {}
-    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    pairs: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
     try:
         with SafetensorsReader(path, check_finite=True) as reader:
             for tensor in sorted(reader.names()):
@@ -213,21 +208,20 @@ def load_adapter(
                         f"supported module; jserve serves LoRA on {sorted(TARGETS)} of the "
                         "decoder layers"
                     )
-                layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+                layer, block, module, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
                 if module not in TARGETS:
                     raise AdapterError(
                         f"LoRA adapter {path}: target module {module!r} ({tensor}) is not "
                         f"supported; jserve serves LoRA on {sorted(TARGETS)}"
                     )
-                pairs.setdefault((layer, module), {})[ab] = reader.get(tensor)
+                pairs.setdefault((layer, block, module), {})[ab] = reader.get(tensor)
     except CheckpointError as e:
         raise AdapterError(f"LoRA adapter {path}: {e}") from None
     if not pairs:
         raise AdapterError(f"LoRA adapter {path} holds no LoRA weights")
 
     weights: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
-    top_rank = 0
-    for (layer, module), ab in sorted(pairs.items()):
+    for (layer, block, module), ab in sorted(pairs.items()):
         where = f"LoRA adapter {path}: layer {layer} {module}"
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{where} has lora_{''.join(ab)} without its pair")
@@ -245,9 +239,9 @@ def load_adapter(
             )
         a, b = ab["A"], ab["B"]
         out_dim, in_dim = slot.source.shapes[part]
-        r = a.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
             raise AdapterError(f"{where}: lora_A {a.shape} and lora_B {b.shape} do not pair")
+        r = a.shape[0]
         if a.shape[1] != in_dim or b.shape[0] != out_dim:
             raise AdapterError(
                 f"{where}: lora_A {a.shape} / lora_B {b.shape} do not fit this model's "
@@ -259,8 +253,7 @@ def load_adapter(
                 f"{where} has rank {r}, above max_lora_rank={max_rank}; raise max_lora_rank "
                 f"(--max-lora-rank) to at least {r}"
             )
-        top_rank = max(top_rank, r)
-        module_name = f"model.layers.{layer}.{module}"
+        module_name = f"model.layers.{layer}.{block}.{module}"
         a_alpha = float(_pattern_value(alpha_pattern, module_name, alpha))
         scale = a_alpha / (math.sqrt(r) if rslora else r)
         fa, fb = weights.get((layer, fused)) or _zeros(slot, max_rank, dtype)
@@ -269,8 +262,7 @@ def load_adapter(
         fa[..., lo : lo + r] = a.T.reshape(*slot.in_shape, r).astype(dtype)
         fb[lo : lo + r] = _fused_out(slot, part, b.astype(np.float32) * scale).astype(dtype)
         weights[(layer, fused)] = (fa, fb)
-    modules = tuple(sorted({module for _, module in pairs}))
-    return HostAdapter(name, path, top_rank, weights, modules)
+    return HostAdapter(name, path, weights)
 
 
 def _zeros(slot: WeightSlot, max_rank: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -95,6 +95,10 @@ class LoRAManager:
         self.slots: list[dict[str, WeightSlot]] = weight_slots(cfg, layer_keys)
         self.known: dict[int, LoRARequest] = {}  # registered, by id
         self._id_of: dict[str, int] = {}  # by name
+        # Prefix-cache salt per registration: an id registered again (after a remove) for
+        # other weights never finds the pages its former adapter computed.
+        self._salt_of: dict[int, int] = {}
+        self._next_salt = 1
         self.host: collections.OrderedDict[int, HostAdapter] = collections.OrderedDict()
         self._holds: collections.Counter[int] = collections.Counter()  # unfinished requests
         self.users: collections.Counter[int] = collections.Counter()  # running sequences
@@ -133,7 +137,13 @@ class LoRAManager:
         self._host_adapter(req)
         self.known[rid] = req
         self._id_of[name] = rid
+        self._salt_of[rid] = self._next_salt
+        self._next_salt += 1
         return rid
+
+    def salt(self, rid: int) -> int:
+        """The prefix-cache salt of registered adapter ``rid`` (0: the base model)."""
+        return self._salt_of[rid] if rid else 0
 
     def get(self, name: str) -> LoRARequest | None:
         rid = self._id_of.get(name)
@@ -143,6 +153,7 @@ class LoRAManager:
         """Forgets an adapter that no request uses (the engine checks that first)."""
         rid = self._id_of.pop(name)
         req = self.known.pop(rid)
+        del self._salt_of[rid]
         assert not self._holds[rid] and not self.users[rid], name
         self.host.pop(rid, None)
         slot = self.slot_of.pop(rid, None)

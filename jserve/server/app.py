@@ -214,8 +214,14 @@ class ServerHandle:
         self.health = _HealthServicer()
         model_name = config.model_name or aengine.engine.cfg.name or "model"
         js_params = config.jetstream_params or SamplingParams(temperature=0.0)
-        self.core = ServingCore(aengine, self.metrics, model_name, js_params, self._engine_died)
-        self.core.runtime_lora_updates = config.allow_runtime_lora_updating
+        self.core = ServingCore(
+            aengine,
+            self.metrics,
+            model_name,
+            js_params,
+            self._engine_died,
+            config.allow_runtime_lora_updating,
+        )
         self.port = 0
         self.metrics_port: int | None = None
         self.http_port: int | None = None

@@ -112,8 +112,11 @@ class ServingCore:
         model_name: str,
         jetstream_params: SamplingParams,
         on_engine_dead: Callable[[], None],
+        runtime_lora_updates: bool = False,
     ) -> None:
         self.aengine = aengine
+        # Whether the APIs may load and unload adapters (allow_runtime_lora_updating).
+        self.runtime_lora_updates = runtime_lora_updates
         self.engine = aengine.engine
         self.metrics = metrics
         self.model_name = model_name
@@ -215,9 +218,6 @@ class ServingCore:
             "--max-lora-rank at least the adapters' rank) to load them"
         )
 
-    # Whether the APIs may load and unload adapters (ServerConfig.allow_runtime_lora_updating).
-    runtime_lora_updates = False
-
     def _check_lora_updates(self) -> None:
         if not self.lora_enabled:
             raise self.lora_disabled_error()
@@ -231,7 +231,7 @@ class ServingCore:
 
     async def load_lora(self, name: str, path: str) -> LoRARequest:
         """Loads adapter ``name`` from ``path``; the errors of ``AsyncLLMEngine.add_lora``
-        (AdapterError, CapacityError), or ``lora_disabled_error`` without --enable-lora."""
+        (AdapterError), or ``lora_disabled_error`` without --enable-lora."""
         self._check_lora_updates()
         if name == self.model_name:
             raise AdapterError(
@@ -522,8 +522,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if not self.core.lora_enabled:
                 code = grpc.StatusCode.FAILED_PRECONDITION
             await context.abort(code, str(e))
-        except CapacityError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineDeadError as e:

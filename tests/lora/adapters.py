@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tests.hf_models import model_greedy
+
 # Three adapters of different ranks and target modules (the acceptance mix).
 ADAPTERS: dict[str, dict[str, Any]] = {
     "qv8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -27,7 +29,7 @@ ADAPTERS: dict[str, dict[str, Any]] = {
         lora_alpha=24,
         target_modules=["o_proj", "gate_proj", "down_proj"],
         rank_pattern={"down_proj": 6},
-        alpha_pattern={"gate_proj": 5},
+        alpha_pattern={"layers.1.mlp.gate_proj": 5},  # PEFT's dotted-suffix match
     ),
 }
 
@@ -65,25 +67,4 @@ def merged_greedy(base_dir: str, adapter_dir: str | None, prompt: list[int], n: 
     ).eval()
     if adapter_dir is not None:
         model = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
-def merged_logits(base_dir: str, adapter_dir: str, tokens: list[int]) -> Any:
-    """[L, V] float32 logits of transformers with the adapter merged."""
-    import peft
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=torch.float32, attn_implementation="eager"
-    )
-    model = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].numpy()
+    return model_greedy(model, prompt, n)

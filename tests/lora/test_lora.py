@@ -139,6 +139,53 @@ def test_prefix_cache_never_crosses_adapters(setup: dict) -> None:
     assert base.outputs[0].token_ids == reference(setup, None, prompt)
 
 
+def test_a_reused_id_never_finds_the_old_adapters_pages(setup: dict) -> None:
+    llm = setup["llm"]
+    prompt = list(range(60, 80))
+    first = LoRARequest("reused", 600, setup["dirs"]["all4"])
+    out = llm.generate([prompt], greedy(), lora_request=first, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == reference(setup, "all4", prompt)
+    llm.remove_lora("reused")
+    second = LoRARequest("reused", 600, setup["dirs"]["mlp16"])  # same id, other weights
+    out = llm.generate([prompt], greedy(), lora_request=second, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0
+    assert out.outputs[0].token_ids == reference(setup, "mlp16", prompt)
+    llm.remove_lora("reused")
+
+
+def test_a_request_waiting_for_a_slot_is_not_starved(setup: dict) -> None:
+    """All three slots busy with adapters that keep getting new requests: a request for a
+    fourth adapter still runs, because later adapter requests wait behind it."""
+    llm = setup["llm"]
+    engine = llm.engine
+    resident = ["qv8", "all4", "mlp16"]
+    llm.generate(PROMPTS[:3], greedy(), lora_request=[setup["reqs"][n] for n in resident])
+    step, done = 0, set()
+    while "starved" not in done and step < 150:
+        for k, name in enumerate(resident):  # each resident adapter gets a request a step
+            lr = setup["reqs"][name]
+            engine.add_request(f"r{step}-{k}", PROMPTS[k], greedy(), lora_request=lr)
+        if step == 3:
+            engine.add_request("starved", PROMPTS[0], greedy(), lora_request=setup["reqs"]["kv2"])
+        done |= {o.request_id for o in engine.step() if o.finished}
+        step += 1
+    assert "starved" in done, step
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_a_failed_generate_registers_nothing(setup: dict) -> None:
+    llm = setup["llm"]
+    before = llm.list_loras()
+    good = LoRARequest("fresh", 700, setup["dirs"]["kv2"])
+    bad = LoRARequest("broken", 701, str(setup["tmp"] / "nowhere"))
+    with pytest.raises(AdapterError, match=r"prompts\[1\]: LoRA adapter directory"):
+        llm.generate([PROMPTS[0], PROMPTS[1]], greedy(), lora_request=[good, bad], use_tqdm=False)
+    assert llm.list_loras() == before
+
+
 def _pickle_adapter(setup: dict) -> str:
     import peft
     import torch

@@ -117,7 +117,7 @@ def test_tiny_training_writes_loadable_dirs(trained: tuple[str, str, str]) -> No
         with open(os.path.join(d, "training.json")) as f:
             info = json.load(f)
         assert info["steps"] == 3 and math.isfinite(info["heldout_loss"])
-        llm = LLM(model=d, dtype="float32")
+        llm = LLM(model=d, dtype="float32", warmup=False)
         assert llm.cfg.eos_token_ids == (eos,)
         out_ = llm.generate(
             "ROMEO:", SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
