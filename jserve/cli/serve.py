@@ -55,11 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_serve_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the server's options (ports, TLS files, token...), or None."""
+    from jserve.cli.engine_args import parse_lora_modules
     from jserve.errors import ConfigError
     from jserve.server.cli import config_from_args
 
     try:
         config_from_args(args).validate()
+        # --lora-modules entries are checked for form here; the adapters when they load.
+        for req in parse_lora_modules(args.lora_modules):
+            if req.lora_name == args.served_model_name:
+                raise ConfigError(
+                    f"--lora-modules adapter {req.lora_name!r} has the --served-model-name; "
+                    "requests naming it would reach the base model: rename the adapter"
+                )
     except (ConfigError, ValueError, OSError) as e:
         return str(e)
     return None

@@ -89,6 +89,21 @@ def test_ports_out_of_range_are_refused_before_loading(monkeypatch, capsys, argv
     assert message in _serve_errors(monkeypatch, capsys, *argv)
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--lora-modules", "sql"), "give each adapter as name=path"),
+        (("--lora-modules", "a=/x", "a=/y"), "names adapter 'a' twice"),
+        (
+            ("--served-model-name", "m", "--lora-modules", "m=/x"),
+            "adapter 'm' has the --served-model-name",
+        ),
+    ],
+)
+def test_bad_lora_modules_are_refused_before_loading(monkeypatch, capsys, argv, message):
+    assert message in _serve_errors(monkeypatch, capsys, *argv)
+
+
 def test_bad_tls_files_are_refused_before_loading(monkeypatch, capsys, tmp_path) -> None:
     from tests.server.test_security import _self_signed_cert
 

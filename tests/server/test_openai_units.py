@@ -10,7 +10,7 @@ import httpx
 import pytest
 from jinja2.exceptions import SecurityError
 
-from jserve.errors import ConfigError
+from jserve.errors import ConfigError, EngineUnavailableError
 from jserve.model_loader import default_model_path
 from jserve.sampling_params import SamplingParams
 from jserve.server.metrics import ServerMetrics
@@ -134,14 +134,17 @@ def call(state: APIState, method: str, path: str, body: dict | None = None) -> h
     return asyncio.run(main())
 
 
-def test_warming_draining_and_dead_answer_503_or_500() -> None:
+def test_warming_draining_unavailable_and_dead_answer_503_or_500() -> None:
     state = fake_state()
     completion = {"prompt": [1, 2], "max_tokens": 2}
-    for phase in ("warming", "draining", "dead"):
+    for phase in ("warming", "draining", "dead", "peer lost"):
         core = state.core
         core.ready = phase != "warming"
         core.shutting_down = phase == "draining"
-        core.aengine.dead = RuntimeError("boom") if phase == "dead" else None
+        core.aengine.dead = {
+            "dead": RuntimeError("boom"),
+            "peer lost": EngineUnavailableError("process 1 is gone"),
+        }.get(phase)
         status = 500 if phase == "dead" else 503
         for method, path, body in [
             ("GET", "/health", None),
@@ -154,7 +157,12 @@ def test_warming_draining_and_dead_answer_503_or_500() -> None:
             r = call(state, method, path, body)
             assert r.status_code == status, (phase, path, r.text)
             err = r.json()["error"]
-            want = {"warming": "warming up", "draining": "shutting down", "dead": "boom"}[phase]
+            want = {
+                "warming": "warming up",
+                "draining": "shutting down",
+                "dead": "boom",
+                "peer lost": "process 1 is gone",
+            }[phase]
             assert want in err["message"]
             assert err["type"] == ("server_error" if phase == "dead" else "service_unavailable")
     state.core.aengine.dead = None

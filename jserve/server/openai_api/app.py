@@ -36,6 +36,7 @@ from jserve.server.openai_api.completions import create_completion
 from jserve.server.openai_api.errors import (
     APIError,
     bad_request,
+    engine_failed,
     from_lora_error,
     from_validation_errors,
 )
@@ -197,7 +198,7 @@ def build_app(state: APIState) -> FastAPI:
         core = state.core
         if core.live:
             return Response(status_code=200)
-        status = 500 if core.aengine.dead is not None else 503
+        status = 500 if engine_failed(core.aengine.dead) else 503
         return APIError(status, core._not_live_reason(), None, "unavailable").response()
 
     @app.get("/metrics")

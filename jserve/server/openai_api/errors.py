@@ -10,7 +10,7 @@
 | 413 | invalid_request_error | a request body over ``--max-request-bytes`` |
 | 429 | rate_limit_error | the engine's queue is full; retry later |
 | 500 | server_error | the engine failed |
-| 503 | service_unavailable | warming up or shutting down; retry later or elsewhere |
+| 503 | service_unavailable | warming up or shutting down, or the engine lost a process of its group; retry later or elsewhere |
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from jserve.engine.async_engine import LORA_IN_USE, LORA_NOT_FOUND, LORA_UPDATES
 from jserve.errors import (
     CapacityError,
     EngineDeadError,
+    EngineUnavailableError,
     InvalidRequestError,
 )
 
@@ -72,6 +73,12 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param, code)
 
 
+def engine_failed(dead: BaseException | None) -> bool:
+    """Whether the engine itself failed (500), rather than being unavailable for a reason
+    outside it, e.g. a lost process of its group (503), or not failed at all."""
+    return dead is not None and not isinstance(dead, EngineUnavailableError)
+
+
 def from_engine_error(e: Exception, fields: dict[str, str] | None = None) -> APIError:
     """The APIError for one of the engine's typed errors, naming the request's field
     (the engine's field names mapped through the endpoint's own, ``fields``: e.g.
@@ -80,6 +87,8 @@ def from_engine_error(e: Exception, fields: dict[str, str] | None = None) -> API
     msg = str(e)
     if isinstance(e, CapacityError):
         return APIError(429, msg, None, "queue_full")
+    if isinstance(e, EngineUnavailableError):  # e.g. a process of the group is gone
+        return APIError(503, msg, None, "engine_unavailable")
     if isinstance(e, EngineDeadError):
         return APIError(500, msg, None, "engine_dead")
     if not isinstance(e, InvalidRequestError):

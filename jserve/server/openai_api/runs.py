@@ -19,7 +19,7 @@ from starlette.requests import Request
 from jserve.outputs import RequestOutput
 from jserve.sampling_params import SamplingParams
 from jserve.server import convert
-from jserve.server.openai_api.errors import APIError, from_engine_error
+from jserve.server.openai_api.errors import APIError, engine_failed, from_engine_error
 from jserve.server.servicers import ServingCore
 from jserve.structured import StructuredOutputsParams
 
@@ -254,6 +254,6 @@ class EngineRun:
 
     def _not_live(self) -> APIError:
         reason = self.core._not_live_reason()
-        if self.core.aengine.dead is not None:
+        if engine_failed(self.core.aengine.dead):
             return APIError(500, reason, None, "engine_dead")
         return APIError(503, reason, None, "unavailable")
