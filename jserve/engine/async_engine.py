@@ -32,6 +32,7 @@ from jserve.engine.request import Request
 from jserve.engine.stats import EngineStats
 from jserve.errors import EngineDeadError, EngineUnavailableError, JserveError
 from jserve.lora import AdapterError, LoRARequest
+from jserve.lora.adapter import HostAdapter
 from jserve.outputs import RequestOutput
 from jserve.prompts import PromptType, prompt_parts
 from jserve.sampling_params import SamplingParams
@@ -151,8 +152,13 @@ class AsyncLLMEngine:
         """Loads adapter ``name`` from directory ``path`` under the next unused id (ids
         are never reused, so nothing cached for an unloaded adapter can match a new one).
         AdapterError, with nothing registered, for an adapter that cannot be served or a
-        name already loaded."""
-        return await self._call(self._add_lora, name, path)
+        name already loaded. The files are read here, off the step thread, so running
+        streams do not wait for them."""
+        adapter = None
+        if self.engine.lora is not None:
+            loop = asyncio.get_running_loop()
+            adapter = await loop.run_in_executor(None, self.engine.lora.read, name, path)
+        return await self._call(self._add_lora, name, path, adapter)
 
     async def remove_lora(self, name: str) -> LoRARequest:
         """Unloads adapter ``name``. AdapterError with code LORA_NOT_FOUND for a name
@@ -257,14 +263,14 @@ class AsyncLLMEngine:
             e.code = LORA_NOT_FOUND
             raise
 
-    def _add_lora(self, name: str, path: str) -> LoRARequest:
+    def _add_lora(self, name: str, path: str, adapter: HostAdapter | None) -> LoRARequest:
         if self.engine.lora is not None and self.engine.lora.get(name) is not None:
             known = self.engine.lora_by_name(name)
             raise AdapterError(
                 f"LoRA adapter {name!r} is already loaded (from {known.lora_path}); unload it "
                 "first to load it again, or choose another name"
             )
-        req = self.engine.add_lora(LoRARequest(name, self._next_lora_id, path))
+        req = self.engine.add_lora(LoRARequest(name, self._next_lora_id, path), adapter)
         self._snapshot_loras()
         return req
 

@@ -29,7 +29,7 @@ from jserve.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
-from jserve.lora.adapter import AdapterError
+from jserve.lora.adapter import AdapterError, HostAdapter
 from jserve.lora.manager import LoRAManager, LoRARequest
 from jserve.model_loader import LoadedModel
 from jserve.models.kv_quant import describe_kv
@@ -273,8 +273,9 @@ class LLMEngine:
 
     # -- LoRA adapters (jserve.lora) ---------------------------------------------
 
-    def _lora_id(self, lora_request: LoRARequest | None) -> int:
-        """The engine's id of a request's adapter (0: none), registering a new one."""
+    def _lora_id(self, lora_request: LoRARequest | None, adapter: HostAdapter | None = None) -> int:
+        """The engine's id of a request's adapter (0: none), registering a new one (read
+        before as ``adapter``, see ``LoRAManager.read``, or read here)."""
         if lora_request is None:
             return 0
         if self.lora is None:
@@ -283,12 +284,15 @@ class LLMEngine:
                 "for, but this engine serves no adapters; start it with enable_lora=True "
                 "(--enable-lora)"
             )
-        return self.lora.register(lora_request)
+        return self.lora.register(lora_request, adapter)
 
-    def add_lora(self, lora_request: LoRARequest) -> LoRARequest:
+    def add_lora(
+        self, lora_request: LoRARequest, adapter: HostAdapter | None = None
+    ) -> LoRARequest:
         """Reads, checks and registers an adapter (vLLM's ``add_lora``); AdapterError, with
-        nothing registered, if it cannot be served."""
-        self._lora_id(lora_request)
+        nothing registered, if it cannot be served. ``adapter``: its contents, already read
+        by ``LoRAManager.read`` (e.g. off the step thread)."""
+        self._lora_id(lora_request, adapter)
         return lora_request
 
     def remove_lora(self, name: str) -> LoRARequest:

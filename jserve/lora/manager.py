@@ -115,10 +115,15 @@ class LoRAManager:
 
     # -- registration ---------------------------------------------------------
 
-    def register(self, req: LoRARequest) -> int:
-        """Knows ``req`` (reading and checking it when it is new); returns its id.
-        AdapterError, with nothing changed, for a bad adapter or a name or id that is
-        already taken by another adapter."""
+    def read(self, name: str, path: str) -> HostAdapter:
+        """Reads and checks an adapter for this model without registering it (it touches
+        no state: any thread may call it, e.g. to read before ``register``)."""
+        return load_adapter(name, path, self.cfg, self.slots, self.max_rank, self.dtype)
+
+    def register(self, req: LoRARequest, adapter: HostAdapter | None = None) -> int:
+        """Knows ``req`` (reading and checking it when it is new, unless ``adapter`` is
+        what ``read`` gave for it); returns its id. AdapterError, with nothing changed, for
+        a bad adapter or a name or id that is already taken by another adapter."""
         req = _check_request(req)
         rid, name = req.lora_int_id, req.lora_name
         known = self.known.get(rid)
@@ -134,7 +139,7 @@ class LoRAManager:
             )
         if known is not None:  # checked when registered; read again when it is to run
             return rid
-        self._host_adapter(req)
+        self._host_adapter(req, adapter)
         self.known[rid] = req
         self._id_of[name] = rid
         self._salt_of[rid] = self._next_salt
@@ -162,15 +167,13 @@ class LoRAManager:
             self._lru.move_to_end(slot, last=False)
         return req
 
-    def _host_adapter(self, req: LoRARequest) -> HostAdapter:
+    def _host_adapter(self, req: LoRARequest, adapter: HostAdapter | None = None) -> HostAdapter:
         rid = req.lora_int_id
-        adapter = self.host.get(rid)
-        if adapter is not None:
+        if rid in self.host:
             self.host.move_to_end(rid)
-            return adapter
-        adapter = load_adapter(
-            req.lora_name, req.lora_path, self.cfg, self.slots, self.max_rank, self.dtype
-        )
+            return self.host[rid]
+        if adapter is None:
+            adapter = self.read(req.lora_name, os.fspath(req.lora_path))
         self.num_host_loads += 1
         while len(self.host) >= self.max_cpu_loras:
             self.host.popitem(last=False)  # the least recently used
