@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    g.add_argument(
+        "--lora-name",
+        default=None,
+        help="generate through this adapter of --lora-modules (default: the base model)",
+    )
     add_model_arguments(parser)
     add_engine_arguments(parser)
     # One short run: compiling every step shape up front would cost more than it saves.
@@ -45,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.sample_seed,
     )
     prompts = args.prompts or [DEFAULT_PROMPT]
+    lora = None if args.lora_name is None else engine.lora_by_name(args.lora_name)
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
+        engine.add_request(str(i), p, params, lora_request=lora)
     # One prompt and one sample: stream as tokens arrive; otherwise print each when done.
     stream = len(prompts) == 1 and args.n == 1
     texts: dict[tuple[int, int], str] = {}

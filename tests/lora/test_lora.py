@@ -394,3 +394,12 @@ def test_composes_with_ngram_speculation_and_moe(tmp_path, setup: dict) -> None:
         assert out.outputs[0].token_ids == merged_greedy(moe, adapter, prompt, 8)
     with pytest.raises(AdapterError, match="no dense gate_proj"):
         llm.add_lora(LoRARequest("mlp", 2, mlp))
+
+
+def test_generate_cli_runs_an_adapter(setup: dict, capsys) -> None:
+    from jserve.cli.main import main
+
+    base = ["generate", "--model", setup["base"], "--dtype", "float32", "--max-tokens", "4"]
+    lora = ["--lora-modules", f"qv8={setup['dirs']['qv8']}", "--max-lora-rank", "16"]
+    assert main([*base, *lora, "--lora-name", "nope", "--temperature", "0", "x"]) != 0
+    assert "unknown LoRA adapter 'nope'; this engine serves ['qv8']" in capsys.readouterr().err
