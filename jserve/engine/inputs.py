@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from jserve.engine.scheduler import NewSeq, SchedulerOutput
-from jserve.engine.shapes import BAN_WIDTH, StepShapes
+from jserve.engine.shapes import BAN_WIDTH, StepShapes, no_logit_bias
 
 # A sequence with more new pages than this in one step gets its whole
 # page-table row written before the step (a long cached prefix).
@@ -47,6 +47,8 @@ class StepPlan:
     constrained: list[tuple[int, int, Any]] = dataclasses.field(default_factory=list)
     # i32[R, ceil(vocab / 32)]: structured output's allowed tokens per row (None: all).
     bitmask: np.ndarray | None = None
+    # i32[R, 2, BIAS_WIDTH]: logit_bias (token, float bits of the bias) per row (None: none).
+    logit_bias: np.ndarray | None = None
     # LoRA adapters to write into device slots before the step: (slot, weights).
     lora_loads: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
 
@@ -269,7 +271,8 @@ class InputBuilder:
             at, rows = zip(*device_inputs, strict=True)
             v["token_draft_row"][list(at)] = rows
         constrained: list[tuple[int, int, Any]] = []
-        want_logprobs = self._sampling(v, targets, constrained)
+        biased: list[tuple[int, tuple[list[int], list[float]]]] = []
+        want_logprobs = self._sampling(v, targets, constrained, biased)
         return StepPlan(
             shape=(t_bucket, r_bucket),
             packed=packed,
@@ -281,6 +284,7 @@ class InputBuilder:
             else None,
             history_writes=self._row_writes(history, shapes.max_model_len) if history else None,
             constrained=constrained,
+            logit_bias=_logit_bias(r_bucket, biased) if biased else None,
             lora_loads=so.lora_loads,
         )
 
@@ -296,10 +300,12 @@ class InputBuilder:
         v: dict[str, np.ndarray],
         targets: list[tuple[_SeqInfo | None, int]],
         constrained: list[tuple[int, int, Any]],
+        biased: list[tuple[int, tuple[list[int], list[float]]]],
     ) -> bool:
         """Per-row sampling parameters; rows without a target, and rows scoring a
         prompt position, keep neutral (greedy) values. Appends the grammar-constrained
-        rows to ``constrained``. Returns whether any row wants logprobs."""
+        rows to ``constrained`` and the rows with a logit_bias to ``biased``. Returns
+        whether any row wants logprobs."""
         n = len(targets)
         if n == 0:
             return False
@@ -311,7 +317,7 @@ class InputBuilder:
         v["seeds"][:n] = cols[4]
         v["sample_index"][:n] = cols[5]
         v["out_position"][:n] = [pos for _, pos in targets]
-        rand = sort = penalties = logprobs = biased = False
+        rand = sort = penalties = logprobs = False
         banned = v["banned"]
         for i, (info, out_pos) in enumerate(targets):
             if info is None:
@@ -332,12 +338,20 @@ class InputBuilder:
             if out_pos < sp.min_tokens and info.banned:
                 banned[i, : len(info.banned)] = info.banned
             if info.bias is not None:
-                biased = True
-                k = len(info.bias[0])
-                v["bias_ids"][i, :k] = info.bias[0]
-                v["bias_values"][i, :k] = info.bias[1]
-        v["flags"][:] = (rand, sort, penalties, logprobs, biased, bool(constrained))  # Flag order
+                biased.append((i, info.bias))
+        flags = (rand, sort, penalties, logprobs, bool(biased), bool(constrained))  # Flag order
+        v["flags"][:] = flags
         return logprobs
+
+
+def _logit_bias(rows: int, biased: list[tuple[int, tuple[list[int], list[float]]]]) -> np.ndarray:
+    """The step's logit-bias input (see ``shapes.no_logit_bias``) for its biased rows."""
+    out = no_logit_bias(rows)
+    values = out[:, 1].view(np.float32)
+    for row, (ids, biases) in biased:
+        out[row, 0, : len(ids)] = ids
+        values[row, : len(biases)] = biases
+    return out
 
 
 def _split_microbatches(

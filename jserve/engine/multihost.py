@@ -164,6 +164,8 @@ def _encode_plan(plan: StepPlan) -> tuple[dict[str, np.ndarray], dict]:
         arrays["copies"] = plan.copies
     if plan.bitmask is not None:
         arrays["bitmask"] = plan.bitmask
+    if plan.logit_bias is not None:
+        arrays["logit_bias"] = plan.logit_bias
     for name in ("table_writes", "history_writes"):
         w = getattr(plan, name)
         if w is not None:
@@ -185,6 +187,7 @@ def _decode_plan(arrays: dict[str, np.ndarray], meta: dict) -> StepPlan:
         want_logprobs=meta["want_logprobs"],
         copies=arrays.get("copies"),
         bitmask=arrays.get("bitmask"),
+        logit_bias=arrays.get("logit_bias"),
         table_writes=writes("table_writes"),
         history_writes=writes("history_writes"),
     )

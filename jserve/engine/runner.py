@@ -36,7 +36,7 @@ from jserve.engine.config import EngineConfig
 from jserve.engine.inputs import InputBuilder, RowWrites, StepPlan
 from jserve.engine.sampler import SamplerOutput, sample
 from jserve.engine.scheduler import SchedulerOutput
-from jserve.engine.shapes import StepShapes
+from jserve.engine.shapes import StepShapes, no_logit_bias
 from jserve.lora import ops as lora_ops
 from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
@@ -72,6 +72,7 @@ def _step(
     prev_tokens: jax.Array,  # i32[max_num_seqs]: the previous step's samples
     packed: jax.Array,  # i32[layout size]
     bitmask: jax.Array,  # i32[R, ceil(vocab / 32)]: tokens each row may sample
+    logit_bias: jax.Array,  # i32[R, 2, BIAS_WIDTH]: (token, bias bits) pairs per row
     draft_params: Any = None,  # a draft model's (speculative decoding), or None
     draft_kv: list[jax.Array] | None = None,  # its KV pool, with the target's page ids
     lora: Any = None,  # LoRA adapter slots (jserve.lora.ops), or None
@@ -84,6 +85,8 @@ def _step(
     draft: DraftSpec | None = None,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput, dict[str, jax.Array], list, Any]:
     f = shapes.layout(*shape).unpack(packed)
+    f["bias_ids"] = logit_bias[:, 0]
+    f["bias_values"] = jax.lax.bitcast_convert_type(logit_bias[:, 1], jnp.float32)
     src = f["src_rows"]
     ids = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], f["ids"])
     table = table.at[f["diff_rows"], f["diff_cols"]].set(f["diff_pages"], mode="drop")
@@ -260,7 +263,9 @@ class ModelRunner:
         an input builder with no sequences. After a failed step, whose donated buffers
         may be gone; compiled programs are kept."""
         self.kv_pages = []  # the old pages go before the new ones take their memory
-        self._all_allowed: dict[int, Any] = {}  # rows -> the device's all-ones bitmask
+        # Defaults of the optional step inputs kept on the device, by (input, rows): the
+        # all-ones bitmask and the empty logit bias.
+        self._defaults: dict[tuple[str, int], Any] = {}
         self.inputs = InputBuilder(self.shapes, self.cfg.eos_token_ids)
         rows, rep = self.ecfg.max_num_seqs + 1, self._replicated
         zeros = self._device_zeros
@@ -316,11 +321,12 @@ class ModelRunner:
                 self._prev_tokens,
                 packed,
                 np.full((r, self.mask_words), -1, np.int32),
+                no_logit_bias(r),
                 self.draft_params,
                 self.draft_kv,
                 self.lora,
             )
-            opts: dict[str, Any] = dict(donate_argnums=(1, 2, 3, 8))
+            opts: dict[str, Any] = dict(donate_argnums=(1, 2, 3, 9))
             if self.mesh is not None:
                 kv = [self._kv_sharding] * len(self.kv_pages)
                 dkv = [self._kv_sharding] * len(self.draft_kv)
@@ -407,18 +413,21 @@ class ModelRunner:
     def mask_words(self) -> int:
         return -(-self.cfg.vocab_size // 32)
 
-    def _bitmask(self, plan: StepPlan) -> Any:
-        """The plan's bitmask, or (most steps) an all-ones one kept on the device."""
-        if plan.bitmask is not None:
-            return plan.bitmask
-        r = plan.shape[1]
-        ones = self._all_allowed.get(r)
-        if ones is None:
-            ones = np.full((r, self.mask_words), -1, np.int32)
+    def _optional(self, value: np.ndarray | None, name: str, rows: int) -> Any:
+        """A plan's optional input, or (most steps) its default kept on the device: the
+        all-ones bitmask, the empty logit bias."""
+        if value is not None:
+            return value
+        default = self._defaults.get((name, rows))
+        if default is None:
+            if name == "bitmask":
+                default = np.full((rows, self.mask_words), -1, np.int32)
+            else:
+                default = no_logit_bias(rows)
             if self.mesh is None:  # kept on the device: no transfer a step
-                ones = jax.device_put(ones)
-            self._all_allowed[r] = ones
-        return ones
+                default = jax.device_put(default)
+            self._defaults[(name, rows)] = default
+        return default
 
     def dispatch(self, plan: StepPlan) -> StepHandle:
         """Issues the plan's device calls; returns before they finish."""
@@ -442,7 +451,8 @@ class ModelRunner:
             self.history,
             self._prev_tokens,
             plan.packed,
-            self._bitmask(plan),
+            self._optional(plan.bitmask, "bitmask", plan.shape[1]),
+            self._optional(plan.logit_bias, "logit_bias", plan.shape[1]),
             self.draft_params,
             self.draft_kv,
             self.lora,

@@ -32,8 +32,17 @@ from jserve.sampling_params import MAX_LOGIT_BIAS
 
 # Ids banned while below min_tokens (stop_token_ids plus EOS ids) per row.
 BAN_WIDTH = 32
-# (token, bias) pairs of logit_bias per row (padding: token -1, bias 0).
+# (token, bias) pairs of logit_bias per row (padding: token -1, bias 0). They travel in
+# their own step input, i32[R, 2, BIAS_WIDTH] (tokens, then the biases' float bits), sent
+# only by steps with a biased row (``no_logit_bias`` is the default kept on the device).
 BIAS_WIDTH = MAX_LOGIT_BIAS
+
+
+def no_logit_bias(rows: int) -> np.ndarray:
+    """The logit-bias input of a step without biased rows: every token -1, every bias 0."""
+    out = np.zeros((rows, 2, BIAS_WIDTH), np.int32)
+    out[:, 0] = -1
+    return out
 
 
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
@@ -192,8 +201,6 @@ class StepShapes:
                 ("sample_index", (r,), "i32", 0),
                 ("out_position", (r,), "i32", 0),
                 ("banned", (r, BAN_WIDTH), "i32", -1),
-                ("bias_ids", (r, BIAS_WIDTH), "i32", -1),
-                ("bias_values", (r, BIAS_WIDTH), "f32", 0.0),
                 ("repetition_penalty", (r,), "f32", 1.0),
                 ("presence_penalty", (r,), "f32", 0.0),
                 ("frequency_penalty", (r,), "f32", 0.0),

@@ -28,6 +28,9 @@ def _draw(
     tokens (``num_prompt`` of them prompt, the rest output)."""
     ecfg = EngineConfig(max_num_seqs=rows, max_num_batched_tokens=rows)
     _, sm = StepShapes(ecfg, 1).layout(rows, rows).new_buffer()
+    # The logit bias travels beside the packed buffer (shapes.no_logit_bias).
+    sm["bias_ids"] = np.full((rows, BIAS_WIDTH), -1, np.int32)
+    sm["bias_values"] = np.zeros((rows, BIAS_WIDTH), np.float32)
     sm["temperature"][:] = 1.0
     sm["seeds"][:] = 1234
     sm["out_position"][:] = np.arange(rows)  # independent draws
