@@ -83,13 +83,20 @@ def kv_cache_config(
 ) -> ModelConfig:
     """``cfg`` with quantized KV pages when ``kv_cache_dtype`` asks (before pipeline stages
     stack the layers)."""
+    name = check_kv_cache_option(kv_cache_dtype, parallel)
+    return with_kv_cache(get_model(cfg), params, cfg, name, model_dir)
+
+
+def check_kv_cache_option(kv_cache_dtype: str | None, parallel: Any) -> str:
+    """The KV page format ``kv_cache_dtype`` names, checked against the parallel layout
+    (ConfigError); called before any weight is read, and again where it is applied."""
     name = check_kv_cache_dtype(kv_cache_dtype)
     if name != "auto" and parallel is not None and parallel.pipeline_parallel_size > 1:
         raise ConfigError(
             f"kv_cache_dtype {name!r} is not supported with pipeline_parallel_size > 1 yet; "
             "use kv_cache_dtype='auto' or tensor parallelism"
         )
-    return with_kv_cache(get_model(cfg), params, cfg, name, model_dir)
+    return name
 
 
 def placement(cfg: ModelConfig, parallel: Any) -> tuple[ModelConfig, Any, Any]:
@@ -219,6 +226,7 @@ def load_model(
             "(models are never downloaded)"
         )
     cfg = with_quantization(load_config(path), quantization, fp8_activations)
+    check_kv_cache_option(kv_cache_dtype, parallel)  # before minutes of reading weights
     dt = resolve_dtype(dtype)
     check_fits_in_memory(cfg, dt, parallel)
     tokenizer = None
@@ -308,6 +316,7 @@ def random_model(
             "with a config.json"
         )
     cfg = with_quantization(cfg, quantization, fp8_activations)
+    check_kv_cache_option(kv_cache_dtype, parallel)
     dt = resolve_dtype(dtype)
     check_fits_in_memory(cfg, dt, parallel)
     cfg, mesh, shardings = placement(cfg, parallel)

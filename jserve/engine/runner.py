@@ -36,7 +36,7 @@ from jserve.engine.config import EngineConfig
 from jserve.engine.inputs import InputBuilder, RowWrites, StepPlan
 from jserve.engine.sampler import SamplerOutput, sample
 from jserve.engine.scheduler import SchedulerOutput
-from jserve.engine.shapes import StepShapes, no_logit_bias
+from jserve.engine.shapes import StepShapes, bitmask_words, no_logit_bias
 from jserve.lora import ops as lora_ops
 from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
@@ -411,7 +411,7 @@ class ModelRunner:
 
     @property
     def mask_words(self) -> int:
-        return -(-self.cfg.vocab_size // 32)
+        return bitmask_words(self.cfg.vocab_size)
 
     def _optional(self, value: np.ndarray | None, name: str, rows: int) -> Any:
         """A plan's optional input, or (most steps) its default kept on the device: the

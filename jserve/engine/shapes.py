@@ -38,6 +38,11 @@ BAN_WIDTH = 32
 BIAS_WIDTH = MAX_LOGIT_BIAS
 
 
+def bitmask_words(vocab_size: int) -> int:
+    """Words of a row of the structured-output bitmask input: one bit per token."""
+    return -(-vocab_size // 32)
+
+
 def no_logit_bias(rows: int) -> np.ndarray:
     """The logit-bias input of a step without biased rows: every token -1, every bias 0."""
     out = np.zeros((rows, 2, BIAS_WIDTH), np.int32)

@@ -30,6 +30,7 @@ import llguidance
 import llguidance.numpy as llnp
 import numpy as np
 
+from jserve.engine.shapes import bitmask_words
 from jserve.errors import InvalidRequestError
 from jserve.structured.params import StructuredOutputsParams
 
@@ -67,7 +68,7 @@ class StructuredOutputs:
     def __init__(self, tokenizer: object | None, vocab_size: int, eos_ids: Sequence[int]) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.words = -(-vocab_size // 32)
+        self.words = bitmask_words(vocab_size)
         self._eos = list(eos_ids)
         self._lltok: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()

@@ -72,7 +72,13 @@ def test_quantized_kv_scores_like_float(llms) -> None:
         assert 0 < diff < tol, (kv, diff)
 
 
-def test_bad_kv_cache_dtype(tok_model_dir: str) -> None:
+def test_bad_kv_cache_dtype(tok_model_dir: str, monkeypatch) -> None:
+    import jserve.model_loader
+
+    def read(*args: object, **kw: object) -> None:
+        pytest.fail("the weights were read before kv_cache_dtype was checked")
+
+    monkeypatch.setattr(jserve.model_loader, "load_params", read)
     with pytest.raises(ConfigError, match="kv_cache_dtype 'fp16'"):
         load_model(tok_model_dir, "float32", kv_cache_dtype="fp16")
     assert check_kv_cache_dtype(None) == "auto"
