@@ -220,9 +220,20 @@ def _expand_groups(t: np.ndarray, inputs: int) -> np.ndarray:
     return np.repeat(t, inputs // t.shape[1], axis=1)
 
 
-def _awq_source(q: QuantConfig) -> Any:
-    """AWQ GEMM: qweight int32 [in, out/8], qzeros int32 [in/G, out/8], scales [in/G, out];
-    w = (q - z) * s. Stored here as int4 q - 8 with zeros z - 8."""
+def _unpack_seq(packed: np.ndarray, axis: int) -> np.ndarray:
+    """int32 words holding 8 nibbles, the lowest first, along ``axis`` -> 0..15 (int16)."""
+    words = np.moveaxis(packed.astype(np.uint32), axis, -1)
+    shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+    nib = ((words[..., None] >> shifts) & np.uint32(15)).astype(np.int16)
+    return np.moveaxis(nib.reshape(*words.shape[:-1], -1), -1, axis)
+
+
+def _zero_point_int4_source(unpack_values: Any, unpack_zeros: Any, packed_shape: Any) -> Any:
+    """The source hook of a 4-bit format with zero points (AWQ, GPTQ): ``qweight``,
+    ``qzeros`` and ``scales`` per module, w = (q - z) * s, held as int4 q - 8 with zeros
+    z - 8. ``unpack_values(qweight)`` and ``unpack_zeros(qzeros)`` give [in, out] (resp.
+    [in / G, out]) integers 0..15 (the zeros as stored plus the format's offset);
+    ``packed_shape(out, in)`` is qweight's shape."""
 
     def fn(spec: ParamSpec, fmt: str, group: int, part: str) -> HFSource:
         src = spec.source
@@ -234,64 +245,37 @@ def _awq_source(q: QuantConfig) -> Any:
 
         def build(*tensors: np.ndarray) -> np.ndarray:
             if part == "values":
-                ints = [(_unpack_awq(t).T - 8).astype(np.int8) for t in tensors]
+                ints = [(unpack_values(t).T - 8).astype(np.int8) for t in tensors]
                 return _pack4(src.build(*ints), spec.contract[-1], np)
             if part == "zeros":
-                per = [(_unpack_awq(t).T - 8).astype(np.float32) for t in tensors]
+                per = [(unpack_zeros(t).T - 8).astype(np.float32) for t in tensors]
             else:
                 per = [np.asarray(t, np.float32).T for t in tensors]
             full = [_expand_groups(t, i) for t, (_, i) in zip(per, shapes, strict=True)]
             return _subsample(src.build(*full), sshape)
 
-        pshapes = tuple((i, o // 8) for o, i in shapes) if part == "values" else ()
+        pshapes = tuple(packed_shape(o, i) for o, i in shapes) if part == "values" else ()
         return HFSource(names, build, None, pshapes)
 
     return fn
 
 
-def _unpack_seq(packed: np.ndarray, axis: int) -> np.ndarray:
-    """int32 words holding 8 nibbles, the lowest first, along ``axis`` -> 0..15 (int16)."""
-    words = np.moveaxis(packed.astype(np.uint32), axis, -1)
-    shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
-    nib = ((words[..., None] >> shifts) & np.uint32(15)).astype(np.int16)
-    return np.moveaxis(nib.reshape(*words.shape[:-1], -1), -1, axis)
-
-
-def _gptq_source(q: QuantConfig) -> Any:
-    """GPTQ (v1, desc_act false): qweight int32 [in/8, out] packed along the inputs, qzeros
-    int32 [in/G, out/8] holding z - 1, scales [in/G, out]; w = (q - z) * s."""
-
-    def fn(spec: ParamSpec, fmt: str, group: int, part: str) -> HFSource:
-        src = spec.source
-        modules = [n[: -len(".weight")] for n in src.names]
-        shapes = src.shapes
-        sshape = scale_shape(spec.shape, spec.contract, group)
-        suffix = {"values": "qweight", "zeros": "qzeros", "scales": "scales"}[part]
-        names = tuple(f"{m}.{suffix}" for m in modules)
-
-        def build(*tensors: np.ndarray) -> np.ndarray:
-            if part == "values":
-                ints = [(_unpack_seq(t, 0).T - 8).astype(np.int8) for t in tensors]
-                return _pack4(src.build(*ints), spec.contract[-1], np)
-            if part == "zeros":  # v1 stores z - 1
-                per = [(_unpack_seq(t, 1).T + 1 - 8).astype(np.float32) for t in tensors]
-            else:
-                per = [np.asarray(t, np.float32).T for t in tensors]
-            full = [_expand_groups(t, i) for t, (_, i) in zip(per, shapes, strict=True)]
-            return _subsample(src.build(*full), sshape)
-
-        pshapes = tuple((i // 8, o) for o, i in shapes) if part == "values" else ()
-        return HFSource(names, build, None, pshapes)
-
-    return fn
+# AWQ GEMM: qweight int32 [in, out/8] and qzeros int32 [in/G, out/8], both packed along
+# the outputs in AWQ's nibble order; scales [in/G, out].
+_awq_source = _zero_point_int4_source(_unpack_awq, _unpack_awq, lambda o, i: (i, o // 8))
+# GPTQ (v1, desc_act false): qweight int32 [in/8, out] packed along the inputs, qzeros int32
+# [in/G, out/8] packed along the outputs holding z - 1; scales [in/G, out].
+_gptq_source = _zero_point_int4_source(
+    lambda t: _unpack_seq(t, 0), lambda t: _unpack_seq(t, 1) + 1, lambda o, i: (i // 8, o)
+)
 
 
 def source_fn(q: QuantConfig, cfg: Any) -> Any:
     """``quantize_specs``' source hook for a quantized checkpoint's format."""
     if q.source == AWQ:
-        return _awq_source(q)
+        return _awq_source
     if q.source == GPTQ:
-        return _gptq_source(q)
+        return _gptq_source
     bits = q.bits
 
     def fn(spec: ParamSpec, fmt: str, group: int, part: str) -> HFSource:
