@@ -6,7 +6,9 @@ leaves have ``shape`` and ``source``); the result has the same structure.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -52,9 +54,15 @@ def _whole(reader: SafetensorsReader, spec: WeightSpec, dtype: Any) -> np.ndarra
 
 
 def _piece(
-    reader: SafetensorsReader, spec: WeightSpec, index: tuple[slice, ...], dtype: Any
+    reader: SafetensorsReader,
+    spec: WeightSpec,
+    index: tuple[slice, ...],
+    dtype: Any,
+    whole: Callable[[], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Just ``index`` of a weight, reading only the slices of the tensors it needs."""
+    """Just ``index`` of a weight, reading only the slices of the tensors it needs. A
+    source that cannot read slices builds the whole weight (``whole()``, which the loader
+    caches so every device's piece comes from one read) and cuts ``index`` from it."""
     index = tuple(
         slice(*s.indices(n)[:2]) for s, n in zip(index, spec.shape, strict=True)
     )  # concrete bounds
@@ -64,7 +72,7 @@ def _piece(
             return value.astype(_dtype(spec, dtype), copy=False)
         except NotImplementedError:
             pass
-    return _whole(reader, spec, dtype)[index]
+    return (whole() if whole is not None else _whole(reader, spec, dtype))[index]
 
 
 def load_hf_params(
@@ -92,8 +100,9 @@ def load_hf_params(
                 out = jax.device_put(_whole(reader, spec, dtype))
             else:
                 # Called once per addressable device with that device's index.
+                whole = functools.cache(lambda: _whole(reader, spec, dtype))
                 out = jax.make_array_from_callback(
-                    spec.shape, sharding, lambda idx: _piece(reader, spec, idx, dtype)
+                    spec.shape, sharding, lambda idx: _piece(reader, spec, idx, dtype, whole)
                 )
             bar.update(1)
             return out

@@ -185,3 +185,32 @@ def test_gptq_matches_dequantized_reference(gptq_dirs) -> None:
 def test_unsupported_gptq_is_a_checkpoint_error(gptq_dirs, tmp_path, edit, words: str) -> None:
     with pytest.raises(CheckpointError, match=words):
         load_model(_with_qc(gptq_dirs[0], str(tmp_path / "bad"), edit), "float32")
+
+
+READS_PROBE = """
+import collections, json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from checkpoints.safetensors_reader import SafetensorsReader
+from jserve.model_loader import load_model
+from sharding import ParallelConfig
+
+counts = collections.Counter()
+get = SafetensorsReader.get
+
+def counting_get(self, name):
+    counts[name] += 1
+    return get(self, name)
+
+SafetensorsReader.get = counting_get
+m = load_model(sys.argv[1], "float32", ParallelConfig(2, 1, 0, False))
+print("RESULT" + json.dumps({"most": max(counts.values()), "tensors": len(counts)}))
+"""
+
+
+def test_tensor_parallel_load_reads_each_quantized_tensor_once(awq_dirs) -> None:
+    """A format without sliced reads builds each weight once for both devices' pieces."""
+    from tests.sharding.probe import run_probe
+
+    res = run_probe(READS_PROBE, awq_dirs[0])
+    assert res["tensors"] > 0 and res["most"] == 1, res
