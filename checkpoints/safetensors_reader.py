@@ -85,6 +85,7 @@ class SafetensorsReader:
         self._stack = contextlib.ExitStack()
         self._open: dict[str, Any] = {}
         self._keys: dict[str, set[str]] = {}
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}  # for float8 reads
         index = read_json(index_path, required=False)
         if index is not None:
             weight_map = index.get("weight_map", {})
@@ -121,6 +122,7 @@ class SafetensorsReader:
     def close(self) -> None:
         self._stack.close()
         self._open.clear()
+        self._headers.clear()
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -212,13 +214,20 @@ class SafetensorsReader:
         """The ml_dtypes type of a float8 tensor (safetensors' numpy reader has none)."""
         return _FLOAT8.get(str(handle.get_slice(name).get_dtype()))
 
+    def _header(self, path: str) -> tuple[int, dict[str, Any]]:
+        """(header length, header) of a safetensors file, parsed once per file."""
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                self._headers[path] = (size, json.loads(f.read(size)))
+        return self._headers[path]
+
     def _float8_tensor(self, name: str) -> np.ndarray:
         """A float8 tensor read from the file's header offsets (e.g. compressed-tensors'
         fp8 weights)."""
         path = self._where[name]
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            info = json.loads(f.read(size))[name]
+        size, header = self._header(path)
+        info = header[name]
         start, end = info["data_offsets"]
         dtype = _FLOAT8[info["dtype"]]
         data = np.fromfile(path, np.uint8, count=end - start, offset=8 + size + start)
