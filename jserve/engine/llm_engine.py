@@ -157,7 +157,6 @@ class LLMEngine:
         self.structured = StructuredOutputs(
             self.tokenizer, self.cfg.vocab_size, self.cfg.eos_token_ids
         )
-        self.runner.mask_filler = self._fill_bitmask
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(ecfg.seed)
         self._detoks: dict[int, SequenceDetokenizer] = {}  # by seq_id
@@ -427,13 +426,18 @@ class LLMEngine:
         if self.lora is not None:
             self._fail_adapter_requests()
         handle = None
+        progressed = self._inflight is not None
         if so is not None and not so.empty:
-            handle = self.runner.execute(so)
+            plan = self.runner.prepare(so)
+            if plan.constrained:
+                # Their grammars' next masks need the tokens still in flight: collect that
+                # step first (planning above still overlapped it), then fill the masks.
+                self._collect_inflight()
+                self._fill_bitmask(plan)
+            handle = self.runner.dispatch(plan)
             self.stats.record_step(so.num_tokens)
-        progressed = handle is not None or self._inflight is not None
-        if self._inflight is not None:
-            self._process(*self._inflight)
-            self._inflight = None
+        progressed = progressed or handle is not None
+        self._collect_inflight()
         if handle is not None:
             if self._async:
                 self._inflight = (so, handle)
@@ -528,9 +532,17 @@ class LLMEngine:
             self.stats.generation_tokens += kept
             self._touched[req.request_id] = req
 
+    def _collect_inflight(self) -> None:
+        if self._inflight is not None:
+            self._process(*self._inflight)
+            self._inflight = None
+
     def _fill_bitmask(self, plan: StepPlan) -> None:
-        """The runner's hook: the bitmask of the plan's grammar-constrained rows."""
-        plan.bitmask = self.structured.fill(plan.shape[1], plan.constrained)
+        """The bitmask of the plan's grammar-constrained rows, from their grammars' state
+        after every token so far; rows of sequences that ended meanwhile (their samples are
+        dropped) stay unconstrained."""
+        live = [t for t in plan.constrained if self.scheduler.sequence(t[1]) is not None]
+        plan.bitmask = self.structured.fill(plan.shape[1], live)
 
     def _find_stop_string(self, upd: SeqUpdate) -> int:
         """Feeds the new tokens to the detokenizer; a completed stop string ends the

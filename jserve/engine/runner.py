@@ -248,8 +248,6 @@ class ModelRunner:
             self._lora_shardings = param_shardings(lora_specs, mesh)
         self.lora: Any = None
         self.reset()
-        # Structured output's hook: fills a plan's bitmask (jserve.structured).
-        self.mask_filler: Callable[[StepPlan], None] | None = None
         self._programs: dict[tuple, Any] = {}
         self.compiles = 0
         self.dispatches = 0
@@ -404,10 +402,7 @@ class ModelRunner:
 
     def prepare(self, so: SchedulerOutput) -> StepPlan:
         """Host work only: the step's inputs as numpy arrays."""
-        plan = self.inputs.build(so)
-        if plan.constrained and self.mask_filler is not None:
-            self.mask_filler(plan)
-        return plan
+        return self.inputs.build(so)
 
     @property
     def mask_words(self) -> int:

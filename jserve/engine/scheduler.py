@@ -358,8 +358,6 @@ class Scheduler:
                 continue
             if seq.num_output_tokens >= (seq.request.max_output_tokens or 1):
                 continue  # its last token is in flight; it ends when that arrives
-            if seq.num_pending and seq.request.params.structured_outputs is not None:
-                continue  # its grammar's next mask needs the token still in flight
             left = seq.num_tokens - seq.num_computed
             num_new = min(left, budget)
             scores = seq.request.prompt_logprobs is not None

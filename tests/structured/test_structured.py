@@ -214,6 +214,23 @@ def test_unconstrained_requests_keep_their_solo_greedy_tokens(embedded: LLMEngin
     assert_clean(embedded)
 
 
+def test_constrained_sequences_decode_every_step(embedded: LLMEngine) -> None:
+    """With asynchronous scheduling too, a constrained sequence takes a token every step:
+    its mask is filled once the previous step's token arrives, just before dispatch."""
+    assert embedded.ecfg.async_scheduling
+    spec = StructuredOutputsParams(regex=r"[a-z ]+")
+    params = SamplingParams(max_tokens=24, seed=1, ignore_eos=True, structured_outputs=spec)
+    for i in range(3):
+        embedded.add_request(f"m{i}", "ROMEO:\n", params)
+    calls, tokens = 0, 0
+    while embedded.has_unfinished_requests():
+        tokens += sum(len(o.outputs[0].token_ids) for o in embedded.step())
+        calls += 1
+    assert tokens == 3 * 24
+    assert calls <= 24 + 2  # the prompt, then one token a step (not one every other step)
+    assert_clean(embedded)
+
+
 def test_n_stop_strings_logprobs_and_length(embedded: LLMEngine) -> None:
     words = StructuredOutputsParams(regex=r"[a-z]{3,6}(, [a-z]{3,6}){2,5}\.")
     reqs = [
