@@ -397,9 +397,6 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------
 
-    def execute(self, so: SchedulerOutput) -> StepHandle:
-        return self.dispatch(self.prepare(so))
-
     def prepare(self, so: SchedulerOutput) -> StepPlan:
         """Host work only: the step's inputs as numpy arrays."""
         return self.inputs.build(so)

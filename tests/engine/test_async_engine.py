@@ -125,10 +125,10 @@ def test_engine_failure_fails_requests_and_later_adds(tok_model_dir) -> None:
     engine = make_engine(tok_model_dir)
     eng = AsyncLLMEngine(engine)
 
-    def broken(so):
+    def broken(plan):
         raise RuntimeError("device lost")
 
-    engine.runner.execute = broken
+    engine.runner.dispatch = broken
     try:
         # Each failed step fails its request and the engine tries again (see
         # tests/engine/test_recovery.py), until steps fail MAX_FAILED_STEPS times in a row.

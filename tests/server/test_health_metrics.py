@@ -110,10 +110,10 @@ def test_engine_failure_is_internal_and_turns_health_not_serving(tok_model_dir: 
     async def main():
         async with serving(aeng, metrics_port=0) as (h, c):
 
-            def broken(so):
+            def broken(plan):
                 raise RuntimeError("device lost")
 
-            engine.runner.execute = broken
+            engine.runner.dispatch = broken
             calls = (lambda: c.generate("All:", max_tokens=3), lambda: c.decode("All:"))
             # A failed step fails only its request; steps failing MAX_FAILED_STEPS times
             # in a row end the engine.
