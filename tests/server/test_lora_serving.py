@@ -6,7 +6,10 @@ transformers with each adapter merged into the base weights."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import httpx
@@ -70,6 +73,24 @@ async def _rpc_error(call) -> tuple[grpc.StatusCode, str]:
 
 def _names(info) -> list[tuple[str, int, str]]:
     return [(a.name, a.id, a.path) for a in info.lora_adapters]
+
+
+@contextlib.asynccontextmanager
+async def serving_both(
+    aengine: AsyncLLMEngine, allow_runtime_lora_updating: bool = True
+) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """A server with both APIs (runtime LoRA updates on unless asked otherwise): its gRPC
+    client and an HTTP client."""
+    async with (
+        serving(
+            aengine,
+            model_name=MODEL,
+            allow_runtime_lora_updating=allow_runtime_lora_updating,
+            http_port=0,
+        ) as (h, c),
+        httpx.AsyncClient(base_url=h.http_url, timeout=60) as http,
+    ):
+        yield c, http
 
 
 def test_grpc_generate_runs_each_adapter_and_the_base_in_one_server(setup) -> None:
@@ -137,13 +158,7 @@ def test_unloading_an_adapter_in_use_is_refused(setup) -> None:
     aengine, _, ids, _ = setup
 
     async def main():
-        async with (
-            serving(aengine, model_name=MODEL, allow_runtime_lora_updating=True, http_port=0) as (
-                h,
-                c,
-            ),
-            httpx.AsyncClient(base_url=h.http_url, timeout=60) as http,
-        ):
+        async with serving_both(aengine) as (c, http):
             req = generate_request(ids, lora_name="qv8", max_tokens=200, ignore_eos=True)
             call = c.generation.Generate(req)
             await call.read()  # running now
@@ -217,13 +232,7 @@ def test_openai_load_and_unload_lora_adapter(setup) -> None:
     aengine, paths, ids, refs = setup
 
     async def main():
-        async with (
-            serving(aengine, model_name=MODEL, allow_runtime_lora_updating=True, http_port=0) as (
-                h,
-                c,
-            ),
-            httpx.AsyncClient(base_url=h.http_url, timeout=60) as http,
-        ):
+        async with serving_both(aengine) as (c, http):
             missing = os.path.join(os.path.dirname(paths["all4"]), "missing")
             r = await http.post(
                 "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": missing}
@@ -326,10 +335,7 @@ def test_runtime_loading_is_off_unless_allowed(setup) -> None:
     aengine, paths, _, _ = setup
 
     async def main():
-        async with (
-            serving(aengine, model_name=MODEL, http_port=0) as (h, c),
-            httpx.AsyncClient(base_url=h.http_url, timeout=60) as http,
-        ):
+        async with serving_both(aengine, allow_runtime_lora_updating=False) as (c, http):
             code, details = await _rpc_error(c.load_lora_adapter("all4", paths["all4"]))
             assert code == grpc.StatusCode.PERMISSION_DENIED
             assert "--allow-runtime-lora-updating" in details
