@@ -193,10 +193,10 @@ def init_opt_state(params: Any) -> dict[str, Any]:
     return {"step": jnp.zeros((), jnp.int32), "m": zeros(), "v": zeros()}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "oc"), donate_argnames=("params", "opt"))
-def train_step(params, opt, tokens, *, cfg: ModelConfig, oc: OptConfig):
-    """One AdamW step on the mean next-token loss of a [B, L+1] batch."""
-    loss, grads = jax.value_and_grad(lambda p: token_nll(p, cfg, tokens).mean())(params)
+def adamw_update(
+    params: Any, opt: dict[str, Any], grads: Any, oc: OptConfig
+) -> tuple[Any, dict[str, Any], dict[str, jax.Array]]:
+    """One AdamW update with global-norm clipping; returns (params, opt, stats)."""
     leaves = jax.tree_util.tree_leaves(grads)
     gnorm = jnp.sqrt(sum(jnp.sum(g * g) for g in leaves))
     scale = jnp.minimum(1.0, oc.clip_norm / (gnorm + 1e-6))
@@ -214,7 +214,15 @@ def train_step(params, opt, tokens, *, cfg: ModelConfig, oc: OptConfig):
         return p - lr * ((m / c1) / (jnp.sqrt(v / c2) + oc.eps) + decay)
 
     params = jax.tree_util.tree_map(update, params, m, v)
-    return params, {"step": step, "m": m, "v": v}, {"loss": loss, "grad_norm": gnorm, "lr": lr}
+    return params, {"step": step, "m": m, "v": v}, {"grad_norm": gnorm, "lr": lr}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "oc"), donate_argnames=("params", "opt"))
+def train_step(params, opt, tokens, *, cfg: ModelConfig, oc: OptConfig):
+    """One AdamW step on the mean next-token loss of a [B, L+1] batch."""
+    loss, grads = jax.value_and_grad(lambda p: token_nll(p, cfg, tokens).mean())(params)
+    params, opt, stats = adamw_update(params, opt, grads, oc)
+    return params, opt, {"loss": loss, **stats}
 
 
 def sample_batch(
@@ -354,3 +362,146 @@ def write_model_dir(
 
 def dir_megabytes(path: str) -> float:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 1e6
+
+
+# ---------------------------------------------------------------------------
+# The EAGLE head (jserve.spec.eagle): one layer over the target's features.
+
+
+def eagle_loss(
+    hp: Any,
+    target: Any,
+    tokens: jax.Array,  # [B, L]
+    key: jax.Array,
+    *,
+    hcfg: ModelConfig,
+    tcfg: ModelConfig,
+    noise: float,
+    cls_weight: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """EAGLE-1's objective: the head's output at position i regresses the target's
+    feature f_i (smooth L1) and its LM-head distribution matches the target's (soft
+    cross-entropy), from inputs (embedding of x_i, f_{i-1} plus uniform noise)."""
+    from jserve.spec import eagle
+
+    model = get_model(tcfg)
+    feat = jax.lax.stop_gradient(eagle.target_features(target, tcfg, tokens))
+    prev = eagle.shifted(feat)
+    prev = prev + noise * jax.random.uniform(key, prev.shape, minval=-1.0, maxval=1.0)
+    emb = model.embed(target, tcfg, tokens)
+    g = eagle.forward_dense(hp, hcfg, emb, prev)
+    d = jnp.abs(g - feat)
+    reg = jnp.where(d < 1.0, 0.5 * d * d, d - 0.5).mean()
+    e = tcfg.hidden_size
+    want = model.compute_logits(target, tcfg, feat.reshape(-1, e))
+    got = model.compute_logits(target, tcfg, g.reshape(-1, e))
+    cls = -(jax.nn.softmax(want) * jax.nn.log_softmax(got)).sum(-1).mean()
+    top1 = (jnp.argmax(want, -1) == jnp.argmax(got, -1)).mean()
+    return reg + cls_weight * cls, {"reg": reg, "cls": cls, "top1": top1}
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("hcfg", "tcfg", "oc", "noise", "cls_weight"),
+    donate_argnames=("hp", "opt"),
+)
+def eagle_train_step(hp, opt, target, tokens, key, *, hcfg, tcfg, oc, noise, cls_weight):
+    def loss_fn(p):
+        return eagle_loss(
+            p, target, tokens, key, hcfg=hcfg, tcfg=tcfg, noise=noise, cls_weight=cls_weight
+        )
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(hp)
+    hp, opt, stats = adamw_update(hp, opt, grads, oc)
+    return hp, opt, {"loss": loss, **parts, **stats}
+
+
+@functools.partial(jax.jit, static_argnames=("hcfg", "tcfg"))
+def _eagle_eval(hp, target, tokens, *, hcfg, tcfg):
+    _, parts = eagle_loss(
+        hp, target, tokens, jax.random.key(0), hcfg=hcfg, tcfg=tcfg, noise=0.0, cls_weight=1.0
+    )
+    return parts
+
+
+def eagle_heldout(
+    hp: Any,
+    target: Any,
+    hcfg: ModelConfig,
+    tcfg: ModelConfig,
+    ids: np.ndarray,
+    context: int,
+    batch: int = 8,
+) -> dict[str, float]:
+    """Mean held-out (reg, cls, top1) over consecutive whole windows of ``ids``."""
+    n = (len(ids) // context // batch) * batch
+    windows = ids[: n * context].reshape(n, context)
+    parts = [
+        _eagle_eval(hp, target, jnp.asarray(windows[i : i + batch]), hcfg=hcfg, tcfg=tcfg)
+        for i in range(0, n, batch)
+    ]
+    return {k: round(float(np.mean([p[k] for p in parts])), 4) for k in parts[0]}
+
+
+def train_eagle(
+    target: Any,
+    tcfg: ModelConfig,
+    ids: np.ndarray,
+    oc: OptConfig,
+    *,
+    batch: int,
+    context: int,
+    seed: int,
+    noise: float = 0.1,
+    cls_weight: float = 0.1,
+    log_every: int = 50,
+    eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[Any, ModelConfig, dict[str, Any]]:
+    """Trains an EAGLE head for a frozen target; returns (float32 head, its config, summary)."""
+    from jserve.spec import eagle
+
+    hcfg, hp = eagle.random_head(tcfg, seed)
+    hp = jax.tree_util.tree_map(lambda x: x * 1.0, hp)
+    opt = init_opt_state(hp)
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    for step in range(oc.steps):
+        tokens = sample_batch(rng, ids, np.zeros(0, np.int64), batch, context - 1, 0, 0.0)
+        key, sub = jax.random.split(key)
+        hp, opt, stats = eagle_train_step(
+            hp,
+            opt,
+            target,
+            jnp.asarray(tokens),
+            sub,
+            hcfg=hcfg,
+            tcfg=tcfg,
+            oc=oc,
+            noise=noise,
+            cls_weight=cls_weight,
+        )
+        last = step + 1 == oc.steps
+        do_eval = eval_fn is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or last)
+        if step % log_every == 0 or last or do_eval:
+            elapsed = time.perf_counter() - t0
+            entry = {k: round(float(stats[k]), 4) for k in ("loss", "reg", "cls", "top1")}
+            entry |= {"step": step + 1, "seconds": round(elapsed, 1)}
+            line = (
+                f"step {step + 1:5d}/{oc.steps}  loss {entry['loss']:.4f}  reg {entry['reg']:.4f}"
+                f"  cls {entry['cls']:.4f}  top1 {entry['top1']:.3f}  {elapsed:7.1f}s"
+            )
+            if do_eval:
+                entry["heldout"] = eval_fn(hp)
+                line += f"  heldout top1 {entry['heldout']['top1']:.3f}"
+            history.append(entry)
+            log(line)
+    summary = {
+        "steps": oc.steps,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "history": history,
+    }
+    return hp, hcfg, summary

@@ -70,6 +70,9 @@ class _SeqInfo:
     logprobs: bool
     banned: list[int]  # ids banned while below min_tokens
     bias: tuple[list[int], list[float]] | None  # logit_bias as (ids, biases)
+    # Whether an earlier step computed its positions (a proposer's state for its row is
+    # its own: ``seq_feat_ok``).
+    computed: bool = False
 
 
 def _seq_info(row: int, new: NewSeq, eos_ids: list[int]) -> _SeqInfo:
@@ -159,8 +162,10 @@ class InputBuilder:
         draft_rows: list[int] = []
         draft_ids: list[int] = []
         # Draft-model lanes (proposed on the device): (table row, index of the last known
-        # input, its position, first verifying row, proposals); and (input index, row).
-        lanes: list[tuple[int, int, int, int, int]] = []
+        # input, its position, first verifying row, proposals, whether computed before);
+        # and (input index, row).
+        lanes: list[tuple[int, int, int, int, int, int]] = []
+        feat_ok: list[int] = []
         device_inputs: list[tuple[int, int]] = []
         lora_spans: list[tuple[int, int, int]] = []  # (first token, tokens, adapter slot)
         seqs = self.seqs
@@ -200,9 +205,11 @@ class InputBuilder:
                 k = len(e.draft_ids)
                 at = cu[-1] + n - k - 1  # the last known input
                 ids[at + 1 : at + 1 + k] = [0] * k
-                lanes.append((row, at, end - k - 1, e.first_row, k))
+                lanes.append((row, at, end - k - 1, e.first_row, k, int(info.computed)))
                 device_inputs += [(at + 1 + j, e.first_row + j) for j in range(k)]
             seq_rows.append(row)
+            feat_ok.append(int(info.computed))
+            info.computed = True
             kv_lens.append(end)
             cu.append(cu[-1] + n)
             if e.prompt_targets:
@@ -242,6 +249,7 @@ class InputBuilder:
             v["cu_q_lens"][: ns + 1] = cu
             v["cu_q_lens"][ns + 1 :] = cu[-1]
             v["num_seqs"][0] = ns
+            v["seq_feat_ok"][:ns] = feat_ok
         else:
             _split_microbatches(v, t_bucket, seq_rows, kv_lens, cu)
         for first, n, slot in lora_spans:
@@ -262,7 +270,14 @@ class InputBuilder:
             cols = list(zip(*lanes, strict=True))
             nl = len(lanes)
             for name, col in zip(
-                ("lane_rows", "lane_token", "lane_start", "lane_first_row", "lane_k"),
+                (
+                    "lane_rows",
+                    "lane_token",
+                    "lane_start",
+                    "lane_first_row",
+                    "lane_k",
+                    "lane_feat_ok",
+                ),
                 cols,
                 strict=True,
             ):

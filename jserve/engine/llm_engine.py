@@ -38,7 +38,7 @@ from jserve.models.quant import describe_format
 from jserve.outputs import CompletionOutput, RequestOutput
 from jserve.prompts import PromptType, tokenize_prompt
 from jserve.sampling_params import SamplingParams
-from jserve.spec.draft import load_draft
+from jserve.spec.proposers import load_proposer
 from jserve.spec.speculator import Speculator
 from jserve.structured.manager import StructuredOutputs
 from sharding import describe_mesh
@@ -129,10 +129,9 @@ class LLMEngine:
         self.pool = PagePool(self.num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
         spec = self.ecfg.speculative_config
         self.speculator = None
-        draft = None
+        draft, draft_params = None, None
         if spec is not None:
-            if spec.method == "draft_model":
-                spec, draft = load_draft(spec, model, self.max_model_len)
+            spec, draft, draft_params = load_proposer(spec, model, self.max_model_len)
             self.speculator = Speculator(spec)
         self.lora = _lora_manager(model, self.ecfg)
         self.scheduler = Scheduler(
@@ -150,8 +149,8 @@ class LLMEngine:
             num_pages=self.num_pages,
             mesh=model.mesh,
             parallel=model.parallel,
-            draft_model=draft,
-            num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0,
+            draft=draft,
+            draft_params=draft_params,
             lora_specs=self.lora.specs() if self.lora is not None else None,
         )
         self.structured = StructuredOutputs(

@@ -42,7 +42,6 @@ from jserve.models import get_model
 from jserve.models.attention import AttentionMetadata
 from jserve.models.kv_quant import page_dtype
 from jserve.models.pipeline import pipeline_forward
-from jserve.spec import draft as spec_draft
 from jserve.spec.draft import DraftSpec
 from sharding import STAGE, kv_pages_sharding, logical_to_spec, param_shardings
 from sharding.pipeline import pipeline_kv_sharding
@@ -73,8 +72,8 @@ def _step(
     packed: jax.Array,  # i32[layout size]
     bitmask: jax.Array,  # i32[R, ceil(vocab / 32)]: tokens each row may sample
     logit_bias: jax.Array,  # i32[R, 2, BIAS_WIDTH]: (token, bias bits) pairs per row
-    draft_params: Any = None,  # a draft model's (speculative decoding), or None
-    draft_kv: list[jax.Array] | None = None,  # its KV pool, with the target's page ids
+    draft_params: Any = None,  # a proposer's (speculative decoding: jserve.spec), or None
+    draft_state: dict[str, Any] | None = None,  # its KV pool ("kv", the target's page ids)
     lora: Any = None,  # LoRA adapter slots (jserve.lora.ops), or None
     *,
     cfg: ModelConfig,
@@ -82,8 +81,8 @@ def _step(
     shape: tuple[int, int],
     backend: str,
     mesh: Any,  # None on one device
-    draft: DraftSpec | None = None,
-) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput, dict[str, jax.Array], list, Any]:
+    draft: DraftSpec | None = None,  # or an EagleSpec: the proposer on the device
+) -> tuple[list[jax.Array], jax.Array, jax.Array, SamplerOutput, dict[str, jax.Array], dict, Any]:
     f = shapes.layout(*shape).unpack(packed)
     f["bias_ids"] = logit_bias[:, 0]
     f["bias_values"] = jax.lax.bitcast_convert_type(logit_bias[:, 1], jnp.float32)
@@ -93,8 +92,18 @@ def _step(
     history = history.at[f["token_rows"], f["positions"]].set(ids, mode="drop")
     draft_probs = None
     if draft is not None:
-        draft_kv, history, ids, f, draft_probs = spec_draft.propose_in_step(
-            draft, draft_params, draft_kv, table, history, ids, f, shapes.page_size, backend, mesh
+        draft_state, history, ids, f, draft_probs = draft.propose_in_step(
+            draft_params,
+            draft_state,
+            params,
+            cfg,
+            table,
+            history,
+            ids,
+            f,
+            shapes.page_size,
+            backend,
+            mesh,
         )
     md = AttentionMetadata(
         positions=f["positions"],
@@ -135,11 +144,13 @@ def _step(
         draft_probs=draft_probs,
         bitmask=bitmask,
     )
-    drafts = None  # the proposals each row verified, made here by the draft model
+    drafts = None  # the proposals each row verified, made here on the device
     if draft is not None:
-        draft_kv = spec_draft.catch_up(draft_params, draft.cfg, draft_kv, ids, md)
+        draft_state = draft.catch_up(
+            draft_params, draft_state, params, cfg, ids, hidden, md, f, out.tokens
+        )
         drafts = f["draft_ids"]
-    return kv_pages, table, history, out, stats, draft_kv or [], drafts
+    return kv_pages, table, history, out, stats, draft_state or {}, drafts
 
 
 @functools.cache
@@ -210,8 +221,8 @@ class ModelRunner:
         num_pages: int,
         mesh: Any = None,
         parallel: Any = None,
-        draft_model: Any = None,  # a LoadedModel proposing tokens (speculative decoding)
-        num_speculative_tokens: int = 0,
+        draft: DraftSpec | None = None,  # a proposer on the device (speculative decoding)
+        draft_params: Any = None,  # its weights
         lora_specs: Any = None,  # declarations of LoRA adapter slots (jserve.lora), or None
     ) -> None:
         self.params = params
@@ -236,12 +247,10 @@ class ModelRunner:
             layers = cfg.num_layers // self.pp
         self._kv_shape, self._kv_layers, self._dtype = shape, layers, dtype
         self.kv_pages: list[jax.Array] = []
-        self.draft_params = None
-        self.draft_kv: list[jax.Array] = []
-        self._draft: DraftSpec | None = None
-        if draft_model is not None:  # its own pool, with the target's page ids
-            self.draft_params = draft_model.params
-            self._draft = DraftSpec(draft_model.cfg, num_speculative_tokens)
+        # A proposer's own pool (with the target's page ids) and state: see jserve.spec.
+        self.draft_params = draft_params
+        self.draft_state: dict[str, Any] = {}
+        self._draft = draft
         self._lora_specs = lora_specs
         self._lora_shardings = None
         if lora_specs is not None and mesh is not None:  # split like their base weights
@@ -271,13 +280,16 @@ class ModelRunner:
             zeros(self._kv_shape, page_dtype(self.cfg, self._dtype), self._kv_sharding)
             for _ in range(self._kv_layers)
         ]
-        self.draft_kv = []
+        self.draft_state = {}
         if self._draft is not None:
             d = self._draft.cfg
             dshape = (self._kv_shape[0], self.ecfg.page_size, 2 * d.num_kv_heads, d.head_dim)
-            self.draft_kv = [
+            self.draft_state["kv"] = [
                 zeros(dshape, self._dtype, self._kv_sharding) for _ in range(d.num_layers)
             ]
+            for name, (shape, act) in self._draft.extra_state(self.cfg).items():
+                dtype = self._dtype if act else jnp.int32
+                self.draft_state[name] = zeros((rows, *shape), dtype, rep)
         self.lora = None
         if self._lora_specs is not None:  # every slot empty (zero)
             self.lora = jax.tree_util.tree_map(
@@ -321,14 +333,17 @@ class ModelRunner:
                 np.full((r, self.mask_words), -1, np.int32),
                 no_logit_bias(r),
                 self.draft_params,
-                self.draft_kv,
+                self.draft_state,
                 self.lora,
             )
             opts: dict[str, Any] = dict(donate_argnums=(1, 2, 3, 9))
             if self.mesh is not None:
                 kv = [self._kv_sharding] * len(self.kv_pages)
-                dkv = [self._kv_sharding] * len(self.draft_kv)
-                opts["out_shardings"] = (kv, rep, rep, rep, rep, dkv, rep)
+                dstate = {
+                    name: [self._kv_sharding] * len(v) if name == "kv" else rep
+                    for name, v in self.draft_state.items()
+                }
+                opts["out_shardings"] = (kv, rep, rep, rep, rep, dstate, rep)
             return fn, args, opts
         if kind == "lora":  # one adapter slot written in place
             slot_tree = jax.tree_util.tree_map(lambda x: np.zeros(x.shape[1:], x.dtype), self.lora)
@@ -338,7 +353,7 @@ class ModelRunner:
             return lora_ops.write_slot, (self.lora, np.int32(0), slot_tree), opts
         (n,) = size
         if kind == "copy":  # both pools: the draft's pages mirror the target's
-            pools = self.kv_pages + self.draft_kv
+            pools = self.kv_pages + self._draft_pool
             args = (pools, np.full((2, n), -1, np.int32))
             opts = dict(donate_argnums=(0,))
             if self.mesh is not None:
@@ -425,17 +440,19 @@ class ModelRunner:
         """Issues the plan's device calls; returns before they finish."""
         if plan.copies is not None:
             pools = self._call(
-                ("copy", plan.copies.shape[1]), self.kv_pages + self.draft_kv, plan.copies
+                ("copy", plan.copies.shape[1]), self.kv_pages + self._draft_pool, plan.copies
             )
             n = len(self.kv_pages)
-            self.kv_pages, self.draft_kv = pools[:n], pools[n:]
+            self.kv_pages = pools[:n]
+            if self.draft_state:
+                self.draft_state["kv"] = pools[n:]
         if plan.table_writes is not None:
             self.table = self._write(("table",), self.table, plan.table_writes)
         if plan.history_writes is not None:
             self.history = self._write(("history",), self.history, plan.history_writes)
         for slot, weights in plan.lora_loads:
             self.lora = self._call(("lora",), self.lora, np.int32(slot), weights)
-        self.kv_pages, self.table, self.history, out, stats, self.draft_kv, drafts = self._call(
+        self.kv_pages, self.table, self.history, out, stats, self.draft_state, drafts = self._call(
             ("step", *plan.shape),
             self.params,
             self.kv_pages,
@@ -446,11 +463,16 @@ class ModelRunner:
             self._optional(plan.bitmask, "bitmask", plan.shape[1]),
             self._optional(plan.logit_bias, "logit_bias", plan.shape[1]),
             self.draft_params,
-            self.draft_kv,
+            self.draft_state,
             self.lora,
         )
         self._prev_tokens = out.tokens
         return StepHandle(out, plan.num_rows, plan.want_logprobs, stats, drafts)
+
+    @property
+    def _draft_pool(self) -> list[jax.Array]:
+        """The proposer's KV pool, whose pages mirror the target's (copied with them)."""
+        return self.draft_state.get("kv", [])
 
     def _write(self, kind: tuple, target: jax.Array, w: RowWrites) -> jax.Array:
         return self._call((*kind, len(w.rows)), target, w.rows, w.values)

@@ -227,6 +227,11 @@ class StepShapes:
                 ("lane_first_row", (s,), "i32", r),  # past the rows: dropped
                 ("lane_k", (s,), "i32", 0),
                 ("num_lanes", (1,), "i32", 0),
+                # Whether a lane's (sequence's) last position was computed by an earlier
+                # step of its current residency, so a proposer's state for its table row
+                # is its own (jserve.spec.eagle's feature); 0 for a first chunk or fork.
+                ("lane_feat_ok", (s,), "i32", 0),
+                ("seq_feat_ok", seq, "i32", 0),
                 # An input that is a draft model's proposal: the row verifying it, else -1.
                 ("token_draft_row", (t,), "i32", -1),
                 # Each token's LoRA adapter slot (jserve.lora), -1 for the base model.

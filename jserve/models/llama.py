@@ -179,69 +179,69 @@ def _gate_up(module: str, suffix: str, e: int, f: int) -> HFSource:
     )
 
 
-def float_param_specs(cfg: ModelConfig) -> dict[str, Any]:
-    """Every weight as a float declaration (shape, logical axes, init, HF source)."""
-    e, f, d, v = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
+def layer_specs(cfg: ModelConfig, p: str) -> dict[str, ParamSpec]:
+    """One decoder layer's float declarations, read from the checkpoint's tensors named
+    ``{p}.self_attn.q_proj.weight`` and so on."""
+    e, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     hq, hk, g = cfg.num_q_heads, cfg.num_kv_heads, cfg.q_per_kv
     opts = llama_options(cfg)
 
     def norm(name: str, size: int = e) -> ParamSpec:
         return ParamSpec((size,), (None,), "ones", _copy(name, (size,)))
 
-    layers = []
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
-        layer = {
-            "attn_norm": norm(f"{p}.input_layernorm.weight"),
-            "wqkv": ParamSpec(
-                (e, hk, g + 2, d),
-                ("embed", "kv_heads", None, "head_dim"),
-                "normal",
-                _fused_qkv(p, cfg, "weight"),
-                contract=(0,),
-            ),
-            "wo": ParamSpec(
-                (hq, d, e),
-                ("q_heads", "head_dim", "embed"),
-                "normal",
-                _linear(f"{p}.self_attn.o_proj.weight", (hq, d, e)),
-                contract=(0, 1),
-            ),
-            "mlp_norm": norm(f"{p}.post_attention_layernorm.weight"),
-            "w_gate_up": ParamSpec(
-                (e, 2, f),
-                ("embed", None, "mlp"),
-                "normal",
-                _gate_up(f"{p}.mlp", "weight", e, f),
-                contract=(0,),
-            ),
-            "w_down": ParamSpec(
-                (f, e),
-                ("mlp", "embed"),
-                "normal",
-                _linear(f"{p}.mlp.down_proj.weight", (f, e)),
-                contract=(0,),
-            ),
-        }
-        if opts.qkv_bias:
-            layer["bqkv"] = ParamSpec(
-                (hk, g + 2, d), ("kv_heads", None, "head_dim"), "zeros", _fused_qkv(p, cfg, "bias")
-            )
-        if opts.o_bias:
-            layer["bo"] = ParamSpec(
-                (e,), (None,), "zeros", _copy(f"{p}.self_attn.o_proj.bias", (e,))
-            )
-        if opts.mlp_bias:
-            layer["b_gate_up"] = ParamSpec(
-                (2, f), (None, "mlp"), "zeros", _gate_up(f"{p}.mlp", "bias", e, f)
-            )
-            layer["b_down"] = ParamSpec(
-                (e,), (None,), "zeros", _copy(f"{p}.mlp.down_proj.bias", (e,))
-            )
-        if opts.qk_norm:
-            layer["q_norm"] = norm(f"{p}.self_attn.q_norm.weight", d)
-            layer["k_norm"] = norm(f"{p}.self_attn.k_norm.weight", d)
-        layers.append(layer)
+    layer = {
+        "attn_norm": norm(f"{p}.input_layernorm.weight"),
+        "wqkv": ParamSpec(
+            (e, hk, g + 2, d),
+            ("embed", "kv_heads", None, "head_dim"),
+            "normal",
+            _fused_qkv(p, cfg, "weight"),
+            contract=(0,),
+        ),
+        "wo": ParamSpec(
+            (hq, d, e),
+            ("q_heads", "head_dim", "embed"),
+            "normal",
+            _linear(f"{p}.self_attn.o_proj.weight", (hq, d, e)),
+            contract=(0, 1),
+        ),
+        "mlp_norm": norm(f"{p}.post_attention_layernorm.weight"),
+        "w_gate_up": ParamSpec(
+            (e, 2, f),
+            ("embed", None, "mlp"),
+            "normal",
+            _gate_up(f"{p}.mlp", "weight", e, f),
+            contract=(0,),
+        ),
+        "w_down": ParamSpec(
+            (f, e),
+            ("mlp", "embed"),
+            "normal",
+            _linear(f"{p}.mlp.down_proj.weight", (f, e)),
+            contract=(0,),
+        ),
+    }
+    if opts.qkv_bias:
+        layer["bqkv"] = ParamSpec(
+            (hk, g + 2, d), ("kv_heads", None, "head_dim"), "zeros", _fused_qkv(p, cfg, "bias")
+        )
+    if opts.o_bias:
+        layer["bo"] = ParamSpec((e,), (None,), "zeros", _copy(f"{p}.self_attn.o_proj.bias", (e,)))
+    if opts.mlp_bias:
+        layer["b_gate_up"] = ParamSpec(
+            (2, f), (None, "mlp"), "zeros", _gate_up(f"{p}.mlp", "bias", e, f)
+        )
+        layer["b_down"] = ParamSpec((e,), (None,), "zeros", _copy(f"{p}.mlp.down_proj.bias", (e,)))
+    if opts.qk_norm:
+        layer["q_norm"] = norm(f"{p}.self_attn.q_norm.weight", d)
+        layer["k_norm"] = norm(f"{p}.self_attn.k_norm.weight", d)
+    return layer
+
+
+def float_param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """Every weight as a float declaration (shape, logical axes, init, HF source)."""
+    e, v = cfg.hidden_size, cfg.vocab_size
+    layers = [layer_specs(cfg, f"model.layers.{i}") for i in range(cfg.num_layers)]
 
     specs: dict[str, Any] = {
         "embed": ParamSpec(
@@ -252,7 +252,7 @@ def float_param_specs(cfg: ModelConfig) -> dict[str, Any]:
             contract=(1,),
         ),
         "layers": layers,
-        "final_norm": norm("model.norm.weight"),
+        "final_norm": ParamSpec((e,), (None,), "ones", _copy("model.norm.weight", (e,))),
     }
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = ParamSpec(

@@ -8,6 +8,9 @@ The scheduler rolls the rest back after the step.
 
 - ``config``: ``SpeculativeConfig`` (vLLM's ``speculative_config`` dict), checked at start-up.
 - ``ngram``: prompt lookup on the host, from the sequence's own tokens.
+- ``draft``: a draft model proposing on the device, inside the step.
+- ``eagle``: an EAGLE-style head over the target's features, proposing the same way.
+- ``proposers``: resolving and loading the proposer a config names.
 - ``rejection``: the acceptance math inside the jitted step.
 - ``stats``: drafts, draft tokens and accepted tokens.
 """

@@ -14,9 +14,7 @@ from typing import Any
 
 from jserve.errors import ConfigError
 
-METHODS = ("ngram", "draft_model")
-# Named by vLLM's convention but not built here yet: refused with a clear error.
-PLANNED_METHODS = ("eagle",)
+METHODS = ("ngram", "draft_model", "eagle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +23,8 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
-    # The draft (draft_model): a Hugging Face directory; None = the embedded model's
-    # shipped draft, for the embedded model.
+    # The draft (draft_model) or EAGLE head (eagle): a Hugging Face directory; None = the
+    # embedded model's shipped draft or head, for the embedded model.
     model: str | None = None
 
     @classmethod
@@ -53,16 +51,9 @@ class SpeculativeConfig:
         return cls(**d).validate()
 
     def validate(self) -> SpeculativeConfig:
-        if self.method in PLANNED_METHODS:
-            self._check_model_dir()
-            raise ConfigError(
-                f"speculative_config method {self.method!r} is not available in this build; "
-                f"use one of {METHODS}"
-            )
         if self.method not in METHODS:
             raise ConfigError(
-                f"speculative_config method {self.method!r} is unknown; choose one of "
-                f"{METHODS + PLANNED_METHODS}"
+                f"speculative_config method {self.method!r} is unknown; choose one of {METHODS}"
             )
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -78,7 +69,7 @@ class SpeculativeConfig:
                 f"speculative_config prompt_lookup_min ({lo}) exceeds prompt_lookup_max ({hi}); "
                 "the lookup tries n-grams from max down to min"
             )
-        if self.method == "draft_model":
+        if self.method != "ngram":
             self._check_model_dir()
         return self
 

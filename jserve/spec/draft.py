@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -55,26 +56,32 @@ ROW_FIELDS = (
 _DRAFT_STREAM = 0xD7  # folded into a row's key for the draft's own draw
 
 
+# One proposal step of a proposer: (its pool, the lanes' tokens i32[lanes], the state it
+# carries from step to step, the lanes' metadata) -> (f32[lanes, V] logits, pool, state).
+ForwardOne = Callable[
+    [list[jax.Array], jax.Array, Any, AttentionMetadata], tuple[jax.Array, list[jax.Array], Any]
+]
+
+
 def propose(
-    params: Any,
-    cfg: Any,  # the draft's ModelConfig
-    kv_pages: list[jax.Array],  # the draft's pool, per layer [P, S, 2*Hkv, D]
+    forward_one: ForwardOne,
+    carried: Any,  # the first proposal step's state (None for a draft model)
+    kv_pages: list[jax.Array],  # the proposer's pool, per layer [P, S, 2*Hkv, D]
     table: jax.Array,  # i32[max_num_seqs + 1, pages_per_seq]
     history: jax.Array,  # i32[max_num_seqs + 1, max_model_len]
     ids: jax.Array,  # i32[T]: the step's inputs
     f: dict[str, jax.Array],
     *,
+    vocab: int,
     num_speculative_tokens: int,
     page_size: int,
     backend: str,
     mesh: Any,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
-    """Returns (draft pool, history with the proposals, i32[R] the proposal each row
-    verifies or -1, f32[R, V] the distribution it was drawn from)."""
-    model = get_model(cfg)
+    """Returns (the proposer's pool, history with the proposals, i32[R] the proposal each
+    row verifies or -1, f32[R, V] the distribution it was drawn from)."""
     lanes = f["lane_rows"].shape[0]
     rows = f["temperature"].shape[0]
-    vocab = cfg.vocab_size
     n = f["num_lanes"]
     lane_rows, start, lane_k = f["lane_rows"], f["lane_start"], f["lane_k"]
     active = jnp.arange(lanes) < n[0]
@@ -83,7 +90,7 @@ def propose(
     pad_row = history.shape[0]
 
     def body(j: int, carry: tuple) -> tuple:
-        kv, hist, tok, row_drafts, row_probs = carry
+        kv, state, hist, tok, row_drafts, row_probs = carry
         pos = start + j
         live = active & (j < lane_k)
         col = jnp.minimum(pos // page_size, pages.shape[1] - 1)
@@ -98,8 +105,7 @@ def propose(
             backend=backend,
             mesh=mesh,
         )
-        hidden, kv, _ = model.forward(params, cfg, tok, kv, md)  # (the stats are the target's)
-        logits = model.compute_logits(params, cfg, hidden)  # [lanes, V]
+        logits, kv, state = forward_one(kv, tok, state, md)  # [lanes, V]
         if mesh is not None:
             logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
         row = jnp.where(live, f["lane_first_row"] + j, rows)  # the row verifying it
@@ -113,99 +119,123 @@ def propose(
         hist = hist.at[jnp.where(live, lane_rows, pad_row), pos + 1].set(nxt, mode="drop")
         row_drafts = row_drafts.at[row].set(nxt, mode="drop")
         row_probs = row_probs.at[row].set(jax.nn.softmax(scaled, axis=-1), mode="drop")
-        return kv, hist, nxt, row_drafts, row_probs
+        return kv, state, hist, nxt, row_drafts, row_probs
 
     init = (
         kv_pages,
+        carried,
         history,
         ids[f["lane_token"]],
         jnp.full((rows,), -1, jnp.int32),
         jnp.zeros((rows, vocab), jnp.float32),
     )
-    kv_pages, history, _, row_drafts, row_probs = jax.lax.fori_loop(
+    kv_pages, _, history, _, row_drafts, row_probs = jax.lax.fori_loop(
         0, num_speculative_tokens, body, init
     )
     return kv_pages, history, row_drafts, row_probs
 
 
-@dataclasses.dataclass(frozen=True)
-class DraftSpec:
-    """The static side of a draft model (speculative decoding) in the step program."""
-
-    cfg: ModelConfig
-    num_speculative_tokens: int
-
-
-def propose_in_step(
-    draft: DraftSpec,
-    params: Any,
-    kv: list[jax.Array],
-    table: jax.Array,
-    history: jax.Array,
-    ids: jax.Array,
-    f: dict[str, jax.Array],
-    page_size: int,
-    backend: str,
-    mesh: Any,
-) -> tuple[list[jax.Array], jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
-    """The draft's proposals, placed as the step's inputs and as the rows' drafts, with
-    the distributions the verification needs."""
-    kv, history, row_drafts, row_probs = propose(
-        params,
-        draft.cfg,
-        kv,
-        table,
-        history,
-        ids,
-        f,
-        num_speculative_tokens=draft.num_speculative_tokens,
-        page_size=page_size,
-        backend=backend,
-        mesh=mesh,
-    )
+def place_proposals(
+    row_drafts: jax.Array, row_probs: jax.Array, history: jax.Array, ids: jax.Array, f: dict
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
+    """The proposals made on the device, placed as the step's inputs and as the rows'
+    drafts: (history, ids, the fields with ``draft_ids``, f32[R, V] the distributions the
+    verification needs)."""
     tdr = f["token_draft_row"]
     ids = jnp.where(tdr >= 0, row_drafts[jnp.maximum(tdr, 0)], ids)
     history = history.at[f["token_rows"], f["positions"]].set(ids, mode="drop")
     from_model = row_drafts >= 0
     draft_ids = jnp.where(from_model, row_drafts, f["draft_ids"])
-    # N-gram rows (none when a draft model is configured) would be point masses.
+    # N-gram rows (none when proposals are made on the device) would be point masses.
     probs = jnp.where(from_model[:, None], row_probs, jax.nn.one_hot(draft_ids, row_probs.shape[1]))
-    return kv, history, ids, {**f, "draft_ids": draft_ids}, probs
+    return history, ids, {**f, "draft_ids": draft_ids}, probs
 
 
-def catch_up(
-    params: Any, cfg: Any, kv_pages: list[jax.Array], ids: jax.Array, md: AttentionMetadata
-) -> list[jax.Array]:
-    """The draft's forward over the step's tokens, for its K/V only."""
-    _, kv_pages, _ = get_model(cfg).forward(params, cfg, ids, kv_pages, md)
-    return kv_pages
+@dataclasses.dataclass(frozen=True)
+class DraftSpec:
+    """The static side of a draft model (speculative decoding) in the step program.
+
+    A proposer on the device keeps a state between steps (``init_state``; here its KV
+    pool, under "kv"), proposes at the start of the step (``propose_in_step``) and
+    catches up after the target's forward (``catch_up``); ``jserve.spec.eagle`` is the
+    other proposer of this shape."""
+
+    cfg: ModelConfig
+    num_speculative_tokens: int
+
+    def extra_state(self, target_cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """State beside the pool: name -> (shape per table row, whether it is the
+        activations' dtype); none for a draft model."""
+        return {}
+
+    def propose_in_step(
+        self,
+        params: Any,
+        state: dict[str, Any],
+        target_params: Any,
+        target_cfg: ModelConfig,
+        table: jax.Array,
+        history: jax.Array,
+        ids: jax.Array,
+        f: dict[str, jax.Array],
+        page_size: int,
+        backend: str,
+        mesh: Any,
+    ) -> tuple[dict[str, Any], jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
+        """(state, history, ids, fields, f32[R, V] the proposals' distributions)."""
+        model = get_model(self.cfg)
+
+        def forward_one(kv: list, tok: jax.Array, carried: Any, md: AttentionMetadata) -> tuple:
+            hidden, kv, _ = model.forward(params, self.cfg, tok, kv, md)  # (stats: the target's)
+            return model.compute_logits(params, self.cfg, hidden), kv, carried
+
+        kv, history, row_drafts, row_probs = propose(
+            forward_one,
+            None,
+            state["kv"],
+            table,
+            history,
+            ids,
+            f,
+            vocab=self.cfg.vocab_size,
+            num_speculative_tokens=self.num_speculative_tokens,
+            page_size=page_size,
+            backend=backend,
+            mesh=mesh,
+        )
+        history, ids, f, probs = place_proposals(row_drafts, row_probs, history, ids, f)
+        return {**state, "kv": kv}, history, ids, f, probs
+
+    def catch_up(
+        self,
+        params: Any,
+        state: dict[str, Any],
+        target_params: Any,
+        target_cfg: ModelConfig,
+        ids: jax.Array,
+        hidden: jax.Array,
+        md: AttentionMetadata,
+        f: dict[str, jax.Array],
+        tokens: jax.Array,
+    ) -> dict[str, Any]:
+        """The draft's forward over the step's tokens, for its K/V only."""
+        _, kv, _ = get_model(self.cfg).forward(params, self.cfg, ids, state["kv"], md)
+        return {**state, "kv": kv}
 
 
-def load_draft(spec: Any, target: Any, max_model_len: int) -> tuple[Any, Any]:
-    """(the config with its draft resolved, the loaded draft model) for ``draft_model``:
-    the embedded model's shipped draft when none is named; ConfigError for a draft the
+def load_draft(spec: Any, target: Any, max_model_len: int) -> Any:
+    """The draft model of ``draft_model`` (a LoadedModel); ConfigError for a draft the
     target cannot use."""
     from jserve.errors import ConfigError
-    from jserve.model_loader import default_model_path, load_model
+    from jserve.model_loader import load_model
 
-    if spec.model is None:
-        embedded = default_model_path()
-        if not os.path.exists(target.path) or not os.path.samefile(target.path, embedded):
-            raise ConfigError(
-                'speculative_config method "draft_model" needs "model": the draft\'s '
-                "directory (only the embedded model has a default draft)"
-            )
-        spec = dataclasses.replace(spec, model=DEFAULT_DRAFT).validate()
-    spec.check_draft_vocab(target.cfg.vocab_size)
-    if target.mesh is not None and target.mesh.shape["stage"] > 1:
-        raise ConfigError("a draft model does not run under pipeline parallelism; use tp only")
     draft = load_model(spec.model, target.dtype, target.parallel)
     if draft.cfg.max_position_embeddings < max_model_len:
         raise ConfigError(
             f"the draft {spec.model!r} handles {draft.cfg.max_position_embeddings} positions, "
             f"fewer than max_model_len {max_model_len}; lower max_model_len"
         )
-    return spec, draft
+    return draft
 
 
 DEFAULT_DRAFT = os.path.join(

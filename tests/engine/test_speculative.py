@@ -1,4 +1,4 @@
-"""Speculative decoding with n-gram proposals: the same tokens as without it (greedy),
+"""Speculative decoding (n-gram, draft model, EAGLE head): the same tokens as without it (greedy),
 under chunked prefill, a tiny page pool, prefix caching, n > 1, stops and logprobs;
 no new programs; clear start-up errors for bad configurations."""
 
@@ -62,7 +62,6 @@ def test_ngram_lookup_prefers_long_and_recent_matches() -> None:
         ({"method": "ngram", "lookahead": 3}, "unknown keys"),
         ({"method": "draft_model", "model": "/no/such/dir"}, "not a directory"),
         ({"method": "eagle", "model": "/no/such/dir"}, "not a directory"),
-        ({"method": "eagle"}, "not available"),
         ("{not json", "JSON"),
         (["ngram"], "must be a dict"),
     ],
@@ -81,9 +80,10 @@ def test_a_draft_with_another_vocabulary_is_refused(llama_dir: str, tmp_path) ->
     spec = {"method": "draft_model", "model": str(draft)}
     with pytest.raises(ConfigError, match="vocab_size"):
         make_engine(llama_dir, speculative_config=spec)
-    # Only the embedded model has a default draft.
-    with pytest.raises(ConfigError, match="needs"):
-        make_engine(llama_dir, speculative_config={"method": "draft_model"})
+    # Only the embedded model has a default draft (and head).
+    for method in ("draft_model", "eagle"):
+        with pytest.raises(ConfigError, match="needs"):
+            make_engine(llama_dir, speculative_config={"method": method})
 
 
 # -- greedy: exactly the tokens without speculation ---------------------------
@@ -113,9 +113,38 @@ def warm_draft(llama_dir: str, random_draft: str) -> LLMEngine:
     )
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.fixture(scope="module")
+def random_head(llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random EAGLE head for the random model."""
+    from jserve.config import load_config
+    from jserve.spec import eagle
+
+    cfg, hp = eagle.random_head(load_config(llama_dir), seed=5)
+    out = str(tmp_path_factory.mktemp("eagle") / "head")
+    eagle.save_head(hp, cfg, out, "float32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def warm_eagle(llama_dir: str, random_head: str) -> LLMEngine:
+    spec = {"method": "eagle", "model": random_head, "num_speculative_tokens": 4}
+    return make_engine(
+        llama_dir, warmup=True, speculative_config=spec, **{**SMALL, "num_pages": 28}
+    )
+
+
+@pytest.fixture
+def warm_engines(request: pytest.FixtureRequest) -> dict:
+    return {
+        "ngram": lambda: request.getfixturevalue("warm"),
+        "draft_model": lambda: request.getfixturevalue("warm_draft"),
+        "eagle": lambda: request.getfixturevalue("warm_eagle"),
+    }
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle"])
 def test_greedy_random_model_mixed_batch_chunked_and_tiny_pool(
-    llama_dir: str, warm: LLMEngine, warm_draft: LLMEngine, method: str
+    llama_dir: str, warm_engines: dict, method: str
 ) -> None:
     """48 pages of 4 tokens for 6 requests of up to 52 tokens: proposals are shed and
     sequences preempted; 16-token steps chunk the prompts beside verifications."""
@@ -123,7 +152,7 @@ def test_greedy_random_model_mixed_batch_chunked_and_tiny_pool(
     # A one-token prompt forking into two samples when it completes.
     reqs.append(("one", [7], SamplingParams(max_tokens=12, temperature=0, n=2), 3))
     want = outputs(make_engine(llama_dir, **SMALL), reqs)
-    engine = warm if method == "ngram" else warm_draft
+    engine = warm_engines[method]()
     assert outputs(engine, reqs) == want
     s = engine.get_stats()
     assert s.spec_decode_num_drafts > 0 and s.spec_decode_num_accepted_tokens > 0
@@ -133,9 +162,9 @@ def test_greedy_random_model_mixed_batch_chunked_and_tiny_pool(
 
 @pytest.mark.parametrize(
     "spec",
-    # The shipped draft is the embedded model's default.
-    [NGRAM, {"method": "draft_model", "num_speculative_tokens": 4}],
-    ids=["ngram", "draft_model"],
+    # The shipped draft and head are the embedded model's defaults.
+    [NGRAM, *({"method": m, "num_speculative_tokens": 4} for m in ("draft_model", "eagle"))],
+    ids=["ngram", "draft_model", "eagle"],
 )
 def test_greedy_embedded_model_with_prefix_cache_n_and_stops(spec: dict) -> None:
     model = default_model_path()
@@ -187,11 +216,9 @@ def test_abort_mid_speculation_frees_everything(warm: LLMEngine) -> None:
     assert engine.is_idle()
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_speculation_compiles_nothing_after_warm_up(
-    warm: LLMEngine, warm_draft: LLMEngine, method: str
-) -> None:
-    engine = warm if method == "ngram" else warm_draft
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle"])
+def test_speculation_compiles_nothing_after_warm_up(warm_engines: dict, method: str) -> None:
+    engine = warm_engines[method]()
     drafts = engine.get_stats().spec_decode_num_drafts
     reqs = mixed_requests(PATTERNED + RANDOM, max_tokens=20)
     reqs += [
@@ -255,11 +282,12 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
 from jserve import LLM, SamplingParams
 
-model, draft, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model, draft, head, prompts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 specs = {
     "none": None,
     "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
     "draft": {"method": "draft_model", "model": draft, "num_speculative_tokens": 3},
+    "eagle": {"method": "eagle", "model": head, "num_speculative_tokens": 3},
 }
 out = {}
 for tp in (1, 2):
@@ -279,13 +307,23 @@ print("RESULT" + json.dumps(out))
 
 
 @pytest.mark.slow
-def test_tensor_parallel_speculation_matches_one_device(llama_dir: str, random_draft: str) -> None:
+def test_tensor_parallel_speculation_matches_one_device(
+    llama_dir: str, random_draft: str, random_head: str
+) -> None:
     import os
     import subprocess
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-c", TP_PROBE, llama_dir, random_draft, json.dumps(PATTERNED)],
+        [
+            sys.executable,
+            "-c",
+            TP_PROBE,
+            llama_dir,
+            random_draft,
+            random_head,
+            json.dumps(PATTERNED),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
@@ -295,7 +333,7 @@ def test_tensor_parallel_speculation_matches_one_device(llama_dir: str, random_d
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     res = json.loads(line[len("RESULT") :])
     want = res["1-none"][0]
-    for name in ("none", "ngram", "draft"):
+    for name in ("none", "ngram", "draft", "eagle"):
         assert res[f"2-{name}"][0] == want, name
     assert res["2-ngram"][1] > 0 and res["2-draft"][1] > 0
 

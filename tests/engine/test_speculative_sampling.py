@@ -101,6 +101,19 @@ def peaky_draft(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_hf_model("llama", out, seed=3, scale=0.5, vocab_size=16, num_hidden_layers=1)
 
 
+@pytest.fixture(scope="module")
+def peaky_head(peaky_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random EAGLE head for the peaky model (its proposals are drawn from a flatter
+    distribution than the target's, so they are accepted sometimes)."""
+    from jserve.config import load_config
+    from jserve.spec import eagle
+
+    cfg, hp = eagle.random_head(load_config(peaky_model), seed=4)
+    out = str(tmp_path_factory.mktemp("peaky-eagle") / "head")
+    eagle.save_head(hp, cfg, out, "float32")
+    return out
+
+
 def _first_tokens(model: str, spec: dict | None, **sp: float) -> list[tuple[int, ...]]:
     engine = make_engine(
         model,
@@ -149,13 +162,18 @@ def _same_distribution(a: list, b: list) -> float:
         ("ngram", dict(temperature=1.0, top_p=0.9)),
         ("draft_model", dict(temperature=1.0)),
         pytest.param("draft_model", dict(temperature=1.0, top_p=0.9), marks=pytest.mark.slow),
+        ("eagle", dict(temperature=1.0)),
     ],
 )
 def test_first_tokens_match_sampling_without_speculation(
-    peaky_model: str, peaky_draft: str, sp: dict, method: str
+    peaky_model: str, request: pytest.FixtureRequest, sp: dict, method: str
 ) -> None:
     spec: dict = {"method": method, "num_speculative_tokens": 3}
-    spec |= {"prompt_lookup_min": 1} if method == "ngram" else {"model": peaky_draft}
+    if method == "ngram":
+        spec["prompt_lookup_min"] = 1
+    else:
+        fixture = "peaky_draft" if method == "draft_model" else "peaky_head"
+        spec["model"] = request.getfixturevalue(fixture)
     base = _first_tokens(peaky_model, None, **sp)
     got = _first_tokens(peaky_model, spec, **sp)
     for pos in range(1, 4):  # the first token is a prefill's: positions 2-4 are verified
