@@ -8,9 +8,11 @@ import math
 import random
 import time
 import traceback
+from typing import Any
 
 import jax
 
+from jserve.config import ModelConfig
 from jserve.engine import logprobs
 from jserve.engine.config import EngineConfig
 from jserve.engine.detokenizer import SequenceDetokenizer
@@ -51,11 +53,16 @@ CPU_DEFAULT_KV_BYTES = 1 << 30  # pool size on hosts that report no device memor
 MAX_FAILED_STEPS = 3
 
 
-def pages_that_fit(model: LoadedModel, ecfg: EngineConfig, max_model_len: int) -> int:
-    """Sizes the KV pool from free device memory (or ``num_pages`` if set)."""
+def pages_that_fit(
+    model: LoadedModel, ecfg: EngineConfig, max_model_len: int, proposer: Any = None
+) -> int:
+    """Sizes the KV pool from free device memory (or ``num_pages`` if set); a proposer's
+    pool (speculative decoding, jserve.spec) has as many pages, so each page costs both."""
     if ecfg.num_pages is not None:
         return ecfg.num_pages
-    per_page = _page_bytes_per_device(model, ecfg.page_size)
+    per_page = _page_bytes_per_device(model, model.cfg, ecfg.page_size)
+    if proposer is not None:
+        per_page += _page_bytes_per_device(model, proposer.cfg, ecfg.page_size)
     devices = list(model.mesh.devices.flat) if model.mesh is not None else [jax.devices()[0]]
     budgets = []
     for device in devices:
@@ -98,14 +105,15 @@ def _size(num_bytes: float) -> str:
     return ""
 
 
-def _page_bytes_per_device(model: LoadedModel, page_size: int) -> float:
-    """Bytes one KV page (all layers) takes on each device: pages are split by KV head
-    over the tensor-parallel axis and by layer over pipeline stages."""
-    total = kv_bytes_per_page(model.cfg, page_size, model.dtype)
+def _page_bytes_per_device(model: LoadedModel, cfg: ModelConfig, page_size: int) -> float:
+    """Bytes one KV page (all layers) of a model of ``cfg`` served beside ``model`` (itself,
+    or its proposer) takes on each device: pages are split by KV head over the
+    tensor-parallel axis and by layer over pipeline stages."""
+    total = kv_bytes_per_page(cfg, page_size, model.dtype)
     if model.mesh is None:
         return total
     tp, pp = model.mesh.shape["model"], model.mesh.shape["stage"]
-    return total / (min(tp, model.cfg.num_kv_heads) * pp)
+    return total / (min(tp, cfg.num_kv_heads) * pp)
 
 
 class LLMEngine:
@@ -125,14 +133,15 @@ class LLMEngine:
         self.tokenizer = model.tokenizer
         limit = self.cfg.max_position_embeddings
         self.max_model_len = min(ecfg.max_model_len or limit, limit)
-        self.num_pages = pages_that_fit(model, ecfg, self.max_model_len)
-        self.pool = PagePool(self.num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
         spec = self.ecfg.speculative_config
         self.speculator = None
         draft, draft_params = None, None
         if spec is not None:
             spec, draft, draft_params = load_proposer(spec, model, self.max_model_len)
             self.speculator = Speculator(spec)
+        self._proposer = draft
+        self.num_pages = pages_that_fit(model, ecfg, self.max_model_len, draft)
+        self.pool = PagePool(self.num_pages, ecfg.page_size, ecfg.enable_prefix_caching)
         self.lora = _lora_manager(model, self.ecfg)
         self.scheduler = Scheduler(
             ecfg, self.pool, self.cfg.eos_token_ids, self.speculator, self.lora
@@ -679,7 +688,11 @@ class LLMEngine:
         )
         where = "1 device" if self.model.mesh is None else describe_mesh(self.model.mesh)
         tp = 1 if self.model.mesh is None else self.model.mesh.shape["model"]
-        kv_dev = self.num_pages * _page_bytes_per_device(self.model, self.ecfg.page_size)
+        kv_dev = self.num_pages * _page_bytes_per_device(self.model, self.cfg, self.ecfg.page_size)
+        if self._proposer is not None:  # its pool, with as many pages
+            kv_dev += self.num_pages * _page_bytes_per_device(
+                self.model, self._proposer.cfg, self.ecfg.page_size
+            )
         experts = expert_placement(self.cfg, self.model.mesh)
         return (
             f"{self.cfg.name or self.model.path}: {self.cfg.num_params() / 1e6:.1f}M params on "
