@@ -19,6 +19,7 @@ import tokenizers
 
 from jserve import LLM, SamplingParams
 from jserve.config import load_config
+from jserve.spec import eagle
 from tools import demo_training as dt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -158,3 +159,36 @@ def test_eval_reports_loss_against_uniform(trained: tuple[str, str, str]) -> Non
     with open(os.path.join(d, "training.json")) as f:
         # Same split, tokenizer, windows and stored weights as the training run.
         assert loss == pytest.approx(json.load(f)["heldout_loss"], abs=1e-3)
+
+
+def test_eagle_train_step_lowers_the_loss_on_a_fixed_batch() -> None:
+    cfg = dt.make_config(dt.ModelSize(32, 1, 2, 1, 64), 64, 0, "t", 64)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 16)), np.int32)
+    target = dt.init_params(dt.get_model(cfg).param_specs(cfg), jax.random.key(0))
+    hcfg, hp = eagle.random_head(cfg, 1)
+    opt = dt.init_opt_state(hp)
+    oc = dt.OptConfig(lr=1e-2, warmup=1, steps=20, weight_decay=0.0)
+    losses = []
+    for i in range(20):
+        hp, opt, stats = dt.eagle_train_step(
+            hp, opt, target, ids, jax.random.key(i), hcfg=hcfg, tcfg=cfg, oc=oc, noise=0.0,
+            cls_weight=0.1,
+        )  # fmt: skip
+        losses.append(float(stats["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_tiny_eagle_head_trains_and_speculates(trained: tuple[str, str, str]) -> None:
+    _, corpus, out = trained
+    log = _run(TRAIN, "--tiny", "--which", "eagle", "--corpus", corpus, "--out-dir", out)
+    assert "held out" in log
+    head = os.path.join(out, "shakespeare-llama-eagle")
+    with open(os.path.join(head, "training.json")) as f:
+        info = json.load(f)
+    assert info["steps"] == 3 and 0.0 <= info["heldout"]["top1"] <= 1.0
+    spec = {"method": "eagle", "model": head, "num_speculative_tokens": 2}
+    target = os.path.join(out, "shakespeare-llama")
+    llm = LLM(model=target, dtype="float32", warmup=False, speculative_config=spec)
+    out_ = llm.generate(["ROMEO:\n"], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    assert len(out_[0].outputs[0].token_ids) == 8
+    assert llm.get_metrics()["jserve_spec_decode_num_drafts"] > 0
