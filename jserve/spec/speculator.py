@@ -13,8 +13,9 @@ class Speculator:
     def __init__(self, cfg: SpeculativeConfig) -> None:
         self.cfg = cfg
         self.num_speculative_tokens = cfg.num_speculative_tokens
-        # A draft model proposes on the device, inside the step (see ``draft``).
-        self.on_device = cfg.method == "draft_model"
+        # A draft model or EAGLE head proposes on the device, inside the step (see
+        # ``draft`` and ``eagle``); n-gram lookup here, on the host.
+        self.on_device = cfg.method != "ngram"
         self.proposer = NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
         self.stats = SpecStats()
 

@@ -115,11 +115,19 @@ def warm_draft(llama_dir: str, random_draft: str) -> LLMEngine:
 
 @pytest.fixture(scope="module")
 def random_head(llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A random EAGLE head for the random model."""
+    """An EAGLE head for the random model whose output is its input feature (fc passes the
+    feature half through, the layer adds nothing): at position i it proposes what the target
+    predicted at i - 1, i.e. that the last token repeats, which greedy random models often do."""
+    import numpy as np
+
     from jserve.config import load_config
     from jserve.spec import eagle
 
     cfg, hp = eagle.random_head(load_config(llama_dir), seed=5)
+    e = cfg.hidden_size
+    hp["fc"] = np.concatenate([np.zeros((e, e)), np.eye(e)]).astype(np.float32)
+    hp["layer"]["wo"] = np.zeros_like(hp["layer"]["wo"])
+    hp["layer"]["w_down"] = np.zeros_like(hp["layer"]["w_down"])
     out = str(tmp_path_factory.mktemp("eagle") / "head")
     eagle.save_head(hp, cfg, out, "float32")
     return out
