@@ -70,11 +70,21 @@ def tp_model_dir(tmp_path_factory) -> str:
     )
 
 
-def test_tensor_parallel_matches_one_device(tp_model_dir: str) -> None:
-    # tp 8 > 4 KV heads: each KV head is held by two devices.
-    res = _probe(tp_model_dir, ["1x1x0", "2x1x0", "4x1x0", "8x1x0"])
+# One interpreter for the default layouts: tp 2 (KV heads split) and 8 (each KV head on
+# two devices); pp 2 with 4 micro-batches, pp 2 x tp 2, pp 4. ``-m slow`` adds tp 4 and
+# pp 2 with one micro-batch per stage.
+DEFAULT_LAYOUTS = ["1x1x0", "2x1x0", "8x1x0", "1x2x4", "2x2x0", "1x4x0"]
+SLOW_LAYOUTS = ["1x1x0", "4x1x0", "1x2x0"]
+
+
+@pytest.fixture(scope="module")
+def layouts(tp_model_dir: str) -> dict:
+    return _probe(tp_model_dir, DEFAULT_LAYOUTS)
+
+
+def _check_tensor_parallel(res: dict, tps: tuple[int, ...]) -> None:
     one = res["1x1x0"]
-    for tp in (2, 4, 8):
+    for tp in tps:
         r = res[f"{tp}x1x0"]
         assert r["tokens"] == one["tokens"], tp
         # One all-reduce after attention and one after the MLP per layer (4 layers),
@@ -86,12 +96,21 @@ def test_tensor_parallel_matches_one_device(tp_model_dir: str) -> None:
     assert one["all_reduce"] == 0
 
 
-def test_pipeline_parallel_matches_one_device(tp_model_dir: str) -> None:
-    # pp 2 with one micro-batch per stage and with 4; pp 2 x tp 2; pp 4.
-    res = _probe(tp_model_dir, ["1x1x0", "1x2x0", "1x2x4", "2x2x0", "1x4x0"])
-    for layout in ("1x2x0", "1x2x4", "2x2x0", "1x4x0"):
-        assert res[layout]["tokens"] == res["1x1x0"]["tokens"], layout
-    assert "stage=2, model=2" in res["2x2x0"]["describe"]
+def test_tensor_parallel_matches_one_device(layouts: dict) -> None:
+    _check_tensor_parallel(layouts, (2, 8))
+
+
+def test_pipeline_parallel_matches_one_device(layouts: dict) -> None:
+    for layout in ("1x2x4", "2x2x0", "1x4x0"):
+        assert layouts[layout]["tokens"] == layouts["1x1x0"]["tokens"], layout
+    assert "stage=2, model=2" in layouts["2x2x0"]["describe"]
+
+
+@pytest.mark.slow
+def test_more_layouts_match_one_device(tp_model_dir: str) -> None:
+    res = _probe(tp_model_dir, SLOW_LAYOUTS)
+    _check_tensor_parallel(res, (4,))
+    assert res["1x2x0"]["tokens"] == res["1x1x0"]["tokens"]
 
 
 ORBAX_PROBE = textwrap.dedent(
