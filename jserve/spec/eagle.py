@@ -8,7 +8,7 @@ proposal step. The head shares the target's embedding and LM head, so it costs
 one small layer per proposal.
 
 Checkpoints are EAGLE-1's layout for Llama, in safetensors: ``fc.weight``
-[E, 2E] (embedding half first), ``fc.bias``, ``layers.0.self_attn.{q,k,v,o}_proj``,
+[E, 2E] (embedding half first), ``fc.bias`` if any, ``layers.0.self_attn.{q,k,v,o}_proj``,
 ``layers.0.post_attention_layernorm``, ``layers.0.mlp.{gate,up,down}_proj``
 (with or without a ``model.`` prefix), and a Llama ``config.json`` of one layer.
 As in EAGLE-1 the layer has no input norm (its input is the fc's output), and
@@ -65,12 +65,13 @@ def head_config(raw: dict[str, Any], name: str = "") -> ModelConfig:
     return config_from_dict(raw, name)
 
 
-def param_specs(cfg: ModelConfig, prefix: str = "") -> dict[str, Any]:
-    """The head's weights: ``fc`` [2E, E] (+ bias) and one layer without its input norm."""
+def param_specs(cfg: ModelConfig, prefix: str = "", bias: bool = True) -> dict[str, Any]:
+    """The head's weights: ``fc`` [2E, E] (with its bias unless ``bias`` is false: EAGLE-1's
+    ``"bias": false`` heads) and one layer without its input norm."""
     e = cfg.hidden_size
     layer = llama.layer_specs(cfg, f"{prefix}layers.0")
     del layer["attn_norm"]
-    return {
+    specs = {
         "fc": ParamSpec(
             (2 * e, e),
             (None, "embed"),
@@ -78,9 +79,11 @@ def param_specs(cfg: ModelConfig, prefix: str = "") -> dict[str, Any]:
             llama._linear(f"{prefix}fc.weight", (2 * e, e)),
             contract=(0,),
         ),
-        "fc_bias": ParamSpec((e,), (None,), "zeros", llama._copy(f"{prefix}fc.bias", (e,))),
         "layer": layer,
     }
+    if bias:
+        specs["fc_bias"] = ParamSpec((e,), (None,), "zeros", llama._copy(f"{prefix}fc.bias", (e,)))
+    return specs
 
 
 def head_block(
@@ -93,7 +96,9 @@ def head_block(
     state: Any,
 ) -> tuple[jax.Array, Any]:
     """The head's layer: [..., E] features of the tokens' positions, and attend's state."""
-    x = jnp.concatenate([emb, feat.astype(emb.dtype)], axis=-1) @ hp["fc"] + hp["fc_bias"]
+    x = jnp.concatenate([emb, feat.astype(emb.dtype)], axis=-1) @ hp["fc"]
+    if "fc_bias" in hp:
+        x = x + hp["fc_bias"]
     lp = hp["layer"]
     q, k, v = llama._qkv(lp, cfg, x, positions)  # no input norm (EAGLE-1)
     attn, state = attend(q, k, v, state)
@@ -260,8 +265,9 @@ def load_head(path: str, target: Any) -> LoadedHead:
     if target.mesh is not None:
         cfg = cfg.with_kv_heads_for(target.parallel.tensor_parallel_size)
     with SafetensorsReader(path) as reader:
-        prefix = _prefix(set(reader.names()), path)
-    specs = param_specs(cfg, prefix)
+        names = set(reader.names())
+    prefix = _prefix(names, path)
+    specs = param_specs(cfg, prefix, bias=f"{prefix}fc.bias" in names)
     shardings = None if target.mesh is None else param_shardings(specs, target.mesh)
     params = load_hf_params(path, specs, target.dtype, shardings)
     return LoadedHead(path, cfg, params)

@@ -57,6 +57,12 @@ def test_the_layout_is_eagle_ones_and_loads_back(llama_dir: str, head_dir: str, 
     assert a.cfg.num_layers == 1
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
     assert a.params["fc"].shape == (2 * e, e)
+    # A head whose fc has no bias (EAGLE-1's "bias": false).
+    plain = _copy_head(head_dir, str(tmp_path / "plain"))
+    tensors = load_file(os.path.join(plain, "model.safetensors"))
+    del tensors["fc.bias"]
+    save_file(tensors, os.path.join(plain, "model.safetensors"))
+    assert "fc_bias" not in eagle.load_head(plain, target).params
 
 
 def test_heads_the_target_cannot_use_are_refused(llama_dir: str, head_dir: str, tmp_path) -> None:
