@@ -21,7 +21,7 @@ from jserve.server.client import Client, decode_request, generate_request
 from jserve.server.proto.generation_pb2 import FINISH_REASON_ABORT, FINISH_REASON_LENGTH
 from jserve.server.servicers import SHUTDOWN_ABORT_MESSAGE
 from tests.server.conftest import ENGINE
-from tests.server.helpers import wait_for_output, wait_until_free
+from tests.server.helpers import metric, wait_for_output, wait_until_free
 from tests.server.openai_process import ENGINE_ARGS, ServeProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -169,7 +169,8 @@ def test_second_sigterm_during_drain_ends_every_stream_at_once(
 ) -> None:
     """Health is NOT_SERVING while the drain runs and the listeners are still open; a
     second SIGTERM ends every open stream at once: gRPC with FINISH_REASON_ABORT and
-    usage, then UNAVAILABLE in jserve's words; HTTP with finish_reason abort and [DONE]."""
+    usage, then UNAVAILABLE in jserve's words; HTTP with finish_reason abort and [DONE],
+    and a call waiting for its whole answer with 503 in the same words."""
     grace = 120
     args = ["--model", tok_model_dir, *ENGINE_ARGS, "--grace-period", str(grace)]
     server = ServeProcess(str(tmp_path / "server.log"), args).start()
@@ -191,7 +192,13 @@ def test_second_sigterm_during_drain_ends_every_stream_at_once(
                 started = asyncio.Event()
                 body = {"prompt": "All:", "max_tokens": 500, "ignore_eos": True, "stream": True}
                 sse = asyncio.create_task(_sse_lines(http, body, lines, started))
+                whole = asyncio.create_task(
+                    http.post("/v1/completions", json={**body, "stream": False})
+                )
                 await asyncio.wait_for(started.wait(), 30)
+                # All four admitted (the first SIGTERM refuses new calls).
+                while metric((await http.get("/metrics")).text, "jserve_num_requests_running") < 4:
+                    await asyncio.sleep(0.02)
                 server.signal(signal.SIGTERM)
                 # The drain has begun: both health checks say so on the open listeners.
                 deadline = time.monotonic() + 10
@@ -210,15 +217,17 @@ def test_second_sigterm_during_drain_ends_every_stream_at_once(
                     asyncio.gather(gen_task, dec_task), 15
                 )
                 await asyncio.wait_for(sse, 10)
-                return t0, [first, *msgs], gen_error, dmsgs, dec_error, lines
+                return t0, [first, *msgs], gen_error, dmsgs, dec_error, lines, await whole
 
-        t0, msgs, gen_error, dmsgs, dec_error, lines = asyncio.run(main())
+        t0, msgs, gen_error, dmsgs, dec_error, lines, whole = asyncio.run(main())
         assert time.monotonic() - t0 < 10
         _assert_aborted_by_shutdown(msgs, gen_error)
         _assert_aborted_by_shutdown(dmsgs, dec_error, usage=False)
         assert lines[-1] == "data: [DONE]"
         chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "abort"
+        assert whole.status_code == 503, whole.text
+        assert whole.json()["error"]["message"] == SHUTDOWN_ABORT_MESSAGE
         assert server.proc.wait(timeout=10) == 0
         assert "Cancelling all calls" not in server.log()
     finally:

@@ -15,6 +15,7 @@ from jserve.server.openai_api import format as fmt
 from jserve.server.openai_api.errors import APIError, bad_request
 from jserve.server.openai_api.runs import EngineRun, unless_disconnected
 from jserve.server.openai_api.state import APIState
+from jserve.server.servicers import SHUTDOWN_ABORT_MESSAGE
 
 
 class APICall(abc.ABC):
@@ -67,6 +68,12 @@ class APICall(abc.ABC):
         if not self.req.stream:
             with core.tracked():
                 body = await unless_disconnected(request, self._whole())
+            if core.aborting.is_set() and any(
+                c.get("finish_reason") == "abort" for c in body["choices"]
+            ):
+                # A shutdown out of patience stopped it (gRPC answers UNAVAILABLE): not a
+                # 200 with a cut answer, but a status a client retries elsewhere.
+                raise APIError(503, SHUTDOWN_ABORT_MESSAGE)
             return JSONResponse(body)
         with core.tracked():
             await self.prepare()
