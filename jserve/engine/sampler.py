@@ -3,7 +3,7 @@
 Order of operations per row (as vLLM applies them): penalties on the raw
 logits, the request's ``logit_bias`` added, stop tokens banned while below
 ``min_tokens``, tokens outside a structured-output grammar's ``bitmask``
-removed, temperature, then the
+removed (a grammar that only allows banned stop ids lets them through), temperature, then the
 top-k, top-p and min-p filters, then a draw. Greedy rows (temperature 0)
 take the argmax of the penalized logits. A row verifying a speculative
 proposal (``draft_ids``) keeps or replaces it by rejection sampling from the
@@ -117,6 +117,31 @@ def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
     return jnp.where(allowed > 0, logits, -jnp.inf)
 
 
+def biased_logits(
+    logits: jax.Array,  # f32[R, V]
+    f: dict[str, jax.Array],
+    history: jax.Array,  # i32[rows, L]
+) -> jax.Array:
+    """Penalties, then the logit bias."""
+    logits = jax.lax.cond(
+        f["flags"][Flag.PENALTIES] > 0,
+        lambda x: apply_penalties(x, f, history),
+        lambda x: x,
+        logits,
+    )
+    return jax.lax.cond(
+        f["flags"][Flag.BIAS] > 0, lambda x: add_logit_bias(x, f), lambda x: x, logits
+    )
+
+
+def ban_stop_ids(logits: jax.Array, f: dict[str, jax.Array]) -> jax.Array:
+    """-inf on each row's ``banned`` ids (its stop ids, while below min_tokens)."""
+    rows, vocab = logits.shape
+    ban_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], f["banned"].shape)
+    ban_cols = jnp.where(f["banned"] < 0, vocab, f["banned"])
+    return logits.at[ban_rows, ban_cols].set(-jnp.inf, mode="drop")
+
+
 def penalized_logits(
     logits: jax.Array,  # f32[R, V]
     f: dict[str, jax.Array],
@@ -125,19 +150,16 @@ def penalized_logits(
     """Penalties, the logit bias, then the stop ids banned while below min_tokens:
     what greedy rows take the argmax of (and what random rows, speculative
     verification and a draft model's proposals process further)."""
-    rows, vocab = logits.shape
-    logits = jax.lax.cond(
-        f["flags"][Flag.PENALTIES] > 0,
-        lambda x: apply_penalties(x, f, history),
-        lambda x: x,
-        logits,
-    )
-    logits = jax.lax.cond(
-        f["flags"][Flag.BIAS] > 0, lambda x: add_logit_bias(x, f), lambda x: x, logits
-    )
-    ban_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], f["banned"].shape)
-    ban_cols = jnp.where(f["banned"] < 0, vocab, f["banned"])
-    return logits.at[ban_rows, ban_cols].set(-jnp.inf, mode="drop")
+    return ban_stop_ids(biased_logits(logits, f, history), f)
+
+
+def constrain(logits: jax.Array, unbanned: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """The grammar's bitmask over penalized logits. A row whose grammar allows only ids
+    min_tokens bans (the grammar is complete: EOS alone may follow) keeps them: it ends
+    there rather than sampling a token the grammar refuses."""
+    masked = apply_bitmask(logits, bitmask)
+    stuck = jnp.all(jnp.isneginf(masked), axis=-1, keepdims=True)
+    return jnp.where(stuck, apply_bitmask(unbanned, bitmask), masked)
 
 
 def scaled_logits(logits: jax.Array, f: dict[str, jax.Array]) -> jax.Array:
@@ -171,10 +193,14 @@ def sample(
     rows = logits.shape[0]
     flags = f["flags"]
     raw_logits = logits  # logprobs are those of the model, before any processing
-    logits = penalized_logits(logits, f, history)
+    unbanned = biased_logits(logits, f, history)
+    logits = ban_stop_ids(unbanned, f)
     if bitmask is not None:
         logits = jax.lax.cond(
-            flags[Flag.BITMASK] > 0, lambda x: apply_bitmask(x, bitmask), lambda x: x, logits
+            flags[Flag.BITMASK] > 0,
+            lambda x: constrain(x, unbanned, bitmask),
+            lambda x: x,
+            logits,
         )
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 

@@ -22,6 +22,7 @@ def _draw(
     sort: bool = False,
     penalties: bool = False,
     history: np.ndarray | None = None,
+    bitmask: np.ndarray | None = None,
     **fields: object,
 ) -> np.ndarray:
     """Draws one token per row of LOGITS; ``history`` [rows, L] is each row's fed
@@ -42,10 +43,18 @@ def _draw(
         history = np.full((rows, 1), -1, np.int32)
     sm["history_lens"][:] = history.shape[1]
     biased = bool(np.any(sm["bias_ids"] >= 0))
-    sm["flags"][:] = [bool(np.any(sm["temperature"] > 0)), sort, penalties, False, biased, 0]
+    masked = bitmask is not None
+    sm["flags"][:] = [bool(np.any(sm["temperature"] > 0)), sort, penalties, False, biased, masked]
     logits = jnp.asarray(np.tile(LOGITS, (rows, 1)))
     f = {k: jnp.asarray(v) for k, v in sm.items()}
-    out = sample(logits, f, jnp.asarray(history), num_out=rows, num_logprobs=1)
+    out = sample(
+        logits,
+        f,
+        jnp.asarray(history),
+        num_out=rows,
+        num_logprobs=1,
+        bitmask=None if bitmask is None else jnp.asarray(bitmask),
+    )
     return np.asarray(out.tokens)
 
 
@@ -198,3 +207,19 @@ def test_bad_logit_bias_is_refused_naming_the_field(
     with pytest.raises(InvalidRequestError, match=match):
         engine.add_request("x", [1, 2], SamplingParams(logit_bias=bias))
     assert not engine.requests
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_complete_grammar_ends_the_row_even_below_min_tokens(temperature: float) -> None:
+    """Below min_tokens the stop id 4 is banned; where the grammar allows only it (it is
+    complete), the row samples it rather than a token the grammar refuses; where the
+    grammar allows another token too, the ban holds."""
+    rows = 8
+    banned = np.full((rows, BAN_WIDTH), -1, np.int32)
+    banned[:, 0] = 4
+    only_stop = np.full((rows, 1), 1 << 4, np.int32)
+    got = _draw(rows, bitmask=only_stop, banned=banned, temperature=temperature)
+    assert (got == 4).all(), got
+    stop_or_five = np.full((rows, 1), (1 << 4) | (1 << 5), np.int32)
+    got = _draw(rows, bitmask=stop_or_five, banned=banned, temperature=temperature)
+    assert (got == 5).all(), got
