@@ -30,7 +30,8 @@ PROBE = textwrap.dedent(
     for layout in sys.argv[2].split(","):
         tp, pp, ep = (int(v) for v in layout.split(":"))
         llm = LLM(model=sys.argv[1], dtype="float32", page_size=4, max_num_seqs=2,
-                  max_num_batched_tokens=16, max_model_len=32, tensor_parallel_size=tp,
+                  max_num_batched_tokens=16, min_token_bucket=16, max_model_len=32,
+                  tensor_parallel_size=tp,
                   pipeline_parallel_size=pp, enable_expert_parallel=bool(ep), warmup=False)
         res = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0,
                            ignore_eos=True), use_tqdm=False)

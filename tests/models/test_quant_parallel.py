@@ -24,7 +24,8 @@ PROBE = textwrap.dedent(
     for case in sys.argv[2].split(","):
         quant, tp, kv = (case.split(":") + ["auto"])[:3]
         llm = LLM(model=model_dir, dtype="float32", page_size=4, max_num_seqs=4,
-                  max_num_batched_tokens=32, max_model_len=64, tensor_parallel_size=int(tp),
+                  max_num_batched_tokens=32, min_token_bucket=32, max_model_len=64,
+                  tensor_parallel_size=int(tp),
                   warmup=False, quantization=quant, kv_cache_dtype=kv)
         res = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0,
                            ignore_eos=True), use_tqdm=False)

@@ -30,7 +30,7 @@ PROBE = textwrap.dedent(
     out = {}
     for tp, pp, mb in layouts:
         llm = LLM(model=model_dir, dtype="float32", page_size=4, max_num_seqs=4,
-                  max_num_batched_tokens=32, tensor_parallel_size=tp,
+                  max_num_batched_tokens=32, min_token_bucket=32, tensor_parallel_size=tp,
                   pipeline_parallel_size=pp, num_microbatches=mb, warmup=False)
         res = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
                            ignore_eos=True), use_tqdm=False)
@@ -70,16 +70,15 @@ def tp_model_dir(tmp_path_factory) -> str:
     )
 
 
-# One interpreter for the default layouts: tp 2 (KV heads split) and 8 (each KV head on
-# two devices); pp 2 with 4 micro-batches, pp 2 x tp 2, pp 4. ``-m slow`` adds tp 4 and
-# pp 2 with one micro-batch per stage.
-DEFAULT_LAYOUTS = ["1x1x0", "2x1x0", "8x1x0", "1x2x4", "2x2x0", "1x4x0"]
-SLOW_LAYOUTS = ["1x1x0", "4x1x0", "1x2x0"]
+# One interpreter runs every layout (one step program each: a single token bucket): tp 2
+# and 4 (KV heads split) and 8 (each KV head on two devices); pp 2 with one micro-batch
+# per stage and with 4, pp 2 x tp 2, pp 4.
+LAYOUTS = ["1x1x0", "2x1x0", "4x1x0", "8x1x0", "1x2x0", "1x2x4", "2x2x0", "1x4x0"]
 
 
 @pytest.fixture(scope="module")
 def layouts(tp_model_dir: str) -> dict:
-    return _probe(tp_model_dir, DEFAULT_LAYOUTS)
+    return _probe(tp_model_dir, LAYOUTS)
 
 
 def _check_tensor_parallel(res: dict, tps: tuple[int, ...]) -> None:
@@ -97,20 +96,13 @@ def _check_tensor_parallel(res: dict, tps: tuple[int, ...]) -> None:
 
 
 def test_tensor_parallel_matches_one_device(layouts: dict) -> None:
-    _check_tensor_parallel(layouts, (2, 8))
+    _check_tensor_parallel(layouts, (2, 4, 8))
 
 
 def test_pipeline_parallel_matches_one_device(layouts: dict) -> None:
-    for layout in ("1x2x4", "2x2x0", "1x4x0"):
+    for layout in ("1x2x0", "1x2x4", "2x2x0", "1x4x0"):
         assert layouts[layout]["tokens"] == layouts["1x1x0"]["tokens"], layout
     assert "stage=2, model=2" in layouts["2x2x0"]["describe"]
-
-
-@pytest.mark.slow
-def test_more_layouts_match_one_device(tp_model_dir: str) -> None:
-    res = _probe(tp_model_dir, SLOW_LAYOUTS)
-    _check_tensor_parallel(res, (4,))
-    assert res["1x2x0"]["tokens"] == res["1x1x0"]["tokens"]
 
 
 ORBAX_PROBE = textwrap.dedent(
@@ -124,7 +116,7 @@ ORBAX_PROBE = textwrap.dedent(
     path, tp = sys.argv[1], int(sys.argv[2])
     try:
         llm = LLM(model=path, dtype="float32", page_size=4, max_num_seqs=4,
-                  max_num_batched_tokens=32, tensor_parallel_size=tp, warmup=False)
+                  max_num_batched_tokens=32, min_token_bucket=32, tensor_parallel_size=tp, warmup=False)
     except ConfigError as e:
         print("ERROR" + str(e))
         sys.exit(0)

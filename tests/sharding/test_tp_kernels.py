@@ -36,7 +36,8 @@ PROBE = textwrap.dedent(
         backend, tp, pp, *hlo = layout.split(":")
         # One token and one sequence bucket, a small pool: one compile per engine.
         llm = LLM(model=model_dir, dtype="float32", page_size=4, max_num_seqs=2,
-                  max_num_batched_tokens=16, max_model_len=32, tensor_parallel_size=int(tp),
+                  max_num_batched_tokens=16, min_token_bucket=16, max_model_len=32,
+                  tensor_parallel_size=int(tp),
                   pipeline_parallel_size=int(pp), attention_backend=backend, warmup=False)
         res = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0,
                            ignore_eos=True), use_tqdm=False)
@@ -53,15 +54,15 @@ PROBE = textwrap.dedent(
 
 
 # The tensor-parallel sizes each backend runs beside one device (and tp 2 compiled for
-# its collectives): between them KV heads split (2, 4) and replicated (8).
-TPS = {"pallas_tpu_interpret": (2, 8), "pallas_gpu_interpret": (2, 4)}
+# its collectives): KV heads split (2, 4) and replicated (8).
+TPS = (2, 4, 8)
 
 
 def _layouts() -> list[str]:
     out = []
     for backend in BACKENDS:
         out += [f"{backend}:1:1"] + [
-            f"{backend}:{tp}:1" + (":hlo" if tp == 2 else "") for tp in TPS[backend]
+            f"{backend}:{tp}:1" + (":hlo" if tp == 2 else "") for tp in TPS
         ]
     # The head shard_map nested in the pipeline's (manual over "stage").
     out.append("pallas_gpu_interpret:2:2")
@@ -93,7 +94,7 @@ def test_kernel_backend_under_tensor_parallelism_matches_one_device(
     probe: dict, backend: str
 ) -> None:
     one = probe[f"{backend}:1:1"]["tokens"]
-    for tp in TPS[backend]:
+    for tp in TPS:
         layout = f"{backend}:{tp}:1" + (":hlo" if tp == 2 else "")
         assert probe[layout]["tokens"] == one, layout
     # Both interpreters compute the same attention.
