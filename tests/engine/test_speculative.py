@@ -21,7 +21,9 @@ from tests.engine.test_compile_guard import no_compiles
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
 # One engine shape for the random model, so every engine here shares its programs:
 # 48 pages of 4 tokens (a tiny pool) and 16-token steps (chunked prompts).
-SMALL = dict(num_pages=48, max_num_batched_tokens=16, max_num_seqs=8, max_logprobs=2)
+SMALL = dict(
+    num_pages=48, max_num_batched_tokens=16, max_num_seqs=8, max_logprobs=2, min_token_bucket=8
+)
 
 rng = random.Random(13)
 # Repeating patterns give the lookup something to find in a random model too.
