@@ -66,7 +66,7 @@ ForwardOne = Callable[
 def propose(
     forward_one: ForwardOne,
     carried: Any,  # the first proposal step's state (None for a draft model)
-    kv_pages: list[jax.Array],  # the proposer's pool, per layer [P, S, 2*Hkv, D]
+    state: dict[str, Any],  # the proposer's state: its pool ("kv", per layer [P, S, 2*Hkv, D])
     table: jax.Array,  # i32[max_num_seqs + 1, pages_per_seq]
     history: jax.Array,  # i32[max_num_seqs + 1, max_model_len]
     ids: jax.Array,  # i32[T]: the step's inputs
@@ -77,9 +77,10 @@ def propose(
     page_size: int,
     backend: str,
     mesh: Any,
-) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
-    """Returns (the proposer's pool, history with the proposals, i32[R] the proposal each
-    row verifies or -1, f32[R, V] the distribution it was drawn from)."""
+) -> tuple[dict[str, Any], jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
+    """Every lane's proposals, placed as the step's inputs and as the rows' drafts:
+    (state with the new pool, history, ids, the fields with ``draft_ids``, f32[R, V] the
+    distribution each row's proposal was drawn from)."""
     lanes = f["lane_rows"].shape[0]
     rows = f["temperature"].shape[0]
     n = f["num_lanes"]
@@ -122,7 +123,7 @@ def propose(
         return kv, state, hist, nxt, row_drafts, row_probs
 
     init = (
-        kv_pages,
+        state["kv"],
         carried,
         history,
         ids[f["lane_token"]],
@@ -132,15 +133,15 @@ def propose(
     kv_pages, _, history, _, row_drafts, row_probs = jax.lax.fori_loop(
         0, num_speculative_tokens, body, init
     )
-    return kv_pages, history, row_drafts, row_probs
+    history, ids, f, probs = _place(row_drafts, row_probs, history, ids, f)
+    return {**state, "kv": kv_pages}, history, ids, f, probs
 
 
-def place_proposals(
+def _place(
     row_drafts: jax.Array, row_probs: jax.Array, history: jax.Array, ids: jax.Array, f: dict
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
-    """The proposals made on the device, placed as the step's inputs and as the rows'
-    drafts: (history, ids, the fields with ``draft_ids``, f32[R, V] the distributions the
-    verification needs)."""
+    """The proposals as the step's inputs and the rows' drafts, with the distributions the
+    verification needs."""
     tdr = f["token_draft_row"]
     ids = jnp.where(tdr >= 0, row_drafts[jnp.maximum(tdr, 0)], ids)
     history = history.at[f["token_rows"], f["positions"]].set(ids, mode="drop")
@@ -189,10 +190,10 @@ class DraftSpec:
             hidden, kv, _ = model.forward(params, self.cfg, tok, kv, md)  # (stats: the target's)
             return model.compute_logits(params, self.cfg, hidden), kv, carried
 
-        kv, history, row_drafts, row_probs = propose(
+        return propose(
             forward_one,
             None,
-            state["kv"],
+            state,
             table,
             history,
             ids,
@@ -203,8 +204,6 @@ class DraftSpec:
             backend=backend,
             mesh=mesh,
         )
-        history, ids, f, probs = place_proposals(row_drafts, row_probs, history, ids, f)
-        return {**state, "kv": kv}, history, ids, f, probs
 
     def catch_up(
         self,

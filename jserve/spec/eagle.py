@@ -45,7 +45,7 @@ from jserve.models import get_model, llama
 from jserve.models.attention import AttentionMetadata
 from jserve.models.base import Attend
 from jserve.models.params import ParamSpec
-from jserve.spec.draft import place_proposals, propose
+from jserve.spec.draft import propose
 
 ARCHITECTURE = "EagleLlamaForCausalLM"
 DEFAULT_EAGLE = os.path.join(
@@ -167,10 +167,10 @@ class EagleSpec:
 
         own = f["lane_feat_ok"] > 0
         first = jnp.where(own[:, None], state["feat"][f["lane_rows"]], 0)
-        kv, history, row_drafts, row_probs = propose(
+        return propose(
             forward_one,
             first,
-            state["kv"],
+            state,
             table,
             history,
             ids,
@@ -181,8 +181,6 @@ class EagleSpec:
             backend=backend,
             mesh=mesh,
         )
-        history, ids, f, probs = place_proposals(row_drafts, row_probs, history, ids, f)
-        return {**state, "kv": kv}, history, ids, f, probs
 
     def catch_up(
         self,
@@ -281,9 +279,14 @@ def save_head(hp: Any, cfg: ModelConfig, out_dir: str, dtype: str = "bfloat16") 
     write_hf_dir(tensors, config, {}, out_dir)
 
 
+def config_for(target_cfg: ModelConfig) -> ModelConfig:
+    """The config of a head of ``target_cfg``'s shape: one of its layers."""
+    return target_cfg.replace(num_layers=1, sliding_windows=(None,), name="eagle-head")
+
+
 def random_head(target_cfg: ModelConfig, seed: int, dtype: Any = jnp.float32) -> Any:
-    """(head config, random head weights) shaped for ``target_cfg`` (tests)."""
+    """(head config, random head weights) shaped for ``target_cfg`` (tests, training)."""
     from jserve.models.params import init_params
 
-    cfg = target_cfg.replace(num_layers=1, sliding_windows=(None,), name="eagle-head")
+    cfg = config_for(target_cfg)
     return cfg, init_params(param_specs(cfg), jax.random.key(seed), dtype)
