@@ -463,7 +463,6 @@ def train_eagle(
     from jserve.spec import eagle
 
     hcfg, hp = eagle.random_head(tcfg, seed)
-    hp = jax.tree_util.tree_map(lambda x: x * 1.0, hp)
     opt = init_opt_state(hp)
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
