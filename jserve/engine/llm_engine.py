@@ -138,7 +138,7 @@ class LLMEngine:
         draft, draft_params = None, None
         if spec is not None:
             spec, draft, draft_params = load_proposer(spec, model, self.max_model_len)
-            self.speculator = Speculator(spec)
+            self.speculator = Speculator(spec, on_device=draft is not None)
         self._proposer = draft
         self.num_pages = pages_that_fit(model, ecfg, self.max_model_len, draft)
         self.pool = PagePool(self.num_pages, ecfg.page_size, ecfg.enable_prefix_caching)

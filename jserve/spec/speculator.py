@@ -10,12 +10,12 @@ from jserve.spec.stats import SpecStats
 
 
 class Speculator:
-    def __init__(self, cfg: SpeculativeConfig) -> None:
+    def __init__(self, cfg: SpeculativeConfig, on_device: bool) -> None:
         self.cfg = cfg
         self.num_speculative_tokens = cfg.num_speculative_tokens
-        # A draft model or EAGLE head proposes on the device, inside the step (see
-        # ``draft`` and ``eagle``); n-gram lookup here, on the host.
-        self.on_device = cfg.method != "ngram"
+        # Whether a proposer runs on the device, inside the step (what ``load_proposer``
+        # loaded: a draft model or EAGLE head); else n-gram lookup here, on the host.
+        self.on_device = on_device
         self.proposer = NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
         self.stats = SpecStats()
 
